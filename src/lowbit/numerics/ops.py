@@ -1,0 +1,204 @@
+"""quantize / dequantize / fake_quantize: ONNX QuantizeLinear semantics in torch.
+
+    q     = saturate(round_half_even(x / scale) + zero_point)      # QuantizeLinear
+    x_hat = (q - zero_point) * scale                                # DequantizeLinear
+
+All arithmetic is float32 and divides by the scale, exactly as ONNX's reference
+and ONNX Runtime's CPU kernels do.  (torch's own fake-quant ops multiply by
+``1 / scale`` instead; the two agree except where ``x / scale`` lies within one
+float32 ulp of a rounding tie, about one element in a million.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .qparams import group_view, param_view
+from .spec import QuantSpec
+
+
+def _prepare(x, scale, zero_point, spec: QuantSpec, name: str):
+    """Validate parameter shapes and return broadcastable views."""
+    expected = spec.param_shape(x.shape, name)
+    for label, p in (("scale", scale), ("zero_point", zero_point)):
+        if p is not None and tuple(p.shape) != expected:
+            raise ValueError(
+                f"{name}: {label} has shape {tuple(p.shape)} but {spec.describe()} on a tensor of "
+                f"shape {tuple(x.shape)} needs {expected}"
+            )
+    view, axis = group_view(x, spec, name)
+    s = param_view(scale, view.dim(), spec, axis)
+    z = None if zero_point is None else param_view(zero_point, view.dim(), spec, axis)
+    return view, s, z
+
+
+def _as_param(p, dtype=torch.float32) -> torch.Tensor | None:
+    if p is None:
+        return None
+    return p if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Map ``x`` to integers: ``saturate(round_half_even(x / scale) + zero_point)``.
+
+    Args:
+        x: float tensor.
+        scale: float scale in ``spec.param_shape(x.shape)`` (ONNX layout).
+        zero_point: integer zero-point of the same shape, or None for 0.
+        spec: the target grid.
+        name: tensor name for error messages.
+
+    Returns:
+        Integers in ``spec.storage_dtype`` with the shape of ``x``.
+
+    Example:
+        >>> quantize(torch.tensor([0.3, -2.0]), torch.tensor(0.1), None, INT8_ACTIVATION)
+        tensor([  3, -20], dtype=torch.int8)
+    """
+    scale, zero_point = _as_param(scale), _as_param(zero_point, torch.int32)
+    view, s, z = _prepare(x, scale, zero_point, spec, name)
+    q = torch.div(view.float(), s.float()).round_()
+    if z is not None:
+        q.add_(z)
+    q.clamp_(spec.qmin, spec.qmax)
+    return q.to(spec.storage_dtype).reshape(x.shape)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Map integers back to float32: ``(q - zero_point) * scale``."""
+    scale, zero_point = _as_param(scale), _as_param(zero_point, torch.int32)
+    view, s, z = _prepare(q, scale, zero_point, spec, name)
+    out = view.to(torch.float32)
+    if z is not None:
+        out = out - z.to(torch.float32)
+    return (out * s.float()).reshape(q.shape)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Quantize-dequantize; gradient 1 where the code did not saturate, else 0."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin, qmax):
+        t = torch.div(x, s).round_()
+        if z is not None:
+            t.add_(z)
+        q = t.clamp(qmin, qmax)
+        ctx.save_for_backward(q == t)  # inside the clipping range
+        if z is not None:
+            q.sub_(z)
+        return q.mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+class _FakeQuantLSQ(torch.autograd.Function):
+    """Learned step size (Esser et al. 2020) and, with a float zero-point, LSQ+.
+
+    Forward as ``_FakeQuantSTE`` with ``z`` rounded.  With ``v = x / s`` and
+    ``q = clamp(round(v) + z, qmin, qmax)``:
+        d x_hat / d x = 1 inside the range, 0 outside (STE);
+        d x_hat / d s = (q - z) - v * inside   (round(v) - v inside, qmin - z / qmax - z outside);
+        d x_hat / d z = -s outside the range, 0 inside.
+    Scale and zero-point gradients are summed over the elements each parameter
+    covers and multiplied by ``grad_scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin, qmax, grad_scale):
+        v = torch.div(x, s)
+        zr = None if z is None else torch.round(z)
+        t = torch.round(v)
+        if zr is not None:
+            t.add_(zr)
+        q = t.clamp(qmin, qmax)
+        inside = q == t
+        if zr is not None:
+            q.sub_(zr)
+        ctx.save_for_backward(v, q, inside, s, z)
+        ctx.grad_scale = grad_scale
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, q_minus_z, inside, s, z = ctx.saved_tensors
+        g = ctx.grad_scale
+        grad_x = grad * inside
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (grad * (q_minus_z - v * inside)).sum_to_size(s.shape) * g
+        grad_z = None
+        if z is not None and ctx.needs_input_grad[2]:
+            grad_z = (grad * ~inside * -s).sum_to_size(z.shape) * g
+        return grad_x, grad_s, grad_z, None, None, None
+
+
+def lsq_grad_scale(x: torch.Tensor, spec: QuantSpec) -> float:
+    """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale."""
+    elems_per_scale = x.numel() // max(1, math.prod(spec.param_shape(x.shape)))
+    return 1.0 / math.sqrt(max(1, elems_per_scale) * max(1, spec.qmax))
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    *,
+    learned: bool = False,
+    grad_scale: float | None = None,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Quantize then dequantize ``x``, differentiably.
+
+    The forward value equals ``dequantize(quantize(x, ...), ...)`` bit for bit.
+
+    Args:
+        x: float tensor.
+        scale, zero_point: as for :func:`quantize`.  ``zero_point`` may be a float
+            tensor (it is rounded in the forward pass), or None for 0.
+        spec: the grid.
+        learned: False gives the straight-through estimator (gradient to ``x``
+            only, 1 inside the clipping range and 0 outside).  True gives LSQ:
+            gradients also flow to ``scale`` and, when it is a float tensor, to
+            ``zero_point`` (LSQ+).
+        grad_scale: multiplier of the scale / zero-point gradients; defaults to
+            LSQ's ``1 / sqrt(N * qmax)`` (see :func:`lsq_grad_scale`).
+        name: tensor name for error messages.
+
+    Example:
+        >>> w = torch.randn(16, 8, requires_grad=True)
+        >>> s = torch.full((16,), 0.02, requires_grad=True)
+        >>> fake_quantize(w, s, None, INT8_WEIGHT, learned=True).sum().backward()
+    """
+    scale, zero_point = _as_param(scale), _as_param(zero_point, torch.int32)
+    view, s, z = _prepare(x, scale, zero_point, spec, name)
+    if view.dtype != torch.float32:
+        view = view.float()
+    if not learned:
+        if z is not None:
+            z = torch.round(z.detach()) if z.is_floating_point() else z
+        out = _FakeQuantSTE.apply(view, s.detach().float(), z, spec.qmin, spec.qmax)
+    else:
+        if grad_scale is None:
+            grad_scale = lsq_grad_scale(x, spec)
+        if z is not None and not z.is_floating_point():
+            z = z.float()
+        out = _FakeQuantLSQ.apply(view, s, z, spec.qmin, spec.qmax, float(grad_scale))
+    return out.reshape(x.shape).to(x.dtype)

@@ -1,0 +1,226 @@
+"""QuantSpec: the integer grid a tensor is quantized to and the layout of its scales.
+
+A spec says *what* the quantized tensor looks like (bit width, sign, symmetric or
+affine, one scale per tensor / per channel / per block); it holds no data.  The
+layout of scale and zero-point follows ONNX QuantizeLinear (opset 21):
+
+* ``granularity="tensor"``:  scalar scale, shape ``()``.
+* ``granularity="channel"``: 1-D scale of length ``x.shape[axis]``.
+* ``granularity="group"``:   ONNX "blocked" quantization: scale has the rank of
+  ``x`` with ``x.shape[axis] // group_size`` entries along ``axis``; every run of
+  ``group_size`` consecutive elements along ``axis`` shares one scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+import torch
+
+Granularity = Literal["tensor", "channel", "group"]
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+_GRANULARITIES = ("tensor", "channel", "group")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        bits: integer width, 2..8 or 16 (16 as ONNX's int16/uint16).
+        signed: two's-complement grid (``int8``) rather than unsigned (``uint8``).
+        symmetric: zero-point fixed at 0 and range ``[-amax, amax]``; requires ``signed``.
+        narrow_range: drop the most negative code (int8 uses -127..127), so the
+            signed grid is symmetric around zero.  Only meaningful with ``signed``.
+        granularity: ``"tensor"``, ``"channel"`` or ``"group"`` (see module docstring).
+        axis: the channel axis (``channel``) or the axis the blocks run along
+            (``group``).  Negative values count from the end.  Must be None for
+            ``tensor``.
+        group_size: elements per block along ``axis``; only for ``group``.
+
+    Example:
+        >>> QuantSpec(bits=4, granularity="group", axis=1, group_size=128).qmin
+        -8
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    narrow_range: bool = False
+    granularity: Granularity = "tensor"
+    axis: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"QuantSpec.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if self.granularity not in _GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.granularity must be one of {_GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.symmetric and not self.signed:
+            raise ValueError(
+                "QuantSpec: symmetric quantization needs a signed grid; "
+                "use signed=True, or symmetric=False for an unsigned (affine) grid"
+            )
+        if self.narrow_range and not self.signed:
+            raise ValueError("QuantSpec: narrow_range applies to signed grids only; set signed=True")
+        if self.granularity == "tensor":
+            if self.axis is not None or self.group_size is not None:
+                raise ValueError(
+                    "QuantSpec: per-tensor quantization takes no axis or group_size; "
+                    "use granularity='channel' or 'group' to set them"
+                )
+        else:
+            if self.axis is None or isinstance(self.axis, bool) or not isinstance(self.axis, int):
+                raise ValueError(f"QuantSpec: granularity={self.granularity!r} needs an integer axis")
+        if self.granularity == "channel" and self.group_size is not None:
+            raise ValueError("QuantSpec: group_size is only for granularity='group'")
+        if self.granularity == "group":
+            if (
+                self.group_size is None
+                or isinstance(self.group_size, bool)
+                or not isinstance(self.group_size, int)
+                or self.group_size < 1
+            ):
+                raise ValueError(
+                    f"QuantSpec: granularity='group' needs a positive integer group_size, got {self.group_size!r}"
+                )
+
+    # -- the integer grid ---------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """torch dtype that holds the integers (4-bit and narrower live in 8-bit containers)."""
+        if self.bits <= 8:
+            return torch.int8 if self.signed else torch.uint8
+        return torch.int16 if self.signed else torch.uint16
+
+    @property
+    def onnx_type(self) -> str:
+        """ONNX TensorProto element type name used at export (``"INT4"``, ``"UINT8"``...)."""
+        width = 4 if self.bits == 4 else (8 if self.bits <= 8 else 16)
+        return f"{'INT' if self.signed else 'UINT'}{width}"
+
+    # -- layout of scale / zero-point -----------------------------------------------
+    def resolved_axis(self, ndim: int, name: str = "tensor") -> int:
+        """``axis`` made non-negative for a tensor of rank ``ndim``; error if out of range."""
+        if self.axis is None:
+            raise ValueError(f"{name}: per-tensor spec has no axis")
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(
+                f"{name}: axis {self.axis} is out of range for a tensor of rank {ndim} "
+                f"(valid: {-ndim}..{ndim - 1})"
+            )
+        return self.axis % ndim
+
+    def param_shape(self, shape: torch.Size | tuple[int, ...], name: str = "tensor") -> tuple[int, ...]:
+        """Shape of scale / zero-point for a tensor of ``shape`` (ONNX layout).
+
+        Raises ValueError naming ``name`` when the axis is out of range or the group
+        size does not divide the dimension.
+        """
+        shape = tuple(shape)
+        if self.granularity == "tensor":
+            return ()
+        axis = self.resolved_axis(len(shape), name)
+        if self.granularity == "channel":
+            return (shape[axis],)
+        assert self.group_size is not None
+        if shape[axis] % self.group_size:
+            raise ValueError(
+                f"{name}: group_size {self.group_size} does not divide dimension {axis} "
+                f"of size {shape[axis]}; pick a group size that divides it"
+            )
+        return shape[:axis] + (shape[axis] // self.group_size,) + shape[axis + 1 :]
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``int8 sym per-channel(axis=0)``."""
+        kind = f"{'' if self.signed else 'u'}int{self.bits}"
+        mode = "sym" if self.symmetric else "affine"
+        narrow = " narrow" if self.narrow_range else ""
+        if self.granularity == "tensor":
+            where = "per-tensor"
+        elif self.granularity == "channel":
+            where = f"per-channel(axis={self.axis})"
+        else:
+            where = f"group(axis={self.axis}, size={self.group_size})"
+        return f"{kind} {mode}{narrow} {where}"
+
+    def replace(self, **changes) -> "QuantSpec":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "QuantSpec":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"QuantSpec: unknown field(s) {sorted(unknown)}")
+        return cls(**data)
+
+
+# -- presets: named constants; PRESETS is derived from these, never typed twice ----
+_PRESETS: dict[str, QuantSpec] = {}
+
+
+def _preset(name: str, spec: QuantSpec) -> QuantSpec:
+    _PRESETS[name] = spec
+    return spec
+
+
+INT8_WEIGHT = _preset(
+    "int8-weight", QuantSpec(bits=8, narrow_range=True, granularity="channel", axis=0)
+)
+"""Weights: int8, symmetric -127..127, one scale per output channel (axis 0)."""
+
+INT8_WEIGHT_PER_TENSOR = _preset("int8-weight-per-tensor", QuantSpec(bits=8, narrow_range=True))
+"""Weights: int8 symmetric -127..127 with a single scale."""
+
+UINT8_ACTIVATION = _preset("uint8-activation", QuantSpec(bits=8, signed=False, symmetric=False))
+"""Activations: uint8 affine per tensor (the fastest layout in ONNX Runtime on x86)."""
+
+INT8_ACTIVATION = _preset("int8-activation", QuantSpec(bits=8))
+"""Activations: int8 symmetric per tensor."""
+
+INT4_WEIGHT_G128 = _preset(
+    "int4-weight-g128", QuantSpec(bits=4, granularity="group", axis=1, group_size=128)
+)
+"""Weights: int4 symmetric, blocks of 128 along the input dimension (axis 1)."""
+
+UINT4_WEIGHT_G128 = _preset(
+    "uint4-weight-g128",
+    QuantSpec(bits=4, signed=False, symmetric=False, granularity="group", axis=1, group_size=128),
+)
+"""Weights: uint4 affine with zero-points, blocks of 128 (ONNX Runtime's MatMulNBits layout)."""
+
+INT4_WEIGHT = _preset("int4-weight", QuantSpec(bits=4, granularity="channel", axis=0))
+"""Weights: int4 symmetric per output channel."""
+
+PRESETS: Mapping[str, QuantSpec] = MappingProxyType(_PRESETS)
+"""All named specs, by name."""
+
+
+def get_spec(spec: QuantSpec | str) -> QuantSpec:
+    """Resolve a preset name (see ``PRESETS``) or pass a QuantSpec through."""
+    if isinstance(spec, QuantSpec):
+        return spec
+    try:
+        return PRESETS[spec]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown quantization spec {spec!r}; presets: {', '.join(PRESETS)}") from None
