@@ -129,6 +129,6 @@ def compute_qparams(
 
 
 def _valid_scale(scale: torch.Tensor) -> torch.Tensor:
-    # Zero range -> 1.0 (any positive scale represents 0 exactly); tiny ranges are
-    # lifted to the smallest normal float so that x / scale never overflows.
+    # Zero range (or one so small the division underflows) -> 1.0: any positive scale
+    # represents 0 exactly.  Other tiny scales are lifted to the smallest normal float.
     return torch.where(scale > 0, scale.clamp_min(_TINY), torch.ones_like(scale))

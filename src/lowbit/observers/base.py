@@ -1,0 +1,269 @@
+"""Observer: the streaming, mergeable, saveable base of every range estimator.
+
+An observer sits on one tensor (a weight, or a layer's input) and watches the
+values that pass through it.  Its statistics are kept *per row* of
+``rows_view(x, spec)``: one row per scale of the spec (1 row per tensor, one
+per channel, one per block), so every granularity is handled by the same code.
+
+State lives in registered buffers that start empty (shape ``(0,)``) and take
+their real shape on the first batch, so ``state_dict()`` / ``load_state_dict()``
+and ``torch.save`` / ``torch.load(weights_only=True)`` round-trip an observer
+whether or not it has seen data.  The memory an observer holds depends on the
+spec and its options, never on the number of batches it saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, Iterator
+
+import torch
+
+from ..numerics import QuantSpec, check_finite, compute_qparams, get_spec, rows_view
+
+# Bumped when the meaning of the saved buffers changes.
+STATE_VERSION = 1
+
+
+@contextlib.contextmanager
+def _updating_state() -> Iterator[None]:
+    """Context for every change of an observer's state: no autograd, no inference tensors.
+
+    Tensors made under ``torch.inference_mode()`` can never be updated in place
+    outside it, so a state built during an inference-mode calibration could not be
+    merged, fed or loaded afterwards.  Leaving inference mode here keeps the
+    buffers ordinary tensors (reading inference-mode inputs is fine).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+class Observer(torch.nn.Module):
+    """Base class of the range estimators.
+
+    Subclasses set ``kind`` (the registry key), register their statistics with
+    ``_add_state`` and implement ``_update`` (fold one batch in), ``_merge_state``
+    (fold another observer in) and ``_range_rows`` (one ``(min, max)`` per row).
+
+    Args:
+        spec: the grid the range is for (a ``QuantSpec`` or a preset name); it fixes
+            the rows (granularity, axis, group size) and, for the search-based
+            estimators, the error being minimised.
+        name: the tensor's name, used in every error message.
+
+    Example:
+        >>> obs = MinMaxObserver(INT8_ACTIVATION, name="layer1.input")
+        >>> _ = obs(torch.randn(32, 64))
+        >>> scale, zero_point = obs.qparams()
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, spec: QuantSpec | str, name: str = "tensor") -> None:
+        super().__init__()
+        self.spec = get_spec(spec)
+        self.name = name
+        self._state_names: list[str] = []
+        # Scale layout seen on the first batch (int64, one entry per dimension;
+        # empty for per-tensor specs), and how many batches have been folded in.
+        self.register_buffer("param_shape", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
+
+    # -- subclass interface ----------------------------------------------------------
+    def _add_state(self, name: str, dtype: torch.dtype) -> None:
+        """Register an empty per-row statistic buffer that ``reset`` and loading manage."""
+        self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self._state_names.append(name)
+
+    def _options(self) -> dict[str, Any]:
+        """Constructor options that must agree for ``merge`` and ``load_state_dict``."""
+        return {}
+
+    def _update(self, rows: torch.Tensor, first: bool) -> None:
+        """Fold ``rows`` ([n_rows, elements], float32) into the statistics."""
+        raise NotImplementedError
+
+    def _merge_state(self, other: "Observer") -> None:
+        """Fold the statistics of ``other`` (same class, spec, options, rows) into ``self``."""
+        raise NotImplementedError
+
+    def _range_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(min, max)`` per row, float32 tensors of shape [n_rows]."""
+        raise NotImplementedError
+
+    # -- public API ------------------------------------------------------------------
+    @property
+    def has_data(self) -> bool:
+        """True once at least one batch (or a merged observer's data) has been seen."""
+        return bool(self.num_batches > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Update the statistics from ``x`` and return ``x`` unchanged.
+
+        Raises:
+            ValueError: ``x`` is empty, holds NaN/Inf, does not fit the spec, or gives a
+                different scale layout than earlier batches.
+        """
+        with _updating_state():
+            rows, shape = self._rows(x)
+            self._update(rows, first=not self.has_data)
+            if not self.has_data:
+                self.param_shape = torch.tensor(shape, dtype=torch.int64, device=self.num_batches.device)
+            self.num_batches += 1
+        return x
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The estimated ``(min, max)``, float32 tensors in the spec's scale layout.
+
+        Raises:
+            RuntimeError: the observer has seen no data.
+        """
+        self._require_data()
+        lo, hi = self._range_rows()
+        shape = self._param_shape()
+        return lo.float().reshape(shape), hi.float().reshape(shape)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` for the estimated range (see ``compute_qparams``).
+
+        Raises:
+            RuntimeError: the observer has seen no data.
+        """
+        lo, hi = self.compute_range()
+        return compute_qparams(lo, hi, self.spec, self.name)
+
+    def merge(self, other: "Observer") -> "Observer":
+        """Fold ``other``'s statistics into this observer, in place; returns ``self``.
+
+        Meant for combining ranks (all-gather the states, merge them).  Merging an
+        empty observer changes nothing; merging into an empty one copies ``other``.
+
+        Raises:
+            ValueError: ``other`` has another class, spec or options, or saw tensors with
+                another scale layout.
+        """
+        self._check_compatible(other)
+        if not other.has_data:
+            return self
+        if self.has_data and other._param_shape() != self._param_shape():
+            raise ValueError(
+                f"{self.name}: cannot merge an observer that saw scale shape {other._param_shape()} "
+                f"into one that saw {self._param_shape()}; both must watch the same tensor"
+            )
+        with _updating_state():
+            if not self.has_data:
+                self._copy_state_from(other)
+                return self
+            self._merge_state(other)
+            self.num_batches += other.num_batches.to(self.num_batches.device)
+        return self
+
+    def reset(self) -> None:
+        """Forget everything seen so far (the buffers go back to empty)."""
+        with _updating_state():
+            for name in [*self._state_names, "param_shape"]:
+                buf = getattr(self, name)
+                setattr(self, name, torch.zeros(0, dtype=buf.dtype, device=buf.device))
+            self.num_batches = torch.zeros_like(self.num_batches)
+
+    def extra_repr(self) -> str:
+        options = "".join(f", {k}={v}" for k, v in self._options().items())
+        return f"{self.spec.describe()}, name={self.name!r}{options}"
+
+    # -- saving and loading ----------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        # Plain types only, so torch.load(weights_only=True) accepts it.
+        return {
+            "kind": self.kind,
+            "version": STATE_VERSION,
+            "spec": self.spec.to_dict(),
+            "options": self._options(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        # Checked in _load_from_state_dict, where a mismatch becomes a load error.
+        pass
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        extra = state_dict.get(prefix + "_extra_state")  # the key nn.Module gives get_extra_state()
+        if extra is not None:
+            problem = self._describe_mismatch(extra)
+            if problem:
+                error_msgs.append(problem)
+                return
+        with _updating_state():
+            # Buffers start empty and grow on the first batch: give them the incoming
+            # shapes (fresh tensors) before the default loader copies values in.
+            for name in [*self._state_names, "param_shape", "num_batches"]:
+                incoming = state_dict.get(prefix + name)
+                current = getattr(self, name)
+                if isinstance(incoming, torch.Tensor):
+                    fresh = torch.zeros(incoming.shape, dtype=current.dtype, device=current.device)
+                    setattr(self, name, fresh)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+
+    def _describe_mismatch(self, extra: Any) -> str:
+        """Why a saved state cannot be loaded here, or '' when it can."""
+        if not isinstance(extra, dict) or extra.get("version") != STATE_VERSION:
+            return (
+                f"{self.name}: saved observer state has an unknown format "
+                f"(expected version {STATE_VERSION}); save it again with this version of lowbit"
+            )
+        mine = self.get_extra_state()
+        for key in ("kind", "spec", "options"):
+            if extra.get(key) != mine[key]:
+                return (
+                    f"{self.name}: saved observer state has {key}={extra.get(key)!r} but this observer has "
+                    f"{key}={mine[key]!r}; build the observer with the same kind, spec and options to load it"
+                )
+        return ""
+
+    # -- helpers -----------------------------------------------------------------------
+    def _param_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.param_shape.tolist())
+
+    def _require_data(self) -> None:
+        if not self.has_data:
+            raise RuntimeError(
+                f"{self.name}: observer saw no data; run calibration batches through the model "
+                "before asking for qparams"
+            )
+
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Validate a batch; return it as float32 rows on the state's device, and its scale shape."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: observers take a torch.Tensor, got {type(x).__name__}")
+        if x.numel() == 0:
+            raise ValueError(
+                f"{self.name}: got an empty tensor of shape {tuple(x.shape)}; an observer needs at least "
+                "one value per batch (drop empty batches from the calibration data)"
+            )
+        x = x.detach().to(device=self.num_batches.device, dtype=torch.float32)
+        check_finite(x, self.name)
+        rows, shape = rows_view(x, self.spec, self.name)
+        if self.has_data and shape != self._param_shape():
+            raise ValueError(
+                f"{self.name}: this batch gives scale shape {shape} but earlier batches gave "
+                f"{self._param_shape()} ({self.spec.describe()}); keep the quantized dimension the same "
+                "size across batches, or call reset() to start over"
+            )
+        return rows, shape
+
+    def _check_compatible(self, other: "Observer") -> None:
+        same = type(other) is type(self) and other.spec == self.spec and other._options() == self._options()
+        if not same:
+            described = other.extra_repr() if isinstance(other, Observer) else "..."
+            raise ValueError(
+                f"{self.name}: cannot merge {type(other).__name__}({described}) into "
+                f"{type(self).__name__}({self.extra_repr()}); merge only observers built with the same "
+                "class, spec and options"
+            )
+
+    def _copy_state_from(self, other: "Observer") -> None:
+        device = self.num_batches.device
+        for name in [*self._state_names, "param_shape", "num_batches"]:
+            setattr(self, name, getattr(other, name).detach().clone().to(device))
