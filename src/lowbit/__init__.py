@@ -1,8 +1,33 @@
-"""lowbit: quantize PyTorch models to deployable low-bit models, and measure what it cost."""
+"""lowbit: quantize PyTorch models to deployable low-bit models, and measure what it cost.
+
+    import lowbit
+    qmodel = lowbit.quantize(model, calib_batches, config="w8a8")        # PTQ (fake-quant simulation)
+    lowbit.export_onnx(qmodel, "model.int8.onnx", example_inputs)        # Q/DQ ONNX for ONNX Runtime
+    print(lowbit.inspect_onnx("model.int8.onnx"))                        # which kernels run in integers
+    print(lowbit.compare(model, qmodel, inputs=batch, onnx="model.int8.onnx"))   # accuracy / size / latency
+"""
 
 from . import numerics, observers
-from .numerics import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize
+from .config import CONFIGS, LayerQuant, QuantConfig, Rule
+from .export import export_onnx, inspect_onnx
+from .nn.modules import TensorQuant
+from .numerics import QuantSpec
+from .ptq import quantize
+from .report import compare
 
 __version__ = "0.1.0"
 
-__all__ = ["numerics", "observers", "QuantSpec", "quantize", "dequantize", "fake_quantize", "compute_qparams"]
+__all__ = [
+    "quantize",
+    "export_onnx",
+    "inspect_onnx",
+    "compare",
+    "QuantConfig",
+    "LayerQuant",
+    "TensorQuant",
+    "Rule",
+    "QuantSpec",
+    "CONFIGS",
+    "numerics",
+    "observers",
+]

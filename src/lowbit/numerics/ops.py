@@ -28,6 +28,13 @@ def _prepare(x, scale, zero_point, spec: QuantSpec, name: str):
                 f"{name}: {label} has shape {tuple(p.shape)} but {spec.describe()} on a tensor of "
                 f"shape {tuple(x.shape)} needs {expected}"
             )
+    if spec.symmetric and zero_point is not None and not zero_point.requires_grad:
+        # A symmetric grid's zero-point is 0 by definition: drop it (two fewer passes
+        # over the tensor), but never silently ignore a nonzero one.
+        if bool((zero_point != 0).any()):
+            raise ValueError(f"{name}: {spec.describe()} is symmetric, so its zero_point must be 0; "
+                             "use symmetric=False for an affine grid")
+        zero_point = None
     view, axis = group_view(x, spec, name)
     s = param_view(scale, view.dim(), spec, axis)
     z = None if zero_point is None else param_view(zero_point, view.dim(), spec, axis)

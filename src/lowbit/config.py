@@ -1,0 +1,186 @@
+"""Layer 4: which layer gets which quantization.
+
+A ``QuantConfig`` is an ordered list of rules, each a glob on the module's
+qualified name (``"encoder.layer.*.attention.*"``) or on its type
+(``"type:Embedding"``) mapped to a ``LayerQuant`` or to None (keep float).  The
+first matching rule wins; a layer no rule matches gets ``default``.  Presets are
+named constants; ``CONFIGS`` is derived from them.
+
+    cfg = W8A8.with_rules(Rule(pattern="classifier.*", layer=None))   # keep the head in float
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from torch import nn
+
+from .nn.modules import TensorQuant
+from .numerics import INT8_WEIGHT, QuantSpec, UINT8_ACTIVATION
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerQuant:
+    """What a matched layer gets: a TensorQuant (or None = float) per tensor role."""
+
+    weight: TensorQuant | None = None
+    input: TensorQuant | None = None
+    output: TensorQuant | None = None
+
+    def __post_init__(self) -> None:
+        for role in ("weight", "input", "output"):
+            value = getattr(self, role)
+            if value is not None and not isinstance(value, TensorQuant):
+                raise TypeError(f"LayerQuant.{role} must be a TensorQuant or None, got {type(value).__name__}")
+        if self.weight is None and self.input is None and self.output is None:
+            raise ValueError("LayerQuant quantizes nothing; use layer=None in the Rule to keep a layer in float")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    """``pattern`` -> ``layer``. ``pattern`` globs a module name, or a type name after ``type:``."""
+
+    pattern: str
+    layer: LayerQuant | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError("Rule.pattern must be a non-empty glob string")
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if self.pattern.startswith("type:"):
+            wanted = self.pattern[len("type:"):]
+            return any(fnmatch.fnmatchcase(cls.__name__, wanted) for cls in type(module).__mro__)
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Ordered rules plus a default; see the module docstring."""
+
+    name: str = "custom"
+    rules: tuple[Rule, ...] = ()
+    default: LayerQuant | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rules, tuple):
+            object.__setattr__(self, "rules", tuple(self.rules))
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise TypeError(f"QuantConfig.rules must hold Rule objects, got {type(rule).__name__}")
+
+    def resolve(self, name: str, module: nn.Module) -> tuple[LayerQuant | None, str]:
+        """The LayerQuant for ``module`` (None = float) and what decided it."""
+        for rule in self.rules:
+            if rule.matches(name, module):
+                return rule.layer, f"rule {rule.pattern!r}"
+        return self.default, "default"
+
+    def with_rules(self, *rules: Rule) -> "QuantConfig":
+        """A copy with ``rules`` taking precedence over the existing ones."""
+        return dataclasses.replace(self, rules=tuple(rules) + self.rules)
+
+    def skip(self, *patterns: str) -> "QuantConfig":
+        """A copy that keeps layers matching ``patterns`` in float."""
+        return self.with_rules(*(Rule(pattern=p, layer=None) for p in patterns))
+
+    def with_observer(self, observer: str, *, role: str = "input", **options) -> "QuantConfig":
+        """A copy whose ``role`` tensors (input/weight/output) use ``observer`` for calibration."""
+
+        def change(layer: LayerQuant | None) -> LayerQuant | None:
+            tq = None if layer is None else getattr(layer, role)
+            if tq is None or tq.dynamic:
+                return layer
+            new = dataclasses.replace(tq, observer=observer, observer_options=tuple(sorted(options.items())))
+            return dataclasses.replace(layer, **{role: new})
+
+        rules = tuple(dataclasses.replace(r, layer=change(r.layer)) for r in self.rules)
+        return dataclasses.replace(self, rules=rules, default=change(self.default))
+
+    # -- recipe files -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": "lowbit.QuantConfig", "version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "QuantConfig":
+        data = dict(data)
+        if data.pop("format", None) != "lowbit.QuantConfig":
+            raise ValueError("not a lowbit QuantConfig recipe (missing format: lowbit.QuantConfig)")
+        version = data.pop("version", None)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ValueError(f"QuantConfig recipe version {version!r} is not supported (expected {CONFIG_FORMAT_VERSION})")
+        _check_fields(cls, data)
+        rules = tuple(Rule(pattern=r["pattern"], layer=_layer_from_dict(r["layer"])) for r in data.pop("rules", ()))
+        return cls(rules=rules, default=_layer_from_dict(data.pop("default", None)), **data)
+
+
+def _check_fields(cls, data: Mapping) -> None:
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+
+
+def _tensor_from_dict(data: Mapping | None) -> TensorQuant | None:
+    if data is None:
+        return None
+    data = dict(data)
+    _check_fields(TensorQuant, data)
+    spec = QuantSpec.from_dict(data.pop("spec"))
+    options = tuple((k, v) for k, v in data.pop("observer_options", ()))
+    return TensorQuant(spec=spec, observer_options=options, **data)
+
+
+def _layer_from_dict(data: Mapping | None) -> LayerQuant | None:
+    if data is None:
+        return None
+    _check_fields(LayerQuant, data)
+    return LayerQuant(**{role: _tensor_from_dict(data.get(role)) for role in ("weight", "input", "output")})
+
+
+# -- presets ------------------------------------------------------------------------------
+_CONFIGS: dict[str, QuantConfig] = {}
+
+
+def _config(config: QuantConfig) -> QuantConfig:
+    _CONFIGS[config.name] = config
+    return config
+
+
+_INT8_W = TensorQuant(spec=INT8_WEIGHT)
+_EMBEDDING_W8 = Rule(pattern="type:Embedding", layer=LayerQuant(weight=_INT8_W))
+
+W8A8 = _config(QuantConfig(
+    name="w8a8",
+    rules=(_EMBEDDING_W8,),
+    default=LayerQuant(weight=_INT8_W, input=TensorQuant(spec=UINT8_ACTIVATION)),
+))
+"""Static INT8: int8 per-channel weights, uint8 per-tensor activations calibrated by min-max."""
+
+W8A8_DYNAMIC = _config(QuantConfig(
+    name="w8a8-dynamic",
+    rules=(_EMBEDDING_W8,),
+    default=LayerQuant(weight=_INT8_W, input=TensorQuant(spec=UINT8_ACTIVATION, dynamic=True)),
+))
+"""Dynamic INT8: int8 per-channel weights; activation ranges computed per batch at run time."""
+
+W8 = _config(QuantConfig(name="w8", rules=(_EMBEDDING_W8,), default=LayerQuant(weight=_INT8_W)))
+"""Weight-only INT8 per channel; activations stay float."""
+
+CONFIGS: Mapping[str, QuantConfig] = MappingProxyType(_CONFIGS)
+"""Preset configs by name."""
+
+
+def get_config(config: QuantConfig | str) -> QuantConfig:
+    """Resolve a preset name or pass a QuantConfig through."""
+    if isinstance(config, QuantConfig):
+        return config
+    try:
+        return CONFIGS[config]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown config {config!r}; presets: {', '.join(CONFIGS)}") from None

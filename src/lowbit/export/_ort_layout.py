@@ -1,0 +1,189 @@
+"""Graph edits that follow ONNX Runtime's QDQ fusion rules (observed in ORT 1.32).
+
+ORT's CPU provider turns a "node unit" -- ``DQ -> op -> Q`` -- into one integer
+kernel.  lowbit quantizes layer *inputs*, so a layer's output reaches the next
+Q only through whatever sits between; these passes close the gaps exactly:
+
+* ``propagate_q_backward``: ``op -> MaxPool/Flatten/Reshape/... -> Q`` gets a copy
+  of that Q -> DQ in front of the data-movement op.  The op commutes with the
+  (monotone, elementwise) quantizer and ``Q(DQ(Q(x))) == Q(x)``, so the values
+  are unchanged, and the producer (a residual Add, a Conv) now ends in a Q.
+  ORT then runs the data-movement op on int8 (it drops DQ/Q around it).
+* ``quantize_gemm_bias``: ORT fuses ``DQ -> Gemm`` without an output Q into QGemm
+  (float output) only when the bias is itself ``DQ(int32)`` -- with a float bias
+  it leaves a float Gemm (a classifier head is the usual case).  So such a Gemm's
+  bias is stored as ORT's own quantizer stores it: ``int32 = round(b / (x_scale *
+  w_scale))``, per output channel.  Gemms that reach a Q (directly or through
+  Relu / Clip) keep a float bias: ORT fuses those with a float bias, or -- behind
+  a Relu / Clip it cannot drop -- not at all.  This is the one pass that changes
+  numbers: by at most half a bias step, ``0.5 * x_scale * w_scale``, which ORT's
+  integer kernel rounds to anyway.
+* ``dynamic_to_matmul_integer``: dynamic-activation matmuls in the operator form
+  ORT's ``quantize_dynamic`` writes, which ORT fuses into DynamicQuantizeMatMul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ._graph import Graph, attr
+from ._passes import const_dq, transpose_dq
+
+# Ops through which a per-tensor quantizer commutes exactly: they move or select
+# values (MaxPool selects the max, and quantization is monotone) and never mix them.
+_TRANSPARENT = frozenset({"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _static_per_tensor_q(g: Graph, node: onnx.NodeProto) -> bool:
+    if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+        return False
+    scale = g.const(node.input[1])
+    return scale is not None and scale.ndim == 0 and g.is_const(node.input[2])
+
+
+def _same_dq_before(g: Graph, name: str, q: onnx.NodeProto) -> bool:
+    """True if ``name`` already is ``DQ`` with ``q``'s scale and zero-point (nothing to insert)."""
+    dq = g.producer(name)
+    return (dq is not None and dq.op_type == "DequantizeLinear"
+            and [g.const_key(i) for i in dq.input[1:3]] == [g.const_key(i) for i in q.input[1:3]])
+
+
+def propagate_q_backward(g: Graph) -> int:
+    """Copy per-tensor Q -> DQ in front of data-movement ops that feed a Q; returns the count."""
+    inserted = 0
+    pending = [n for n in g.nodes() if _static_per_tensor_q(g, n)]
+    while pending:
+        q = pending.pop()
+        op = g.producer(q.input[0])
+        if op is None or op.op_type not in _TRANSPARENT or len([o for o in op.output if o]) != 1:
+            continue
+        if g.sole_consumer(op.output[0]) is not q or _same_dq_before(g, op.input[0], q):
+            continue
+        source = op.input[0]
+        q_out, dq_out = g.unique_name(f"{source}_q"), g.unique_name(f"{source}_dq")
+        new_q = helper.make_node("QuantizeLinear", [source, *q.input[1:3]], [q_out],
+                                 name=g.unique_name(f"{q.name}@{op.name}"))
+        new_dq = helper.make_node("DequantizeLinear", [q_out, *q.input[1:3]], [dq_out],
+                                  name=g.unique_name(f"{q.name}@{op.name}/DequantizeLinear"))
+        op.input[0] = dq_out
+        g.replace_node(op, [new_q, new_dq, op])
+        pending.append(new_q)
+        inserted += 1
+    return inserted
+
+
+def _dq_scale(g: Graph, name: str) -> np.ndarray | None:
+    """Scale of the static DequantizeLinear producing ``name`` (None if not one)."""
+    dq = g.producer(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or not g.is_const(dq.input[1]):
+        return None
+    return g.const(dq.input[1])
+
+
+def _reaches_q(g: Graph, name: str) -> bool:
+    """True if ``name`` flows into a QuantizeLinear, directly or through a chain of Relu / Clip."""
+    while True:
+        user = g.sole_consumer(name)
+        if user is None:
+            return False
+        if user.op_type == "QuantizeLinear":
+            return True
+        if user.op_type not in ("Relu", "Clip"):
+            return False
+        name = user.output[0]
+
+
+def quantize_gemm_bias(g: Graph) -> int:
+    """Store the float bias of ``Gemm(DQ(x), DQ(W), b)`` without an output Q as ``DQ(int32)``."""
+    done = 0
+    for gemm in g.nodes("Gemm"):
+        if len(gemm.input) < 3 or not g.is_const(gemm.input[2]) or _reaches_q(g, gemm.output[0]):
+            continue
+        x_scale, w_scale = _dq_scale(g, gemm.input[0]), _dq_scale(g, gemm.input[1])
+        bias = g.const(gemm.input[2])
+        w_dq = g.producer(gemm.input[1])
+        if x_scale is None or w_scale is None or x_scale.ndim != 0 or bias.ndim != 1 or not g.is_const(w_dq.input[0]):
+            continue
+        if attr(gemm, "alpha", 1.0) != 1.0 or attr(gemm, "beta", 1.0) != 1.0 or attr(gemm, "transA", 0):
+            continue
+        if w_scale.ndim == 1 and attr(w_dq, "axis", 1) != (0 if attr(gemm, "transB", 0) else 1):
+            continue  # the weight's channels are not the output columns
+        bias_scale = (np.broadcast_to(x_scale * w_scale, bias.shape)).astype(np.float32)
+        if np.any(bias_scale <= 0):
+            continue
+        info = np.iinfo(np.int32)
+        ints = np.clip(np.rint(bias.astype(np.float64) / bias_scale), info.min, info.max).astype(np.int32)
+        base = gemm.input[2]
+        q_name = g.add_const(f"{base}_quantized", ints)
+        s_name = g.add_const(f"{base}_quantized_scale", bias_scale)
+        z_name = g.add_const(f"{base}_quantized_zero_point", np.zeros(bias.shape, np.int32))
+        out = g.unique_name(f"{base}_dequantized")
+        dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], axis=0,
+                              name=g.unique_name(f"{base}/DequantizeLinear"))
+        gemm.input[2] = out
+        g.replace_node(gemm, [dq, gemm])
+        done += 1
+    return done
+
+
+def _dynamic_source(g: Graph, name: str) -> list[str] | None:
+    """``[x_q, x_scale, x_zero_point]`` if ``name`` is DQ(DynamicQuantizeLinear(x)), else None."""
+    dq = g.producer(name)
+    source = None if dq is None or dq.op_type != "DequantizeLinear" else g.producer(dq.input[0])
+    if source is None or source.op_type != "DynamicQuantizeLinear" or list(dq.input[:3]) != list(source.output[:3]):
+        return None
+    return list(source.output[:3])
+
+
+def _integer_weight(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The weight DQ of a MatMul / Gemm, as ``[K, N]`` with its scale per column (or per tensor)."""
+    w_dq = const_dq(g, node.input[1])
+    if w_dq is None or g.sole_consumer(w_dq.output[0]) is not node or g.const(w_dq.input[0]).ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
+            return None
+        if attr(node, "transB", 0):
+            transpose_dq(g, w_dq, [1, 0])
+    if g.const(w_dq.input[1]).ndim == 1 and attr(w_dq, "axis", 1) % 2 != 1:
+        return None  # per-row (K) scales cannot be applied after the integer matmul
+    if len(w_dq.input) < 3 or not w_dq.input[2]:
+        w_dq.input.append(g.add_const(f"{w_dq.input[0]}_zero_point", np.zeros((), np.int8)))
+    return w_dq
+
+
+def dynamic_to_matmul_integer(g: Graph) -> int:
+    """MatMul / Gemm on DQ(DynamicQuantizeLinear(x)) and DQ(int8 W) => MatMulInteger -> Cast -> Mul [-> Add].
+
+    This is what ORT's own ``quantize_dynamic`` writes, and ORT fuses it (bias
+    included) into DynamicQuantizeMatMul for any input rank.  The QDQ form fuses only
+    for MatMul without bias: ORT turns a 2-D MatMul + bias Add back into a Gemm first,
+    and has no dynamic fusion for Gemm.  Same arithmetic: the int32 sum of
+    ``(x_q - x_zp) * (w_q - w_zp)`` times ``x_scale * w_scale``.
+    """
+    rewritten = 0
+    for node in g.nodes():
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        x = _dynamic_source(g, node.input[0])
+        w_dq = None if x is None else _integer_weight(g, node)
+        if w_dq is None:
+            continue
+        base, out = node.name or node.output[0], node.output[0]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        acc, acc_f, scale = (g.unique_name(f"{out}_{k}") for k in ("int32", "float", "scale"))
+        y = g.unique_name(f"{out}_nobias") if has_bias else out
+        new = [
+            helper.make_node("MatMulInteger", [x[0], w_dq.input[0], x[2], w_dq.input[2]], [acc],
+                             name=g.unique_name(f"{base}/MatMulInteger")),
+            helper.make_node("Cast", [acc], [acc_f], to=onnx.TensorProto.FLOAT, name=g.unique_name(f"{base}/Cast")),
+            helper.make_node("Mul", [x[1], w_dq.input[1]], [scale], name=g.unique_name(f"{base}/Scale")),
+            helper.make_node("Mul", [acc_f, scale], [y], name=g.unique_name(f"{base}/Rescale")),
+        ]
+        if has_bias:
+            new.append(helper.make_node("Add", [y, node.input[2]], [out], name=g.unique_name(f"{base}/Bias")))
+        g.replace_node(node, new)
+        rewritten += 1
+    return rewritten

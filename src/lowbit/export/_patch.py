@@ -1,0 +1,182 @@
+"""Export mode: point every quantizer of a model at the Q/DQ-emitting Functions.
+
+``export_mode(model)`` is a context manager that, for the duration of one trace,
+sets an instance-level ``forward`` on each ``Quantizer`` (and on each
+``QuantEmbedding`` with a quantized table) and removes it afterwards.  Instance
+attributes, not class patches: another model being run or exported in another
+thread is untouched, and nothing in ``lowbit.nn`` needs an export switch.
+
+Every check that can fail runs *before* tracing, so an unsupported spec is
+reported with the quantizer's name and the fix, not as a tracer stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..nn.modules import QuantEmbedding, has_quantizers
+from ..nn.quantizer import Quantizer
+from ..numerics import QuantSpec, compute_qparams, quantize, tensor_minmax
+from . import _symbolic
+from ._symbolic import QParams
+
+log = logging.getLogger(__name__)
+
+
+def check_exportable(spec: QuantSpec, name: str) -> None:
+    """Raise ValueError (naming the tensor and the fix) for specs Q/DQ export cannot express yet."""
+    if spec.bits > 8:
+        raise ValueError(
+            f"{name}: {spec.describe()} needs 16-bit QuantizeLinear (ONNX opset 21), beyond the "
+            "TorchScript exporter's opset 20; use an 8-bit spec for this tensor (or keep it float)"
+        )
+    if spec.granularity == "group":
+        raise ValueError(
+            f"{name}: {spec.describe()} is blocked (group-wise) quantization, which needs ONNX opset 21 "
+            "or ONNX Runtime's MatMulNBits; export supports per-tensor and per-channel 8-bit specs only. "
+            "Use a per-channel spec for this layer (e.g. lowbit.numerics.INT8_WEIGHT) or keep it float"
+        )
+
+
+def _container(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return t.to(torch.int8 if spec.signed else torch.uint8)
+
+
+def _weight_params(q: Quantizer, weight: torch.Tensor) -> QParams:
+    """Integer weight plus qparams; dynamic weight quantizers get their qparams from the weight now
+    (a weight is constant, so this is exactly what the dynamic simulation computes every call)."""
+    w = weight.detach().float()
+    if q.mode == "dynamic":
+        scale, zero_point = compute_qparams(*tensor_minmax(w, q.spec, q.name), q.spec, q.name)
+    else:
+        scale, zero_point = q.qparams_for(w)
+    ints = quantize(w, scale, zero_point, q.spec, name=q.name)  # validates shapes, values in [qmin, qmax]
+    return QParams(name=q.name, spec=q.spec, scale=scale.float().clone(),
+                   zero_point=_container(zero_point, q.spec), quantized=_container(ints, q.spec))
+
+
+def _static_params(q: Quantizer) -> QParams:
+    scale, zero_point = q.qparams_for(torch.empty(0))  # static: the frozen buffers
+    return QParams(name=q.name, spec=q.spec, scale=scale.float().clone(), zero_point=_container(zero_point, q.spec))
+
+
+def _check_dynamic_activation(q: Quantizer) -> None:
+    s = q.spec
+    if not (s.bits == 8 and not s.signed and not s.symmetric and s.granularity == "tensor"):
+        raise ValueError(
+            f"{q.name}: dynamic activation quantization exports as ONNX DynamicQuantizeLinear, which is "
+            f"uint8 affine per tensor only; this quantizer is {s.describe()}. Use "
+            "lowbit.numerics.UINT8_ACTIVATION for dynamic activations, or calibrate a static scale"
+        )
+
+
+def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module]):
+    """The export-time forward of one quantizer, or None to keep its own (identity) forward."""
+    if q.mode == "disabled":
+        return None
+    if q.mode == "calibrating":
+        raise ValueError(f"{q.name}: quantizer is still calibrating; freeze it (lowbit.quantize does) "
+                         "or set mode='disabled' before exporting")
+    owner = weight_of.get(id(q))
+    if isinstance(owner, QuantEmbedding):
+        return None  # the embedding's own export forward reads the integer table
+    check_exportable(q.spec, q.name)
+    weight_params = None if owner is None else _weight_params(q, owner.weight)
+    if q.mode == "dynamic" and owner is None:
+        _check_dynamic_activation(q)
+        return lambda x: _symbolic.dynamic_qdq(x, q, q.name)
+    static_params = None if q.mode == "dynamic" else _static_params(q)
+    if static_params is not None and owner is None and static_params.narrower_than_container:
+        log.warning("%s: %s is narrower than its 8-bit container, so export clips before QuantizeLinear; "
+                    "ONNX Runtime cannot fuse the layer producing this tensor into an integer kernel. "
+                    "A full 8-bit activation grid (e.g. UINT8_ACTIVATION) avoids this", q.name, q.spec.describe())
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if weight_params is not None and x is owner.weight:
+            return _symbolic.weight_dq(x, weight_params)
+        if static_params is None:  # a dynamic weight quantizer fed something other than its weight
+            raise ValueError(f"{q.name}: dynamic weight quantizer applied to a tensor other than the "
+                             "layer's weight; export cannot fold it into an integer constant")
+        return _symbolic.qdq(x, static_params)
+
+    return forward
+
+
+def _embedding_forward(m: QuantEmbedding):
+    q = m.weight_quantizer
+    if q is None or q.mode == "disabled":
+        return None
+    if m.max_norm is not None:
+        raise ValueError(f"{q.name}: Embedding(max_norm=...) renormalises the table at run time, which an "
+                         "integer table cannot do; drop max_norm or keep this embedding in float")
+    check_exportable(q.spec, q.name)
+    params = _weight_params(q, m.weight)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        out = _symbolic.embedding_dq(ids, params)
+        return out if m.output_quantizer is None else m.output_quantizer(out)
+
+    return forward
+
+
+def _weight_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """id(weight quantizer) -> the layer whose ``weight`` it quantizes."""
+    owners = {}
+    for module in model.modules():
+        if has_quantizers(module):
+            for role, q in module.quantizers():
+                if role == "weight":
+                    owners[id(q)] = module
+    return owners
+
+
+def _drop_extra_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    # The tracer calls .detach() on every state_dict value; a quantizer's extra state
+    # (its mode, a dict) is not a tensor and would crash it.  Hidden for the trace only.
+    state_dict.pop(prefix + "_extra_state", None)
+
+
+def _has_extra_state(module: nn.Module) -> bool:
+    return type(module).get_extra_state is not nn.Module.get_extra_state
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module) -> Iterator[int]:
+    """Within the block, ``model``'s quantizers trace to Q/DQ nodes; yields how many were patched.
+
+    Example:
+        >>> with export_mode(qmodel):
+        ...     torch.onnx.export(qmodel, (x,), f, dynamo=False)
+    """
+    weight_of = _weight_owners(model)
+    patches: list[tuple[nn.Module, object]] = []
+    hooks = []
+    try:
+        for module in model.modules():
+            if _has_extra_state(module):
+                hooks.append(module.register_state_dict_post_hook(_drop_extra_state))
+        for module in model.modules():
+            if isinstance(module, Quantizer):
+                forward = _quantizer_forward(module, weight_of)
+            elif isinstance(module, QuantEmbedding):
+                forward = _embedding_forward(module)
+            else:
+                continue
+            if forward is not None:
+                patches.append((module, module.__dict__.get("forward")))
+                module.forward = forward
+        log.debug("export mode: %d quantizers / embeddings emit Q/DQ", len(patches))
+        yield len(patches)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, previous in reversed(patches):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous

@@ -1,0 +1,208 @@
+"""export_onnx: a quantized lowbit model -> an ONNX file in QDQ format.
+
+Where the nodes go, and why (ONNX Runtime's CPU provider fuses "DQ -> op -> Q"
+groups into integer kernels):
+
+* each static activation quantizer becomes ``QuantizeLinear -> DequantizeLinear``
+  exactly where the simulation fake-quantizes: on a layer's *input* (so every
+  Conv / Linear / QuantAdd reads a DQ), which also puts a Q after the op that
+  produced the tensor -- directly, behind a Relu / Clip that ORT drops, or behind
+  MaxPool / Flatten / Reshape, in front of which export copies the Q (exact);
+* each weight becomes an int8 initializer -> ``DequantizeLinear`` (per output
+  channel: ``axis=0`` for Conv / Gemm, ``axis=1`` after folding the transpose of
+  a MatMul weight).  Biases stay float: ORT quantizes them to int32 with scale
+  ``x_scale * w_scale`` when it fuses.  The exception is a Gemm whose output is
+  not quantized (a classifier head), which ORT fuses only with a ``DQ(int32)``
+  bias, so export writes the bias the way ORT's own quantizer does;
+* dynamic activations become ``DynamicQuantizeLinear``; where they feed a Linear,
+  export writes ORT's ``quantize_dynamic`` form, ``MatMulInteger -> Cast -> Mul
+  [-> Add bias]``, which ORT fuses into DynamicQuantizeMatMul for any input rank;
+* weight-only layers are ``DQ(int8 W) -> float op``; disabled quantizers emit nothing;
+* an embedding gathers rows of its int8 table, then dequantizes only those rows
+  (the table stays int8 in memory and only ``batch x tokens`` rows are converted,
+  instead of the whole ``vocab x dim`` table on every run);
+* a BatchNorm left after a quantized Conv is folded into the weight scale.
+
+The TorchScript exporter (``dynamo=False``) is used because an autograd
+Function's ``symbolic`` maps each quantizer to Q/DQ directly and leaves the
+float layers' export untouched; the dynamo exporter needs onnxscript (not
+installed, not a dependency) and custom translations for the same result.  It
+caps the opset at 20: enough for per-axis Q/DQ (13+), not for int4 / blocked
+quantization (21), which is not supported yet.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from . import _bn_fold, _ort_layout, _passes
+from ._graph import Graph
+from ._patch import export_mode
+
+log = logging.getLogger(__name__)
+
+# 19: the oldest opset whose Q/DQ onnx.reference can evaluate (useful to check an export
+# without ORT), supported by ONNX Runtime since 1.15; the int8 Q/DQ semantics equal opset 13's.
+DEFAULT_OPSET = 19
+MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+MAX_OPSET = 20  # the TorchScript exporter's ceiling in torch 2.x
+_PROTOBUF_LIMIT = 2**31  # bytes: a ModelProto larger than this cannot be serialized
+
+
+def _as_args(example_inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ValueError(
+        f"example_inputs must be a tensor or a tuple of tensors (the model's positional inputs), got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+def _io_names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
+    if given is None:
+        return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+    names = list(given)
+    if len(names) != count or len(set(names)) != count:
+        raise ValueError(f"{stem}_names: expected {count} distinct names, got {names}")
+    return names
+
+
+def _check_opset(opset: int) -> None:
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET} (per-axis Q/DQ needs {MIN_OPSET}; the "
+            f"TorchScript exporter stops at {MAX_OPSET}), got {opset!r}"
+        )
+
+
+def _trace(model, args, input_names, output_names, dynamic_batch, opset) -> onnx.ModelProto:
+    """Run the TorchScript exporter (``model`` already in export mode); returns the raw ModelProto."""
+    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is chosen deliberately (see the module docstring); its
+        # deprecation notices (raised at our call and inside torch.onnx) are not the user's concern.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        torch.onnx.export(
+            model, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            training=torch.onnx.TrainingMode.EVAL,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _postprocess(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Apply the graph passes (``_passes``, ``_bn_fold``, ``_ort_layout``) in place; returns ``model``."""
+    g = Graph(model)
+    _passes.lift_constants(g)
+    counts = {
+        "folded constants": _passes.fold_constants(g, opset),
+        "folded weight transposes": _passes.fold_dq_transpose(g),
+        "folded batchnorms": _bn_fold.fold_batchnorm(g),
+        "merged duplicate Q/DQ": _passes.dedupe_qdq(g),
+        "Q copied before data movement": _ort_layout.propagate_q_backward(g),
+        "merged duplicate Q/DQ (after copies)": _passes.dedupe_qdq(g),
+        "dynamic matmuls -> MatMulInteger": _ort_layout.dynamic_to_matmul_integer(g),
+        "int32 Gemm biases": _ort_layout.quantize_gemm_bias(g),
+    }
+    g.prune()
+    g.commit()
+    _passes.clear_value_info(g)
+    log.debug("export passes: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return model
+
+
+def _write_atomic(data: bytes, path: str) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """Export a quantized model to ONNX in QDQ format, runnable by ONNX Runtime's integer kernels.
+
+    Args:
+        qmodel: a model from ``lowbit.quantize`` (or any model holding lowbit quantizers).
+            Exported in eval mode; its training flag is restored afterwards.
+        path: the ``.onnx`` file to write.  Written atomically (temporary file in the
+            same folder, then renamed); on any error no file and no temporary remain.
+        example_inputs: a tensor or tuple of tensors, the model's positional inputs.
+        input_names, output_names: graph input / output names (default ``input``,
+            ``output``, or ``input_0``... for several).
+        dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
+        opset: ONNX opset, 13..20.
+
+    Returns:
+        The ModelProto that was written (checked with ``onnx.checker``).
+
+    Raises:
+        ValueError: a spec export cannot express yet (16-bit, group-wise / int4), a
+            quantizer still calibrating, bad inputs or opset.  Messages name the tensor.
+
+    Example:
+        >>> qmodel = lowbit.ptq.quantize(model, [x], "w8a8", progress=False)
+        >>> export_onnx(qmodel, "model.int8.onnx", x)
+        >>> print(inspect_onnx("model.int8.onnx"))   # which kernels ORT runs
+    """
+    _check_opset(opset)
+    args = _as_args(example_inputs)
+    input_names = _io_names(input_names, len(args), "input")
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        # Export mode first: it validates every quantizer before anything runs (a forward
+        # with a quantizer still calibrating would change its observer).
+        with torch.no_grad(), export_mode(qmodel):
+            n_outputs = _count_outputs(qmodel(*args))
+            output_names = _io_names(output_names, n_outputs, "output")
+            model = _trace(qmodel, args, input_names, output_names, dynamic_batch, opset)
+    finally:
+        qmodel.train(was_training)
+    _postprocess(model, opset)
+    if model.ByteSize() >= _PROTOBUF_LIMIT:
+        raise ValueError(f"the exported model is {model.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB limit; "
+                         "external-data export is not supported yet -- export a smaller model or submodule")
+    onnx.checker.check_model(model, full_check=True)
+    _write_atomic(model.SerializeToString(deterministic=True), os.fspath(path))
+    log.info("exported %s (%d nodes, %d initializers)", os.fspath(path), len(model.graph.node),
+             len(model.graph.initializer))
+    return model
+
+
+def _count_outputs(out) -> int:
+    if isinstance(out, torch.Tensor):
+        return 1
+    if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+        return len(out)
+    raise ValueError(f"the model must return a tensor or a tuple of tensors to export, got {type(out).__name__}")

@@ -1,0 +1,165 @@
+"""Quantized layers: the float layer plus one Quantizer per quantized tensor.
+
+Each class subclasses its float layer (so ``isinstance(m, nn.Linear)`` still
+holds inside models such as HF transformers) and adds ``input_quantizer``,
+``weight_quantizer`` and ``output_quantizer`` (any may be None: that tensor stays
+float).  ``QUANTIZED`` maps float type -> quantized type; ``to_float`` undoes a
+swap, returning a float layer with the same (float) parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..numerics import QuantSpec
+from .quantizer import Quantizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorQuant:
+    """How one tensor of a layer is quantized: spec, range estimator, dynamic or not."""
+
+    spec: QuantSpec
+    observer: str = "minmax"
+    observer_options: tuple[tuple[str, object], ...] = ()
+    dynamic: bool = False
+
+    def make(self, name: str) -> Quantizer:
+        return Quantizer(
+            self.spec,
+            observer=self.observer,
+            observer_options=dict(self.observer_options),
+            dynamic=self.dynamic,
+            name=name,
+        )
+
+
+class _QuantMixin:
+    """Shared plumbing: quantizer attributes and the inverse swap."""
+
+    _float_type: type[nn.Module]
+    input_quantizer: Quantizer | None
+    weight_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    def _init_quantizers(self, name, weight, input, output) -> None:
+        self.input_quantizer = None if input is None else input.make(f"{name}.input")
+        self.weight_quantizer = None if weight is None else weight.make(f"{name}.weight")
+        self.output_quantizer = None if output is None else output.make(f"{name}.output")
+
+    def quantizers(self):
+        """(role, Quantizer) pairs of this layer, skipping tensors left in float."""
+        for role in ("input", "weight", "output"):
+            q = getattr(self, f"{role}_quantizer")
+            if q is not None:
+                yield role, q
+
+    def _quant_input(self, x):
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def _quant_weight(self):
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def _quant_output(self, y):
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+    @classmethod
+    def from_float(cls, module, *, name, weight=None, input=None, output=None):
+        """Wrap ``module`` (its parameters are shared, not copied)."""
+        qmod = cls.__new__(cls)
+        qmod.__dict__.update(module.__dict__)
+        qmod._parameters = dict(module._parameters)
+        qmod._buffers = dict(module._buffers)
+        qmod._modules = dict(module._modules)
+        qmod._init_quantizers(name, weight, input, output)
+        return qmod
+
+    def to_float(self) -> nn.Module:
+        """The float layer with the same parameters (quantizers dropped)."""
+        module = self._float_type.__new__(self._float_type)
+        module.__dict__.update(self.__dict__)
+        module._modules = {k: v for k, v in self._modules.items() if not k.endswith("_quantizer")}
+        module._parameters = dict(self._parameters)
+        module._buffers = dict(self._buffers)
+        for attr in ("input_quantizer", "weight_quantizer", "output_quantizer"):
+            module.__dict__.pop(attr, None)
+        return module
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    _float_type = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quant_output(F.linear(self._quant_input(x), self._quant_weight(), self.bias))
+
+
+class QuantConv1d(_QuantMixin, nn.Conv1d):
+    _float_type = nn.Conv1d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias))
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    _float_type = nn.Conv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias))
+
+
+class QuantEmbedding(_QuantMixin, nn.Embedding):
+    """Embedding with a quantized table (one scale per row); indices are never quantized."""
+
+    _float_type = nn.Embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(
+            x, self._quant_weight(), self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse,
+        )
+        return self._quant_output(out)
+
+
+QUANTIZED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Embedding: QuantEmbedding,
+}
+"""Float layer type -> quantized layer type (exact types: subclasses are not swapped)."""
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a swapped layer (QuantLinear, QuantConv2d ...), which ``to_float`` can undo."""
+    return isinstance(module, _QuantMixin)
+
+
+class QuantAdd(nn.Module):
+    """``a + b`` with both operands fake-quantized (a residual add that runs in integers).
+
+    Inserted by the graph pass for residual connections; ONNX Runtime fuses
+    ``DQ(a) + DQ(b) -> Q`` into QLinearAdd.  The output is quantized by whatever
+    consumes it (the next layer's input quantizer).
+    """
+
+    def __init__(self, a: TensorQuant, b: TensorQuant, *, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.a_quantizer = a.make(f"{name}.a")
+        self.b_quantizer = b.make(f"{name}.b")
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quantizer(a) + self.b_quantizer(b)
+
+    def quantizers(self):
+        yield "a", self.a_quantizer
+        yield "b", self.b_quantizer
+
+
+def has_quantizers(module: nn.Module) -> bool:
+    """True for any lowbit module that owns quantizers (swapped layers and QuantAdd)."""
+    return isinstance(module, (_QuantMixin, QuantAdd))

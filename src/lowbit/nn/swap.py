@@ -1,0 +1,71 @@
+"""Module replacement: float layers -> quantized layers by config, and back."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .modules import QUANTIZED, is_quantized
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SwapReport:
+    """What happened to each layer: quantized (with the rule that chose it) or left in float."""
+
+    quantized: dict[str, str] = field(default_factory=dict)  # name -> "Linear: w int8 ... (rule ...)"
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed float
+    unsupported: dict[str, str] = field(default_factory=dict)  # name -> type of a layer with weights we cannot quantize
+
+    def lines(self) -> list[str]:
+        out = [f"quantized {name}: {what}" for name, what in self.quantized.items()]
+        out += [f"float     {name}: {why}" for name, why in self.skipped.items()]
+        out += [f"float     {name}: {kind} is not supported (left in float)" for name, kind in self.unsupported.items()]
+        return out
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def swap_modules(model: nn.Module, resolve) -> SwapReport:
+    """Replace, in place, every layer whose exact type is in ``QUANTIZED``.
+
+    ``resolve(name, module) -> (LayerQuant | None, reason)`` decides each layer.
+    Layers of other types that own parameters directly (LayerNorm, BatchNorm ...)
+    are reported as unsupported and stay float.
+    """
+    report = SwapReport()
+    for name, module in list(model.named_modules()):
+        if not name or is_quantized(module):
+            continue
+        qtype = QUANTIZED.get(type(module))
+        if qtype is None:
+            if any(True for _ in module.parameters(recurse=False)):
+                report.unsupported[name] = type(module).__name__
+            continue
+        layer, reason = resolve(name, module)
+        if layer is None:
+            report.skipped[name] = f"{type(module).__name__} kept in float by {reason}"
+            continue
+        qmod = qtype.from_float(module, name=name, weight=layer.weight, input=layer.input, output=layer.output)
+        _set_submodule(model, name, qmod)
+        roles = ", ".join(f"{role} {q.spec.describe()}{' dynamic' if q.mode == 'dynamic' else ''}"
+                          for role, q in qmod.quantizers())
+        report.quantized[name] = f"{type(module).__name__}: {roles} ({reason})"
+    for line in report.lines():
+        log.info(line)
+    return report
+
+
+def unswap_modules(model: nn.Module) -> nn.Module:
+    """Inverse of ``swap_modules``: every quantized layer back to its float layer, in place."""
+    for name, module in list(model.named_modules()):
+        if name and is_quantized(module):
+            _set_submodule(model, name, module.to_float())
+    return model

@@ -1,0 +1,29 @@
+"""Graph-aware passes: the first three on float models before layers are swapped, the last after.
+
+* ``fold_batchnorm``: BatchNorm folded into the Conv / Linear before it.
+* ``cross_layer_equalize``: per-channel weight ranges balanced between consecutive layers
+  (so per-tensor weight scales work).
+* ``quantize_residual_adds``: ``tensor + tensor`` adds routed through ``QuantAdd`` (fx).
+* ``correct_bias``: after quantization, the mean output error of each layer removed from its bias.
+
+Each returns ``(model, names of what it changed)`` and edits in place (``quantize_residual_adds``
+returns a GraphModule sharing the model's layers).  The graph searches use torch.fx and fall
+back to ``nn.Sequential`` containers where a model does not trace; lowbit's quantized layers
+and ``QuantAdd`` are opaque to them, so running a pass twice, or in another order, is harmless.
+``lowbit.ptq.quantize`` runs them through its ``fold_bn`` / ``equalize`` / ``quantize_adds`` /
+``bias_correction`` options; by hand the order is::
+
+    model = copy.deepcopy(float_model).eval()
+    model, _ = fold_batchnorm(model)
+    model, _ = cross_layer_equalize(model, relu6_to_relu=True)
+    model, _ = quantize_residual_adds(model, UINT8_ACTIVATION)
+    qmodel = lowbit.ptq.quantize(model, calib, config)     # (its own passes then find nothing new)
+    qmodel, _ = correct_bias(None, qmodel, calib)
+"""
+
+from .bias_correction import correct_bias
+from .equalize import cross_layer_equalize
+from .fold_bn import fold_batchnorm
+from .residual_add import quantize_residual_adds
+
+__all__ = ["correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_residual_adds"]

@@ -1,0 +1,178 @@
+"""Post-training quantization driver: swap layers, calibrate, freeze."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import QuantConfig, get_config
+from .nn.modules import has_quantizers
+from .nn.quantizer import Quantizer
+from .nn.swap import SwapReport, swap_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantSummary:
+    """Attached to a quantized model as ``model.lowbit_summary``."""
+
+    config: QuantConfig
+    layers: SwapReport
+    calibration_batches: int
+    uncalibrated: list[str]  # quantizers that saw no data and were disabled (tensor stays float)
+
+
+def run_model(model: nn.Module, batch) -> object:
+    """Call ``model`` on one calibration item: a tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _quantizers(model: nn.Module):
+    for _, module in model.named_modules():
+        if has_quantizers(module):
+            for role, q in module.quantizers():
+                yield module, role, q
+
+
+def calibrate(model: nn.Module, calib_data: Iterable, *, progress: bool = True) -> tuple[int, list[str]]:
+    """Observe activations over ``calib_data`` and freeze every static quantizer.
+
+    Weight quantizers observe their weight once.  Returns the number of batches
+    and the names of activation quantizers that saw no data (they are disabled,
+    so those tensors stay float, and logged).
+    """
+    activation = []
+    for module, role, q in _quantizers(model):
+        if q.mode == "dynamic" or q.observer is None:
+            continue
+        if role == "weight":
+            q.observer.reset()
+            q.observer(module.weight)
+            q.freeze()
+        else:
+            q.observer.reset()
+            q.mode = "calibrating"
+            activation.append(q)
+
+    n_batches = 0
+    if activation:
+        n_batches = _feed(model, calib_data, progress)
+
+    uncalibrated = []
+    for q in activation:
+        if q.observer.has_data:
+            q.freeze()
+        else:
+            q.mode = "disabled"
+            uncalibrated.append(q.name)
+            log.warning("%s saw no calibration data; this tensor stays float", q.name)
+    return n_batches, uncalibrated
+
+
+def _feed(model: nn.Module, calib_data: Iterable, progress: bool) -> int:
+    from tqdm.auto import tqdm
+
+    if calib_data is None:
+        raise ValueError("static quantization needs calibration data (an iterable of model inputs); "
+                         "pass calib_data, or use a dynamic config such as 'w8a8-dynamic'")
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        with torch.no_grad():
+            total = len(calib_data) if hasattr(calib_data, "__len__") else None
+            for batch in tqdm(calib_data, total=total, desc="calibrating", unit="batch", disable=not progress):
+                try:
+                    run_model(model, batch)
+                except ValueError:
+                    raise  # our own errors already name the tensor
+                except Exception as exc:
+                    raise RuntimeError(f"calibration batch {n} failed in the model: {exc}") from exc
+                n += 1
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("calibration data is empty: give at least one batch of model inputs")
+    return n
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Iterable | None = None,
+    config: QuantConfig | str = "w8a8",
+    *,
+    fold_bn: bool = True,
+    equalize: bool = False,
+    equalize_relu6: bool = False,
+    quantize_adds: bool = True,
+    bias_correction: bool = False,
+    progress: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """Post-training quantization: a fake-quantized copy of ``model``.
+
+    Args:
+        model: float model; untouched unless ``inplace``.
+        calib_data: iterable of model inputs (tensors, tuples of args or dicts of
+            kwargs; a DataLoader works).  Needed when the config has static
+            activation quantizers; must be re-iterable for ``bias_correction``.
+        config: a preset name (``"w8a8"``, ``"w8a8-dynamic"``, ``"w8"``) or a QuantConfig.
+        fold_bn: fold eval-mode BatchNorm into the preceding Conv/Linear first.
+        equalize: cross-layer equalization (Nagel et al. 2019) before quantizing.
+        equalize_relu6: let equalization cross ReLU6 by turning it into ReLU (changes
+            the float model slightly; see ``lowbit.passes.cross_layer_equalize``).
+        quantize_adds: route residual ``tensor + tensor`` adds through ``QuantAdd``
+            (needs a model torch.fx can trace; otherwise adds stay float, logged),
+            so the runtime can keep them in integers.  Only with static activations.
+        bias_correction: after calibration, remove each layer's mean output error
+            from its bias (empirical bias correction).
+        progress: show a progress bar over calibration batches.
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The quantized model (fake-quant simulation in PyTorch) with
+        ``lowbit_summary`` describing what was quantized and what stayed float.
+
+    Example:
+        >>> qmodel = quantize(model, [torch.randn(8, 3, 224, 224)], "w8a8")
+    """
+    from . import passes
+
+    config = get_config(config)
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval()
+    if fold_bn:
+        qmodel, _ = passes.fold_batchnorm(qmodel)
+    if equalize or equalize_relu6:
+        qmodel, _ = passes.cross_layer_equalize(qmodel, relu6_to_relu=equalize_relu6)
+    act = None if config.default is None else config.default.input
+    if quantize_adds and act is not None and not act.dynamic:
+        float_patterns = [r.pattern for r in config.rules if r.layer is None and not r.pattern.startswith("type:")]
+        qmodel, _ = passes.quantize_residual_adds(qmodel, act.spec, observer=act.observer, skip=float_patterns)
+    report = swap_modules(qmodel, config.resolve)
+    if not report.quantized:
+        log.warning("no layer was quantized: the config matched none of the model's Linear/Conv/Embedding layers")
+    if bias_correction and calib_data is not None and iter(calib_data) is calib_data:
+        calib_data = list(calib_data)  # a one-shot iterator; bias correction needs a second pass
+    n_batches, uncalibrated = calibrate(qmodel, calib_data, progress=progress)
+    if bias_correction:
+        passes.correct_bias(None, qmodel, calib_data)
+    qmodel.lowbit_summary = QuantSummary(config=config, layers=report, calibration_batches=n_batches,
+                                         uncalibrated=uncalibrated)
+    return qmodel
+
+
+def iter_quantizers(model: nn.Module) -> Iterable[tuple[str, Quantizer]]:
+    """(name, quantizer) for every quantizer in ``model``."""
+    for _, _, q in _quantizers(model):
+        yield q.name, q

@@ -1,0 +1,31 @@
+"""How close a quantized model's outputs are to FP32's, when there are no labels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Agreement of ``candidate`` outputs with ``reference`` outputs (same shape, batch first).
+
+    Returns:
+        ``cosine``: mean per-sample cosine similarity of the flattened outputs;
+        ``max_abs_diff``: largest absolute difference;
+        for 2-D outputs (logits), also ``top1_agreement`` (fraction of samples with
+        the same argmax) and ``kl`` (mean KL(softmax(ref) || softmax(cand)), nats).
+    """
+    ref = reference.detach().float()
+    cand = candidate.detach().float()
+    if ref.shape != cand.shape:
+        raise ValueError(f"output shapes differ: reference {tuple(ref.shape)} vs candidate {tuple(cand.shape)}")
+    flat_r, flat_c = ref.reshape(ref.shape[0], -1), cand.reshape(cand.shape[0], -1)
+    out = {
+        "cosine": F.cosine_similarity(flat_r, flat_c, dim=1, eps=1e-12).mean().item(),
+        "max_abs_diff": (ref - cand).abs().max().item(),
+    }
+    if ref.dim() == 2 and ref.shape[1] > 1:
+        out["top1_agreement"] = (ref.argmax(1) == cand.argmax(1)).float().mean().item()
+        out["kl"] = F.kl_div(F.log_softmax(cand, 1), F.log_softmax(ref, 1), log_target=True,
+                             reduction="batchmean").item()
+    return out
