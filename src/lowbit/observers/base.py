@@ -79,8 +79,9 @@ class Observer(torch.nn.Module):
         """Constructor options that must agree for ``merge`` and ``load_state_dict``."""
         return {}
 
-    def _update(self, rows: torch.Tensor, first: bool) -> None:
-        """Fold ``rows`` ([n_rows, elements], float32) into the statistics."""
+    def _update(self, rows: torch.Tensor, first: bool, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Fold ``rows`` ([n_rows, elements], float32) into the statistics; ``lo`` / ``hi`` are
+        the batch's per-row min and max (already computed, checked finite)."""
         raise NotImplementedError
 
     def _merge_state(self, other: "Observer") -> None:
@@ -106,7 +107,12 @@ class Observer(torch.nn.Module):
         """
         with _updating_state():
             rows, shape = self._rows(x)
-            self._update(rows, first=not self.has_data)
+            # One pass gives the row ranges every observer needs; NaN / Inf propagate into
+            # them, so checking these few values replaces a full isfinite pass over x.
+            lo, hi = torch.aminmax(rows, dim=1)
+            if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                check_finite(x, self.name)  # raises, counting the NaN / Inf
+            self._update(rows, not self.has_data, lo, hi)
             if not self.has_data:
                 self.param_shape = torch.tensor(shape, dtype=torch.int64, device=self.num_batches.device)
             self.num_batches += 1
@@ -243,7 +249,6 @@ class Observer(torch.nn.Module):
                 "one value per batch (drop empty batches from the calibration data)"
             )
         x = x.detach().to(device=self.num_batches.device, dtype=torch.float32)
-        check_finite(x, self.name)
         rows, shape = rows_view(x, self.spec, self.name)
         if self.has_data and shape != self._param_shape():
             raise ValueError(

@@ -53,13 +53,21 @@ def bin_indices(rows: torch.Tensor, exponent: torch.Tensor, bins: int) -> torch.
         bins: even number of bins, a power of two.
 
     Returns:
-        int64 [n_rows, k] in ``[0, bins)``.
+        int32 (int64 past 2**31 total bins) [n_rows, k] in ``[0, bins)``.
     """
     half = bins // 2
     # 1 / w = 2**(log2(half) - e): multiplying by it is exact in float64.
     log2_half = half.bit_length() - 1
-    inv_width = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), log2_half - exponent)
-    return torch.floor(rows.double() * inv_width[:, None]).long() + half
+    shift = log2_half - exponent
+    index_dtype = torch.int32 if rows.shape[0] * bins < 2**31 else torch.int64
+    if bool((shift >= 0).all()):
+        # Scaling by 2**shift >= 1 is exact in float32 and never underflows to zero, so
+        # float32 gives the same bins as float64 at a third of the memory traffic.
+        inv_width = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), shift)
+        return torch.floor(rows * inv_width[:, None]).to(index_dtype) + half
+    # Rows with |x| above `half`: a tiny negative x could underflow to -0.0 in float32.
+    inv_width = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), shift)
+    return torch.floor(rows.double() * inv_width[:, None]).to(index_dtype) + half
 
 
 def coarsen(counts: torch.Tensor, exponent: torch.Tensor, new_exponent: torch.Tensor) -> torch.Tensor:
@@ -145,8 +153,7 @@ class HistogramObserver(Observer):
     def _options(self) -> dict[str, Any]:
         return {"bins": self.bins}
 
-    def _update(self, rows: torch.Tensor, first: bool) -> None:
-        lo, hi = torch.aminmax(rows, dim=1)
+    def _update(self, rows: torch.Tensor, first: bool, lo: torch.Tensor, hi: torch.Tensor) -> None:
         batch_exp = range_exponent(torch.maximum(-lo, hi))
         n_rows = rows.shape[0]
         if first:
@@ -158,7 +165,7 @@ class HistogramObserver(Observer):
             self.max_val = torch.maximum(self.max_val, hi)
         idx = bin_indices(rows, self.exponent, self.bins)
         # One bincount over all rows: row r's bins live at [r * bins, (r + 1) * bins).
-        flat = (idx + torch.arange(n_rows, device=idx.device)[:, None] * self.bins).flatten()
+        flat = (idx + torch.arange(n_rows, device=idx.device, dtype=idx.dtype)[:, None] * self.bins).flatten()
         self.counts += torch.bincount(flat, minlength=n_rows * self.bins).view(n_rows, self.bins)
 
     def _merge_state(self, other: Observer) -> None:

@@ -35,8 +35,7 @@ class MinMaxObserver(Observer):
         self._add_state("min_val", torch.float32)
         self._add_state("max_val", torch.float32)
 
-    def _update(self, rows: torch.Tensor, first: bool) -> None:
-        lo, hi = torch.aminmax(rows, dim=1)
+    def _update(self, rows: torch.Tensor, first: bool, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if first:
             self.min_val, self.max_val = lo, hi
         else:
@@ -91,8 +90,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     def _options(self) -> dict[str, Any]:
         return {"averaging_constant": self.averaging_constant}
 
-    def _update(self, rows: torch.Tensor, first: bool) -> None:
-        lo, hi = torch.aminmax(rows, dim=1)
+    def _update(self, rows: torch.Tensor, first: bool, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if first:
             self.min_val, self.max_val = lo, hi
             return

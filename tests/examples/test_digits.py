@@ -1,6 +1,6 @@
 """The demo runs end to end and its figures are sane (fewer epochs to keep it fast)."""
 
-from lowbit import demo
+from lowbit.examples import digits as demo
 
 
 def test_demo_runs_and_measures():
