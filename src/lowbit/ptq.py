@@ -94,8 +94,8 @@ def _feed(model: nn.Module, calib_data: Iterable, progress: bool) -> int:
             for batch in tqdm(calib_data, total=total, desc="calibrating", unit="batch", disable=not progress):
                 try:
                     run_model(model, batch)
-                except ValueError:
-                    raise  # our own errors already name the tensor
+                except ValueError as exc:  # bad data: NaN named by its tensor, or the model's own check
+                    raise ValueError(f"calibration batch {n}: {exc}") from exc
                 except Exception as exc:
                     raise RuntimeError(f"calibration batch {n} failed in the model: {exc}") from exc
                 n += 1

@@ -1,21 +1,25 @@
 """export_onnx on a small CNN (w8a8): integer kernels in ORT, parity, file properties.
 
-Parity, measured on this machine (AVX512-VNNI, ORT 1.32), 512 random inputs:
-  * ORT vs the fake-quant simulation: max |diff| 1.4e-3 = 0.19 % of the output
-    range = 0.041 of "one quantization step on every input of the classifier"
-    (``s_in * ||W_row||_1``); argmax agreement 100 %.
-  * The whole difference is bias rounding: ORT quantizes every bias of a fused
-    Conv / Gemm to int32 with scale ``s_in * s_w`` (its BiasQuantization pass).
-    Rounding the simulation's biases the same way, ORT agrees to 2.7e-7 (float
-    noise): its integer requantization reproduces the simulation exactly.
-  * onnx.reference on the exported file vs the simulation: 1.1e-6, i.e. half a
-    bias step of the classifier (whose bias export stores as int32, see
-    ``_ort_layout.quantize_gemm_bias``) plus float noise.
+The simulation rounds every bias to the int32 grid ``s_in * s_w`` and export writes
+exactly those integers (``DQ(int32)``), so ORT and onnx.reference compute what the
+simulation computes.  Measured on this machine (AVX512-VNNI, ORT 1.32):
+  * Power-of-two scales (every float operation of the simulation exact): ORT and
+    onnx.reference equal the simulation bit for bit (8192 / 512 inputs).
+  * Calibrated scales, 512 inputs: 99.2 % of rows agree with ORT to <= 2.4e-7 and
+    99.8 % with onnx.reference to <= 2.7e-7 (float noise: the classifier's float sum,
+    which numpy orders by batch size).  On the rest, a value that sits on a rounding
+    tie of the next quantizer lands on the neighbouring code: the simulation sums a
+    conv in float32 in torch's order, the runtimes exactly (int32) or in another order.
+    That moves the output by at most 7.1e-4 = 0.02 of "one quantization step on every
+    input of the classifier" (``s_in * ||W_row||_1``); argmax agreement 100 %.
+    Min-max scales (the preset before e095f91) flip on 0.2 % of rows too, over 8192
+    inputs: the 2.7e-7 measured on 512 of them before was a sample without a tie.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -23,12 +27,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch import nn
 
+from lowbit.config import W8A8
 from lowbit.export import export_onnx, inspect_onnx
 from lowbit.nn.modules import QuantAdd, TensorQuant
-from lowbit.numerics import UINT8_ACTIVATION, fake_quantize
+from lowbit.nn.quantizer import Quantizer
+from lowbit.numerics import INT8_WEIGHT_PER_TENSOR, fake_quantize
 from lowbit.ptq import quantize
 
 
@@ -43,8 +50,10 @@ class SmallCNN(nn.Module):
         self.res2 = nn.Conv2d(16, 16, 3, padding=1, bias=not batchnorm)
         self.bn1 = nn.BatchNorm2d(8) if batchnorm else nn.Identity()
         self.bn2 = nn.BatchNorm2d(16) if batchnorm else nn.Identity()
-        # The residual add, quantized on both operands (a graph pass will insert these later).
-        self.add = QuantAdd(TensorQuant(spec=UINT8_ACTIVATION), TensorQuant(spec=UINT8_ACTIVATION), name="add")
+        # The residual add, quantized on both operands like the preset's layer inputs, so that
+        # add.b and res1.input (same tensor, same observer) get one range and one Q.
+        act = W8A8.default.input
+        self.add = QuantAdd(act, act, name="add")
         self.fc = nn.Linear(16 * 4 * 4, 10)
 
     def forward(self, x):
@@ -66,14 +75,14 @@ def _randomize_bn(model: nn.Module) -> None:
             bn.bias.copy_(torch.rand(bn.num_features, generator=gen) * 0.6 - 0.3)
 
 
-def _quantized_cnn(batchnorm: bool = False) -> nn.Module:
+def _quantized_cnn(batchnorm: bool = False, config=W8A8) -> nn.Module:
     torch.manual_seed(0)
     model = SmallCNN(batchnorm).eval()
     if batchnorm:
         _randomize_bn(model)
     calib = [torch.randn(8, 3, 8, 8) for _ in range(4)]
     # fold_bn=False: leave BatchNorm in the model, as a user who skips the fold would.
-    return quantize(model, calib, "w8a8", progress=False, fold_bn=not batchnorm)
+    return quantize(model, calib, config, progress=False, fold_bn=not batchnorm)
 
 
 @pytest.fixture(scope="module")
@@ -99,29 +108,34 @@ def _simulate(model, x) -> np.ndarray:
         return model(x).numpy()
 
 
-def _with_ort_biases(model: nn.Module) -> nn.Module:
-    """A copy whose biases are rounded to ORT's int32 bias grid (scale = s_in * s_w)."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in (model.conv1, model.conv2, model.res1, model.res2, model.fc):
-            if layer.bias is not None:
-                step = layer.input_quantizer.scale * layer.weight_quantizer.scale
-                layer.bias.copy_(torch.round(layer.bias / step) * step)
+def _power_of_two_scales(model: nn.Module) -> nn.Module:
+    """``model`` with every scale rounded to a power of two: then each float product and sum
+    of the simulation is exact (8-bit codes, < 2**24 in every accumulator), so any runtime
+    that computes the same integers gives the same bits."""
+    for q in model.modules():
+        if isinstance(q, Quantizer) and q.mode == "static":
+            q.set_qparams(torch.exp2(torch.round(torch.log2(q.scale))), q.zero_point)
     return model
 
 
-# Golden layout: every layer reads DQ(Q(x)) and DQ(int8 W); the classifier's Q is copied
-# in front of Flatten and MaxPool so the residual Add ends in a Q; conv2's output, read
-# by res1 and by the add, has one Q.  Names: "<quantized tensor>/<op>".
+LAYERS = ("conv1", "conv2", "res1", "res2", "fc")
+
+# Golden layout: every layer reads DQ(Q(x)), DQ(int8 W) and DQ(int32 bias); the classifier's
+# Q is copied in front of Flatten and MaxPool so the residual Add ends in a Q; conv2's output,
+# read by res1 and by the add, has one Q.  Names: "<quantized tensor>/<op>".
 GOLDEN = [
     ("QuantizeLinear", "conv1.input/QuantizeLinear"), ("DequantizeLinear", "conv1.input/DequantizeLinear"),
-    ("DequantizeLinear", "conv1.weight/DequantizeLinear"), ("Conv", "/conv1/Conv"), ("Relu", "/Relu"),
+    ("DequantizeLinear", "conv1.weight/DequantizeLinear"), ("DequantizeLinear", "conv1.bias/DequantizeLinear"),
+    ("Conv", "/conv1/Conv"), ("Relu", "/Relu"),
     ("QuantizeLinear", "conv2.input/QuantizeLinear"), ("DequantizeLinear", "conv2.input/DequantizeLinear"),
-    ("DequantizeLinear", "conv2.weight/DequantizeLinear"), ("Conv", "/conv2/Conv"), ("Relu", "/Relu_1"),
+    ("DequantizeLinear", "conv2.weight/DequantizeLinear"), ("DequantizeLinear", "conv2.bias/DequantizeLinear"),
+    ("Conv", "/conv2/Conv"), ("Relu", "/Relu_1"),
     ("QuantizeLinear", "res1.input/QuantizeLinear"), ("DequantizeLinear", "res1.input/DequantizeLinear"),
-    ("DequantizeLinear", "res1.weight/DequantizeLinear"), ("Conv", "/res1/Conv"), ("Relu", "/Relu_2"),
+    ("DequantizeLinear", "res1.weight/DequantizeLinear"), ("DequantizeLinear", "res1.bias/DequantizeLinear"),
+    ("Conv", "/res1/Conv"), ("Relu", "/Relu_2"),
     ("QuantizeLinear", "res2.input/QuantizeLinear"), ("DequantizeLinear", "res2.input/DequantizeLinear"),
-    ("DequantizeLinear", "res2.weight/DequantizeLinear"), ("Conv", "/res2/Conv"),
+    ("DequantizeLinear", "res2.weight/DequantizeLinear"), ("DequantizeLinear", "res2.bias/DequantizeLinear"),
+    ("Conv", "/res2/Conv"),
     ("QuantizeLinear", "add.a/QuantizeLinear"), ("DequantizeLinear", "add.a/DequantizeLinear"),
     ("Add", "/add/Add"), ("Relu", "/Relu_3"),
     ("QuantizeLinear", "fc.input/QuantizeLinear@/Flatten@/MaxPool"),
@@ -150,38 +164,78 @@ def test_every_layer_runs_as_an_integer_kernel(cnn_onnx):
     assert report.integer_fraction == 1.0
 
 
+def _one_classifier_step(cnn) -> np.ndarray:
+    """How far output i moves when every classifier input code is off by one: s_in * ||W_i||_1."""
+    fc = cnn.fc
+    w = fake_quantize(fc.weight.detach(), fc.weight_quantizer.scale, fc.weight_quantizer.zero_point,
+                      fc.weight_quantizer.spec).numpy()
+    return float(fc.input_quantizer.scale) * np.abs(w).sum(axis=1)
+
+
 def test_ort_agrees_with_the_simulation(cnn, cnn_onnx):
     x = torch.randn(512, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     got = _ort(cnn_onnx).run(None, {"input": x.numpy()})[0]
     want = _simulate(cnn, x)
     diff = np.abs(got - want)
-    # A classifier input code off by one moves output i by s_in * |w_ij|; "one step on
-    # every input" is s_in * ||W_i||_1.  Measured max 0.041 of that (0.19 % of the range).
-    fc = cnn.fc
-    w = fake_quantize(fc.weight.detach(), fc.weight_quantizer.scale, fc.weight_quantizer.zero_point,
-                      fc.weight_quantizer.spec).numpy()
-    one_step = float(fc.input_quantizer.scale) * np.abs(w).sum(axis=1)
-    assert (diff / one_step).max() < 0.1
-    assert diff.max() < 0.005 * np.ptp(want)
+    # Rows without a rounding tie: float noise of the rescale only (measured <= 2.4e-7 on
+    # 99.2 % of rows).  A tie (see the module docstring) costs one code of some activation:
+    # measured max 0.02 of one step on every classifier input.
+    assert (diff.max(axis=1) <= 5e-7).mean() >= 0.98
+    assert (diff / _one_classifier_step(cnn)).max() < 0.1
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
-
-
-def test_ort_is_exact_up_to_bias_rounding(cnn, cnn_onnx):
-    x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    got = _ort(cnn_onnx).run(None, {"input": x.numpy()})[0]
-    want = _simulate(_with_ort_biases(cnn), x)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)  # measured 2.7e-7
 
 
 def test_reference_evaluator_matches_the_simulation(cnn, cnn_onnx):
     model = onnx.load(cnn_onnx)
     onnx.checker.check_model(model, full_check=True)
-    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     got = ReferenceEvaluator(model).run(None, {"input": x.numpy()})[0]
-    # Same Q/DQ arithmetic as the simulation; the classifier's bias is stored as int32
-    # (ORT needs that to fuse a Gemm without an output Q), off by at most half a step.
-    half_bias_step = 0.5 * float(cnn.fc.input_quantizer.scale) * cnn.fc.weight_quantizer.scale.numpy()
-    assert np.all(np.abs(got - _simulate(cnn, x)) <= half_bias_step + 1e-6)
+    diff = np.abs(got - _simulate(cnn, x))
+    # Same Q/DQ arithmetic and the same int32 biases: float noise (measured <= 2.7e-7) except
+    # where float summation order decides a rounding tie (0.2 % of rows over 512 inputs).
+    assert (diff.max(axis=1) <= 5e-7).mean() >= 0.95
+    assert (diff / _one_classifier_step(cnn)).max() < 0.1
+
+
+PER_TENSOR_WEIGHTS = dataclasses.replace(
+    W8A8, name="w8a8-per-tensor-weights",
+    default=dataclasses.replace(W8A8.default, weight=TensorQuant(spec=INT8_WEIGHT_PER_TENSOR)))
+
+
+@pytest.mark.parametrize("config", [W8A8, PER_TENSOR_WEIGHTS], ids=["per-channel", "per-tensor"])
+def test_with_exact_float_arithmetic_ort_and_the_reference_are_bit_exact(config, tmp_path):
+    # Power-of-two scales take float rounding out of the simulation, so any difference
+    # left would be a different computation: a bias off its grid, a wrong scale or code.
+    qmodel = _power_of_two_scales(_quantized_cnn(config=config))
+    path = tmp_path / "pow2.onnx"
+    model = export_onnx(qmodel, path, torch.randn(2, 3, 8, 8))
+    report = inspect_onnx(path)
+    assert report.op_counts.get("QLinearConv") == 4 and report.float_compute_nodes == [], report
+    x = torch.randn(2048, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    want = _simulate(qmodel, x)
+    np.testing.assert_array_equal(_ort(path).run(None, {"input": x.numpy()})[0], want)
+    np.testing.assert_array_equal(ReferenceEvaluator(model).run(None, {"input": x[:64].numpy()})[0], want[:64])
+
+
+def test_biases_are_the_simulations_int32_codes(cnn, cnn_onnx):
+    model = onnx.load(cnn_onnx)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers = {i: n for n in model.graph.node for i in n.input}
+    for name in LAYERS:
+        layer = getattr(cnn, name)
+        codes, scale = inits[f"{name}.bias_quantized"], inits[f"{name}.bias_scale"]
+        step = layer.input_quantizer.scale * layer.weight_quantizer.scale  # float32, (C_out,)
+        assert codes.dtype == np.int32 and scale.dtype == np.float32
+        np.testing.assert_array_equal(scale, step.numpy())  # the simulation's own product, bit for bit
+        np.testing.assert_array_equal(codes, torch.round(layer.bias.detach() / step).numpy())  # half to even
+        zero_point = inits[f"{name}.bias_zero_point"]
+        assert zero_point.dtype == np.int32 and zero_point.shape == scale.shape and not zero_point.any()
+        dq = readers[f"{name}.bias_quantized"]
+        assert dq.op_type == "DequantizeLinear" and [a.i for a in dq.attribute if a.name == "axis"] == [0]
+        assert readers[dq.output[0]].input[2] == dq.output[0]  # the Conv / Gemm's bias input
+        np.testing.assert_array_equal(codes.astype(np.float32) * scale, layer._quant_bias().detach().numpy())
+    assert not [k for k, v in inits.items() if k.endswith(".bias") or (v.dtype == np.float32 and "bias" in k
+                                                                      and not k.endswith("_scale"))]
 
 
 def test_weights_are_int8_initializers_with_per_channel_dq(cnn_onnx):
@@ -257,8 +311,9 @@ def test_batchnorm_after_a_quantized_conv_still_fuses(tmp_path):
     x = torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(6))
     got = _ort(path).run(None, {"input": x.numpy()})[0]
     want = _simulate(qmodel, x)
-    # BN now lives in the weight scale (s * gamma / sigma) and the folded bias, which ORT
-    # rounds to int32: same size of difference as without BN (measured 0.16 % of the range).
+    # BN now lives in the weight scale (s * gamma / sigma) and the folded bias k * b + shift,
+    # which lies on no int32 grid (the simulation applies BN in float): export writes it as
+    # a float and ORT rounds it to s_in * s_w * |k| (measured 0.16 % of the range).
     assert np.abs(got - want).max() < 0.005 * np.ptp(want)
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
 

@@ -11,6 +11,11 @@ integers, which fits a symmetric grid), and the bias becomes
 ``k * (b - mean) + beta``.  Up to float re-association the result is the same
 number; a later lowbit pass folds BN before quantization anyway, this keeps
 models that skipped it fusible.
+
+A bias stored as ``DQ(int32)`` (the simulation's bias, on the grid ``s_in * s_w``)
+is read as the float it dequantizes to; the folded bias ``k * b + shift`` lies on
+no integer grid (the simulation applies BN in float), so it is written as a float
+and ONNX Runtime rounds it to its int32 grid ``s_in * s_w * |k|`` when it fuses.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import onnx
 
 from ._graph import Graph, attr, set_attr
+from ._passes import const_dq
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +56,27 @@ def _conv_with_dq_weight(g: Graph, bn: onnx.NodeProto):
     return conv, dq
 
 
+def _conv_bias(g: Graph, conv: onnx.NodeProto, channels: int) -> np.ndarray | None:
+    """The Conv's bias as float32 ``(channels,)``: a float initializer or ``DQ(int32)`` of one;
+    zeros without a bias; None if it is computed at run time."""
+    if len(conv.input) < 3 or not conv.input[2]:
+        return np.zeros(channels, np.float32)
+    if g.is_const(conv.input[2]):
+        return g.const(conv.input[2]).astype(np.float32)
+    dq = const_dq(g, conv.input[2])
+    if dq is None or g.const(dq.input[0]).ndim != 1:
+        return None
+    q, scale = g.const(dq.input[0]), g.const(dq.input[1])
+    zp = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros((), q.dtype)
+    # DequantizeLinear's arithmetic (bias scales are () or (C_out,), along axis 0).
+    return ((q.astype(np.float32) - zp.astype(np.float32)) * scale).astype(np.float32)
+
+
 def _foldable(g: Graph, conv, dq, k: np.ndarray) -> str | None:
     """Why this Conv/BN pair cannot fold, or None if it can."""
     q, scale = g.const(dq.input[0]), g.const(dq.input[1])
+    if _conv_bias(g, conv, q.shape[0]) is None:
+        return "the Conv's bias is not a constant"
     zp = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros((), q.dtype)
     if scale.ndim == 1 and attr(dq, "axis", 1) % q.ndim != 0:
         return "the weight scale is per-channel along an axis other than the output channels"
@@ -101,8 +125,7 @@ def _fold_one(g: Graph, conv, dq, bn, k: np.ndarray, shift: np.ndarray) -> None:
     else:
         dq.input.append(zero_name)
     set_attr(dq, "axis", 0)
-    bias = g.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels, np.float32)
-    new_bias = (bias.astype(np.float32) * k + shift).astype(np.float32)
+    new_bias = (_conv_bias(g, conv, channels) * k + shift).astype(np.float32)
     bias_name = g.add_const(f"{conv.name or 'conv'}_bias_bn", new_bias)
     if len(conv.input) > 2:
         conv.input[2] = bias_name

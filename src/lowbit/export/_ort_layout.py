@@ -9,15 +9,6 @@ Q only through whatever sits between; these passes close the gaps exactly:
   (monotone, elementwise) quantizer and ``Q(DQ(Q(x))) == Q(x)``, so the values
   are unchanged, and the producer (a residual Add, a Conv) now ends in a Q.
   ORT then runs the data-movement op on int8 (it drops DQ/Q around it).
-* ``quantize_gemm_bias``: ORT fuses ``DQ -> Gemm`` without an output Q into QGemm
-  (float output) only when the bias is itself ``DQ(int32)`` -- with a float bias
-  it leaves a float Gemm (a classifier head is the usual case).  So such a Gemm's
-  bias is stored as ORT's own quantizer stores it: ``int32 = round(b / (x_scale *
-  w_scale))``, per output channel.  Gemms that reach a Q (directly or through
-  Relu / Clip) keep a float bias: ORT fuses those with a float bias, or -- behind
-  a Relu / Clip it cannot drop -- not at all.  This is the one pass that changes
-  numbers: by at most half a bias step, ``0.5 * x_scale * w_scale``, which ORT's
-  integer kernel rounds to anyway.
 * ``dynamic_to_matmul_integer``: dynamic-activation matmuls in the operator form
   ORT's ``quantize_dynamic`` writes, which ORT fuses into DynamicQuantizeMatMul.
 """
@@ -72,60 +63,6 @@ def propagate_q_backward(g: Graph) -> int:
         pending.append(new_q)
         inserted += 1
     return inserted
-
-
-def _dq_scale(g: Graph, name: str) -> np.ndarray | None:
-    """Scale of the static DequantizeLinear producing ``name`` (None if not one)."""
-    dq = g.producer(name)
-    if dq is None or dq.op_type != "DequantizeLinear" or not g.is_const(dq.input[1]):
-        return None
-    return g.const(dq.input[1])
-
-
-def _reaches_q(g: Graph, name: str) -> bool:
-    """True if ``name`` flows into a QuantizeLinear, directly or through a chain of Relu / Clip."""
-    while True:
-        user = g.sole_consumer(name)
-        if user is None:
-            return False
-        if user.op_type == "QuantizeLinear":
-            return True
-        if user.op_type not in ("Relu", "Clip"):
-            return False
-        name = user.output[0]
-
-
-def quantize_gemm_bias(g: Graph) -> int:
-    """Store the float bias of ``Gemm(DQ(x), DQ(W), b)`` without an output Q as ``DQ(int32)``."""
-    done = 0
-    for gemm in g.nodes("Gemm"):
-        if len(gemm.input) < 3 or not g.is_const(gemm.input[2]) or _reaches_q(g, gemm.output[0]):
-            continue
-        x_scale, w_scale = _dq_scale(g, gemm.input[0]), _dq_scale(g, gemm.input[1])
-        bias = g.const(gemm.input[2])
-        w_dq = g.producer(gemm.input[1])
-        if x_scale is None or w_scale is None or x_scale.ndim != 0 or bias.ndim != 1 or not g.is_const(w_dq.input[0]):
-            continue
-        if attr(gemm, "alpha", 1.0) != 1.0 or attr(gemm, "beta", 1.0) != 1.0 or attr(gemm, "transA", 0):
-            continue
-        if w_scale.ndim == 1 and attr(w_dq, "axis", 1) != (0 if attr(gemm, "transB", 0) else 1):
-            continue  # the weight's channels are not the output columns
-        bias_scale = (np.broadcast_to(x_scale * w_scale, bias.shape)).astype(np.float32)
-        if np.any(bias_scale <= 0):
-            continue
-        info = np.iinfo(np.int32)
-        ints = np.clip(np.rint(bias.astype(np.float64) / bias_scale), info.min, info.max).astype(np.int32)
-        base = gemm.input[2]
-        q_name = g.add_const(f"{base}_quantized", ints)
-        s_name = g.add_const(f"{base}_quantized_scale", bias_scale)
-        z_name = g.add_const(f"{base}_quantized_zero_point", np.zeros(bias.shape, np.int32))
-        out = g.unique_name(f"{base}_dequantized")
-        dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], axis=0,
-                              name=g.unique_name(f"{base}/DequantizeLinear"))
-        gemm.input[2] = out
-        g.replace_node(gemm, [dq, gemm])
-        done += 1
-    return done
 
 
 def _dynamic_source(g: Graph, name: str) -> list[str] | None:

@@ -13,7 +13,8 @@ exact (it changes no output bit, up to float re-association noted per pass):
                          by two quantized layers has one Q and its producer can fuse.
 
 Passes that follow ONNX Runtime's fusion rules live in ``_ort_layout`` (Q placement,
-Gemm biases, dynamic matmuls) and ``_bn_fold`` (BatchNorm after a quantized Conv).
+dynamic matmuls) and ``_bn_fold`` (BatchNorm after a quantized Conv).  Biases need no
+pass: export writes each one as the simulation computes it (``_symbolic._BiasDQ``).
 """
 
 from __future__ import annotations

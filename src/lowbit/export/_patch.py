@@ -2,9 +2,11 @@
 
 ``export_mode(model)`` is a context manager that, for the duration of one trace,
 sets an instance-level ``forward`` on each ``Quantizer`` (and on each
-``QuantEmbedding`` with a quantized table) and removes it afterwards.  Instance
-attributes, not class patches: another model being run or exported in another
-thread is untouched, and nothing in ``lowbit.nn`` needs an export switch.
+``QuantEmbedding`` with a quantized table), and an instance-level ``_quant_bias``
+on each layer whose simulation rounds its bias to the int32 grid, and removes
+them afterwards.  Instance attributes, not class patches: another model being
+run or exported in another thread is untouched, and nothing in ``lowbit.nn``
+needs an export switch.
 
 Every check that can fail runs *before* tracing, so an unsupported spec is
 reported with the quantizer's name and the fix, not as a tracer stack trace.
@@ -19,11 +21,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..nn.modules import QuantEmbedding, has_quantizers
+from ..nn.modules import QuantEmbedding, has_quantizers, is_quantized
 from ..nn.quantizer import Quantizer
 from ..numerics import QuantSpec, compute_qparams, quantize, tensor_minmax
 from . import _symbolic
-from ._symbolic import QParams
+from ._symbolic import BiasParams, QParams
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,42 @@ def _embedding_forward(m: QuantEmbedding):
     return forward
 
 
+def _bias_name(layer: nn.Module) -> str:
+    wq = layer.weight_quantizer.name  # "<layer>.weight", as quantize names it
+    return f"{wq.removesuffix('.weight')}.bias"
+
+
+def _bias_params(layer: nn.Module) -> BiasParams | None:
+    """The int32 bias of a layer whose simulation rounds its bias, or None where it stays float.
+
+    ``_QuantMixin._quant_bias`` decides (it returns the ``bias`` Parameter itself when the
+    bias stays float), so the file follows the simulation by construction; the integers
+    are recomputed with the same float32 operations and checked against its value."""
+    if isinstance(layer, QuantEmbedding) or getattr(layer, "bias", None) is None:
+        return None
+    with torch.no_grad():
+        simulated = type(layer)._quant_bias(layer)  # the class's method, never an earlier patch
+        if simulated is layer.bias:
+            return None
+        b = layer.bias.detach()
+        step = (layer.input_quantizer.scale * layer.weight_quantizer.scale).to(b.dtype)  # () or (C_out,)
+        ints = torch.round(b / step)
+        # float64 clamp: float32 cannot hold 2**31 - 1 (it rounds up to 2**31, which overflows int32).
+        quantized = ints.double().clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    if not torch.equal(quantized.to(step.dtype) * step, simulated):
+        raise RuntimeError(f"{_bias_name(layer)}: export's int32 bias differs from the simulation's; "
+                           "lowbit.export and _QuantMixin._quant_bias disagree on the bias grid (a lowbit bug)")
+    return BiasParams(name=_bias_name(layer), quantized=quantized, scale=step.float().clone())
+
+
+def _bias_forward(layer: nn.Module):
+    """The export-time ``_quant_bias`` of one layer, or None to keep its own (float bias)."""
+    params = _bias_params(layer) if is_quantized(layer) else None
+    if params is None:
+        return None
+    return lambda: _symbolic.bias_dq(layer.bias, params)
+
+
 def _weight_owners(model: nn.Module) -> dict[int, nn.Module]:
     """id(weight quantizer) -> the layer whose ``weight`` it quantizes."""
     owners = {}
@@ -154,29 +192,32 @@ def export_mode(model: nn.Module) -> Iterator[int]:
         ...     torch.onnx.export(qmodel, (x,), f, dynamo=False)
     """
     weight_of = _weight_owners(model)
-    patches: list[tuple[nn.Module, object]] = []
+    patches: list[tuple[nn.Module, str, object]] = []  # (module, attribute, its previous instance value)
     hooks = []
+
+    def patch(module: nn.Module, attribute: str, value) -> None:
+        if value is not None:
+            patches.append((module, attribute, module.__dict__.get(attribute)))
+            setattr(module, attribute, value)
+
     try:
         for module in model.modules():
             if _has_extra_state(module):
                 hooks.append(module.register_state_dict_post_hook(_drop_extra_state))
         for module in model.modules():
             if isinstance(module, Quantizer):
-                forward = _quantizer_forward(module, weight_of)
+                patch(module, "forward", _quantizer_forward(module, weight_of))
             elif isinstance(module, QuantEmbedding):
-                forward = _embedding_forward(module)
-            else:
-                continue
-            if forward is not None:
-                patches.append((module, module.__dict__.get("forward")))
-                module.forward = forward
-        log.debug("export mode: %d quantizers / embeddings emit Q/DQ", len(patches))
+                patch(module, "forward", _embedding_forward(module))
+            elif is_quantized(module):
+                patch(module, "_quant_bias", _bias_forward(module))
+        log.debug("export mode: %d quantizers / embeddings / biases emit Q/DQ", len(patches))
         yield len(patches)
     finally:
         for hook in hooks:
             hook.remove()
-        for module, previous in reversed(patches):
+        for module, attribute, previous in reversed(patches):
             if previous is None:
-                module.__dict__.pop("forward", None)
+                module.__dict__.pop(attribute, None)
             else:
-                module.forward = previous
+                setattr(module, attribute, previous)

@@ -7,6 +7,7 @@ ONNX exporter which ONNX nodes stand for them:
 
     _QDQ         x -> [Clip] -> QuantizeLinear -> DequantizeLinear   (static activations)
     _WeightDQ    int8 constant -> DequantizeLinear                   (weights: never a float copy)
+    _BiasDQ      int32 constant -> DequantizeLinear                  (biases on the s_in * s_w grid)
     _DynamicQDQ  x -> DynamicQuantizeLinear -> DequantizeLinear      (dynamic activations)
     _EmbeddingDQ int8 table -> Gather -> dequantize the gathered rows
 
@@ -135,6 +136,39 @@ class _WeightDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point, lowbit_node_s=p.name, **_axis_kw(axis))
 
 
+@dataclass(frozen=True, eq=False)
+class BiasParams:
+    """Export-time constants of a bias stored on the int32 grid of scale ``s_in * s_w``.
+
+    Attributes:
+        name: the bias's name, e.g. ``"fc.bias"`` (names the ONNX constants).
+        quantized: int32, shape ``(C_out,)``: ``clamp(round(b / scale))``.
+        scale: float32, shape ``()`` (per-tensor weight) or ``(C_out,)`` (per-channel weight).
+    """
+
+    name: str
+    quantized: torch.Tensor
+    scale: torch.Tensor
+
+
+class _BiasDQ(torch.autograd.Function):
+    """A bias as an int32 constant and its DequantizeLinear (zero-point 0, axis 0 per channel):
+    the layout ONNX Runtime's ``quantize_static`` writes and fuses into QLinearConv / QGemm."""
+
+    @staticmethod
+    def forward(ctx, b, p: BiasParams):
+        # int32 -> float32 is exact for every value the simulation's float32 rounding can give.
+        return (p.quantized.to(p.scale.dtype) * p.scale).to(b.dtype)
+
+    @staticmethod
+    def symbolic(g, b, p: BiasParams):
+        q = _const(g, p.quantized, f"{p.name}_quantized")
+        scale = _const(g, p.scale, f"{p.name}_scale")
+        zero_point = _const(g, torch.zeros(p.scale.shape, dtype=torch.int32), f"{p.name}_zero_point")
+        axis = None if p.scale.dim() == 0 else 0
+        return g.op("DequantizeLinear", q, scale, zero_point, lowbit_node_s=p.name, **_axis_kw(axis))
+
+
 class _DynamicQDQ(torch.autograd.Function):
     """Dynamic uint8 activation: DynamicQuantizeLinear -> DequantizeLinear.
 
@@ -198,6 +232,11 @@ def weight_dq(w: torch.Tensor, p: QParams) -> torch.Tensor:
     """DQ of a weight stored as an integer constant."""
     axis = None if p.spec.granularity == "tensor" else p.spec.resolved_axis(w.dim(), p.name)
     return _WeightDQ.apply(w, p, axis)
+
+
+def bias_dq(b: torch.Tensor, p: BiasParams) -> torch.Tensor:
+    """DQ of a bias stored as an int32 constant."""
+    return _BiasDQ.apply(b, p)
 
 
 def dynamic_qdq(x: torch.Tensor, quantizer, name: str) -> torch.Tensor:

@@ -10,10 +10,14 @@ groups into integer kernels):
   MaxPool / Flatten / Reshape, in front of which export copies the Q (exact);
 * each weight becomes an int8 initializer -> ``DequantizeLinear`` (per output
   channel: ``axis=0`` for Conv / Gemm, ``axis=1`` after folding the transpose of
-  a MatMul weight).  Biases stay float: ORT quantizes them to int32 with scale
-  ``x_scale * w_scale`` when it fuses.  The exception is a Gemm whose output is
-  not quantized (a classifier head), which ORT fuses only with a ``DQ(int32)``
-  bias, so export writes the bias the way ORT's own quantizer does;
+  a MatMul weight);
+* the bias of a layer whose input (per tensor) and weight are statically quantized
+  becomes an int32 initializer -> ``DequantizeLinear`` with scale ``x_scale * w_scale``
+  (per output channel: ``axis=0``), exactly the value the simulation adds (see
+  ``_QuantMixin._quant_bias``) and the layout ORT's own ``quantize_static`` writes;
+  ORT fuses it into QLinearConv / QGemm (a Gemm without an output Q fuses only with
+  such a bias).  Other biases (dynamic inputs, weight-only layers) stay float, as
+  in the simulation;
 * dynamic activations become ``DynamicQuantizeLinear``; where they feed a Linear,
   export writes ORT's ``quantize_dynamic`` form, ``MatMulInteger -> Cast -> Mul
   [-> Add bias]``, which ORT fuses into DynamicQuantizeMatMul for any input rank;
@@ -115,7 +119,6 @@ def _postprocess(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         "Q copied before data movement": _ort_layout.propagate_q_backward(g),
         "merged duplicate Q/DQ (after copies)": _passes.dedupe_qdq(g),
         "dynamic matmuls -> MatMulInteger": _ort_layout.dynamic_to_matmul_integer(g),
-        "int32 Gemm biases": _ort_layout.quantize_gemm_bias(g),
     }
     g.prune()
     g.commit()

@@ -28,6 +28,15 @@ class TensorQuant:
     observer_options: tuple[tuple[str, object], ...] = ()
     dynamic: bool = False
 
+    def __post_init__(self) -> None:
+        from ..observers import OBSERVERS
+
+        if not isinstance(self.spec, QuantSpec):
+            raise TypeError(f"TensorQuant.spec must be a QuantSpec, got {type(self.spec).__name__}; "
+                            "use lowbit.numerics.get_spec(name) for a preset name")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"TensorQuant.observer {self.observer!r} is unknown; kinds: {', '.join(OBSERVERS)}")
+
     def make(self, name: str) -> Quantizer:
         return Quantizer(
             self.spec,
@@ -64,14 +73,43 @@ class _QuantMixin:
     def _quant_weight(self):
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
+    def _quant_bias(self):
+        """The bias on the int32 grid of scale ``s_input * s_weight``, as integer runtimes
+        store it (ONNX Runtime's QLinearConv / QGemm); float when either scale is not fixed.
+
+        Returns the ``bias`` Parameter itself exactly when the bias stays float: export
+        (``lowbit.export._patch``) relies on that to write an int32 bias where, and only
+        where, the simulation rounds it."""
+        b, iq, wq = self.bias, self.input_quantizer, self.weight_quantizer
+        if b is None or iq is None or wq is None:
+            return b
+        if iq.mode != "static" or wq.mode != "static" or not (iq.is_frozen and wq.is_frozen):
+            return b
+        if iq.spec.granularity != "tensor" or wq.spec.granularity == "group":
+            return b
+        if wq.spec.granularity == "channel" and wq.spec.resolved_axis(self.weight.dim(), wq.name) != 0:
+            return b  # scales along the summed axis: the accumulator has no single scale per output
+        step = (iq.scale * wq.scale).to(b.dtype)  # () * (C_out,) or ()
+        rounded = torch.clamp(torch.round(b / step), -(2**31), 2**31 - 1) * step
+        # Straight-through (the bias still trains in QAT), with the value exactly `rounded`:
+        # b - b.detach() is 0, whereas b + (rounded - b) loses bits when the clamp bites.
+        return rounded.detach() + (b - b.detach())
+
     def _quant_output(self, y):
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
+    def __init__(self, *args, **kwargs) -> None:
+        raise TypeError(f"build a {type(self).__name__} from a float layer: "
+                        f"{type(self).__name__}.from_float(layer, name=..., weight=..., input=...)")
+
     @classmethod
     def from_float(cls, module, *, name, weight=None, input=None, output=None):
-        """Wrap ``module`` (its parameters are shared, not copied)."""
+        """Wrap ``module`` (its parameters are shared, not copied; hooks are not carried over)."""
         qmod = cls.__new__(cls)
-        qmod.__dict__.update(module.__dict__)
+        nn.Module.__init__(qmod)  # fresh hook and state dicts of its own
+        for key, value in module.__dict__.items():
+            if key not in qmod.__dict__ or key == "training":
+                qmod.__dict__[key] = value
         qmod._parameters = dict(module._parameters)
         qmod._buffers = dict(module._buffers)
         qmod._modules = dict(module._modules)
@@ -94,21 +132,21 @@ class QuantLinear(_QuantMixin, nn.Linear):
     _float_type = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant_output(F.linear(self._quant_input(x), self._quant_weight(), self.bias))
+        return self._quant_output(F.linear(self._quant_input(x), self._quant_weight(), self._quant_bias()))
 
 
 class QuantConv1d(_QuantMixin, nn.Conv1d):
     _float_type = nn.Conv1d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias))
+        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self._quant_bias()))
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     _float_type = nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias))
+        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self._quant_bias()))
 
 
 class QuantEmbedding(_QuantMixin, nn.Embedding):

@@ -20,8 +20,11 @@ def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, floa
     if ref.shape != cand.shape:
         raise ValueError(f"output shapes differ: reference {tuple(ref.shape)} vs candidate {tuple(cand.shape)}")
     flat_r, flat_c = ref.reshape(ref.shape[0], -1), cand.reshape(cand.shape[0], -1)
+    cosine = F.cosine_similarity(flat_r, flat_c, dim=1, eps=1e-12)
+    # Two all-zero samples are identical: count them as cosine 1, not 0.
+    both_zero = (flat_r.abs().amax(1) == 0) & (flat_c.abs().amax(1) == 0)
     out = {
-        "cosine": F.cosine_similarity(flat_r, flat_c, dim=1, eps=1e-12).mean().item(),
+        "cosine": torch.where(both_zero, torch.ones_like(cosine), cosine).mean().item(),
         "max_abs_diff": (ref - cand).abs().max().item(),
     }
     if ref.dim() == 2 and ref.shape[1] > 1:

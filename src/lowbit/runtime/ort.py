@@ -37,6 +37,8 @@ class OrtModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        if optimization not in levels:
+            raise ValueError(f"optimization must be one of {', '.join(levels)}; got {optimization!r}")
         opts.graph_optimization_level = levels[optimization]
         opts.log_severity_level = 3
         self.path = Path(path)
