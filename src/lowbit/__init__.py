@@ -18,16 +18,16 @@ from .report import compare
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize",
+    "CONFIGS",
+    "LayerQuant",
+    "QuantConfig",
+    "QuantSpec",
+    "Rule",
+    "TensorQuant",
+    "compare",
     "export_onnx",
     "inspect_onnx",
-    "compare",
-    "QuantConfig",
-    "LayerQuant",
-    "TensorQuant",
-    "Rule",
-    "QuantSpec",
-    "CONFIGS",
     "numerics",
     "observers",
+    "quantize",
 ]

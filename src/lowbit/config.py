@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from torch import nn
 
 from .nn.modules import TensorQuant
-from .numerics import INT8_WEIGHT, QuantSpec, UINT8_ACTIVATION
+from .numerics import INT8_WEIGHT, UINT8_ACTIVATION, QuantSpec
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -82,15 +82,15 @@ class QuantConfig:
                 return rule.layer, f"rule {rule.pattern!r}"
         return self.default, "default"
 
-    def with_rules(self, *rules: Rule) -> "QuantConfig":
+    def with_rules(self, *rules: Rule) -> QuantConfig:
         """A copy with ``rules`` taking precedence over the existing ones."""
         return dataclasses.replace(self, rules=tuple(rules) + self.rules)
 
-    def skip(self, *patterns: str) -> "QuantConfig":
+    def skip(self, *patterns: str) -> QuantConfig:
         """A copy that keeps layers matching ``patterns`` in float."""
         return self.with_rules(*(Rule(pattern=p, layer=None) for p in patterns))
 
-    def with_observer(self, observer: str, *, role: str = "input", **options) -> "QuantConfig":
+    def with_observer(self, observer: str, *, role: str = "input", **options) -> QuantConfig:
         """A copy whose ``role`` tensors (input/weight/output) use ``observer`` for calibration."""
 
         def change(layer: LayerQuant | None) -> LayerQuant | None:
@@ -108,7 +108,7 @@ class QuantConfig:
         return {"format": "lowbit.QuantConfig", "version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "QuantConfig":
+    def from_dict(cls, data: Mapping) -> QuantConfig:
         data = dict(data)
         if data.pop("format", None) != "lowbit.QuantConfig":
             raise ValueError("not a lowbit QuantConfig recipe (missing format: lowbit.QuantConfig)")

@@ -12,7 +12,7 @@ from lowbit.config import LayerQuant, QuantConfig
 from lowbit.nn.modules import TensorQuant
 from lowbit.nn.quantizer import Quantizer
 from lowbit.numerics import INT4_WEIGHT, QuantSpec
-from lowbit.passes import correct_bias, fold_batchnorm
+from lowbit.passes import correct_bias
 from lowbit.passes.bias_correction import _layers
 from lowbit.ptq import quantize
 
@@ -130,17 +130,6 @@ def test_float_model_is_untouched_and_a_layer_called_twice_is_skipped():
 
 
 # -- MobileNetV2 at int4 per-channel weights, on real photos ---------------------------------
-
-@pytest.fixture(scope="module")
-def folded():
-    from lowbit.zoo import mobilenet_v2
-
-    try:
-        model = mobilenet_v2(pretrained=True)
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    return fold_batchnorm(model)[0]
-
 
 def test_mobilenet_v2_int4_weights_get_closer_to_fp32(folded):
     pytest.importorskip("skimage")

@@ -14,7 +14,7 @@ from torch import nn
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.nn.modules import TensorQuant
 from lowbit.numerics import INT8_WEIGHT_PER_TENSOR
-from lowbit.passes import cross_layer_equalize, fold_batchnorm
+from lowbit.passes import cross_layer_equalize
 from lowbit.passes.equalize import _in_ranges, _out_ranges
 from lowbit.ptq import quantize
 
@@ -152,17 +152,6 @@ def test_bad_arguments_name_the_fix():
 
 
 # -- MobileNetV2 with its ImageNet weights, on real photos ------------------------------------
-
-@pytest.fixture(scope="module")
-def folded():
-    from lowbit.zoo import mobilenet_v2
-
-    try:
-        model = mobilenet_v2(pretrained=True)
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    return fold_batchnorm(model)[0]
-
 
 @pytest.fixture(scope="module")
 def equalized(folded):

@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.numerics import INT8_WEIGHT, UINT8_ACTIVATION, QuantSpec, compute_qparams, fake_quantize, tensor_minmax
+from lowbit.numerics import (
+    INT8_WEIGHT,
+    UINT8_ACTIVATION,
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    tensor_minmax,
+)
 from lowbit.observers import make_observer
 
 log = logging.getLogger("lowbit.demo")

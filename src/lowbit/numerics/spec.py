@@ -14,9 +14,10 @@ layout of scale and zero-point follows ONNX QuantizeLinear (opset 21):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 
@@ -160,7 +161,7 @@ class QuantSpec:
             where = f"group(axis={self.axis}, size={self.group_size})"
         return f"{kind} {mode}{narrow} {where}"
 
-    def replace(self, **changes) -> "QuantSpec":
+    def replace(self, **changes) -> QuantSpec:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -168,7 +169,7 @@ class QuantSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "QuantSpec":
+    def from_dict(cls, data: Mapping) -> QuantSpec:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"QuantSpec: unknown field(s) {sorted(unknown)}")

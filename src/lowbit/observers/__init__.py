@@ -19,8 +19,9 @@ Example:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from ..numerics import QuantSpec
 from .base import Observer
@@ -71,13 +72,13 @@ def make_observer(kind: str, spec: QuantSpec | str, name: str = "tensor", **opti
 
 
 __all__ = [
-    "Observer",
+    "OBSERVERS",
+    "EntropyObserver",
     "HistogramObserver",
+    "MSEObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
+    "Observer",
     "PercentileObserver",
-    "MSEObserver",
-    "EntropyObserver",
-    "OBSERVERS",
     "make_observer",
 ]

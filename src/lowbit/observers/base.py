@@ -15,7 +15,8 @@ spec and its options, never on the number of batches it saw.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
 
@@ -84,7 +85,7 @@ class Observer(torch.nn.Module):
         the batch's per-row min and max (already computed, checked finite)."""
         raise NotImplementedError
 
-    def _merge_state(self, other: "Observer") -> None:
+    def _merge_state(self, other: Observer) -> None:
         """Fold the statistics of ``other`` (same class, spec, options, rows) into ``self``."""
         raise NotImplementedError
 
@@ -138,7 +139,7 @@ class Observer(torch.nn.Module):
         lo, hi = self.compute_range()
         return compute_qparams(lo, hi, self.spec, self.name)
 
-    def merge(self, other: "Observer") -> "Observer":
+    def merge(self, other: Observer) -> Observer:
         """Fold ``other``'s statistics into this observer, in place; returns ``self``.
 
         Meant for combining ranks (all-gather the states, merge them).  Merging an
@@ -258,7 +259,7 @@ class Observer(torch.nn.Module):
             )
         return rows, shape
 
-    def _check_compatible(self, other: "Observer") -> None:
+    def _check_compatible(self, other: Observer) -> None:
         same = type(other) is type(self) and other.spec == self.spec and other._options() == self._options()
         if not same:
             described = other.extra_repr() if isinstance(other, Observer) else "..."
@@ -268,7 +269,7 @@ class Observer(torch.nn.Module):
                 "class, spec and options"
             )
 
-    def _copy_state_from(self, other: "Observer") -> None:
+    def _copy_state_from(self, other: Observer) -> None:
         device = self.num_batches.device
         for name in [*self._state_names, "param_shape", "num_batches"]:
             setattr(self, name, getattr(other, name).detach().clone().to(device))

@@ -1,5 +1,5 @@
 """Layer 7 (runtime side): run and time exported models in ONNX Runtime."""
 
-from .ort import OrtModel, LatencyStats, measure_latency
+from .ort import LatencyStats, OrtModel, measure_latency
 
-__all__ = ["OrtModel", "LatencyStats", "measure_latency"]
+__all__ = ["LatencyStats", "OrtModel", "measure_latency"]
