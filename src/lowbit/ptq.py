@@ -13,7 +13,7 @@ from torch import nn
 from .config import QuantConfig, get_config
 from .nn.modules import has_quantizers
 from .nn.quantizer import Quantizer
-from .nn.swap import SwapReport, swap_modules
+from .nn.swap import SwapReport, swap_modules, swap_root
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,16 @@ def quantize(
     act = None if config.default is None else config.default.input
     if quantize_adds and act is not None and not act.dynamic:
         float_patterns = [r.pattern for r in config.rules if r.layer is None and not r.pattern.startswith("type:")]
-        qmodel, _ = passes.quantize_residual_adds(qmodel, act.spec, observer=act.observer, skip=float_patterns)
-    report = swap_modules(qmodel, config.resolve)
+        traced, adds = passes.quantize_residual_adds(qmodel, act.spec, observer=act.observer, skip=float_patterns)
+        if adds and inplace:
+            raise ValueError(
+                f"inplace=True cannot quantize the residual adds {adds[:3]}...: torch.fx rewrites the model "
+                "into a new module. Pass quantize_adds=False to keep them float, or inplace=False"
+            )
+        qmodel = traced
+    qmodel, report = swap_root(qmodel, config.resolve)
+    if report is None:
+        report = swap_modules(qmodel, config.resolve)
     if not report.quantized:
         log.warning("no layer was quantized: the config matched none of the model's Linear/Conv/Embedding layers")
     if bias_correction and calib_data is not None and iter(calib_data) is calib_data:

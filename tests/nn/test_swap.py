@@ -188,12 +188,6 @@ def test_nested_and_conv2d_layers_are_swapped_by_qualified_name():
     assert type(model[0][0]) is QuantConv2d
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a layer reachable under two names (one module registered twice) "
-    "is swapped under its first name only; the second name keeps the float layer and "
-    "appears nowhere in the SwapReport",
-)
 def test_a_layer_registered_under_two_names_is_swapped_everywhere():
     class Tied(nn.Module):
         def __init__(self):

@@ -41,8 +41,15 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
     are reported as unsupported and stay float.
     """
     report = SwapReport()
-    for name, module in list(model.named_modules()):
+    swapped: dict[int, tuple[str, nn.Module]] = {}  # id(float layer) -> (first name, quantized layer)
+    # remove_duplicate=False: a layer registered under two names is swapped under both.
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if not name or is_quantized(module):
+            continue
+        if id(module) in swapped:
+            first, qmod = swapped[id(module)]
+            _set_submodule(model, name, qmod)
+            report.quantized[name] = f"same layer as {first}"
             continue
         qtype = QUANTIZED.get(type(module))
         if qtype is None:
@@ -55,6 +62,7 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
             continue
         qmod = qtype.from_float(module, name=name, weight=layer.weight, input=layer.input, output=layer.output)
         _set_submodule(model, name, qmod)
+        swapped[id(module)] = (name, qmod)
         roles = ", ".join(f"{role} {q.spec.describe()}{' dynamic' if q.mode == 'dynamic' else ''}"
                           for role, q in qmod.quantizers())
         report.quantized[name] = f"{type(module).__name__}: {roles} ({reason})"
@@ -63,9 +71,28 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
     return report
 
 
+def swap_root(model: nn.Module, resolve) -> tuple[nn.Module, SwapReport | None]:
+    """When ``model`` itself is a quantizable layer (``quantize(nn.Linear(...))``), its
+    quantized version and a report; otherwise ``(model, None)``."""
+    qtype = QUANTIZED.get(type(model))
+    if qtype is None:
+        return model, None
+    report = SwapReport()
+    layer, reason = resolve("", model)
+    if layer is None:
+        report.skipped[""] = f"{type(model).__name__} kept in float by {reason}"
+        return model, report
+    qmod = qtype.from_float(model, name="model", weight=layer.weight, input=layer.input, output=layer.output)
+    report.quantized["model"] = f"{type(model).__name__} ({reason})"
+    return qmod, report
+
+
 def unswap_modules(model: nn.Module) -> nn.Module:
     """Inverse of ``swap_modules``: every quantized layer back to its float layer, in place."""
-    for name, module in list(model.named_modules()):
+    restored: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if name and is_quantized(module):
-            _set_submodule(model, name, module.to_float())
+            if id(module) not in restored:
+                restored[id(module)] = module.to_float()
+            _set_submodule(model, name, restored[id(module)])
     return model
