@@ -131,9 +131,10 @@ def quantize(
         equalize: cross-layer equalization (Nagel et al. 2019) before quantizing.
         equalize_relu6: let equalization cross ReLU6 by turning it into ReLU (changes
             the float model slightly; see ``lowbit.passes.cross_layer_equalize``).
-        quantize_adds: route residual ``tensor + tensor`` adds through ``QuantAdd``
-            (needs a model torch.fx can trace; otherwise adds stay float, logged),
-            so the runtime can keep them in integers.  Only with static activations.
+        quantize_adds: route residual ``tensor + tensor`` adds through ``QuantAdd`` and
+            quantize the inputs of average pools (needs a model torch.fx can trace;
+            otherwise they stay float, logged), so the runtime keeps them in integers.
+            Only with static activations.
         bias_correction: after calibration, remove each layer's mean output error
             from its bias (empirical bias correction).
         progress: show a progress bar over calibration batches.
@@ -165,6 +166,11 @@ def quantize(
                 "into a new module. Pass quantize_adds=False to keep them float, or inplace=False"
             )
         qmodel = traced
+        pooled, stubs = passes.quantize_pool_inputs(qmodel, act.spec, observer=act.observer)
+        if stubs and inplace and pooled is not qmodel:
+            raise ValueError("inplace=True cannot quantize average-pool inputs: torch.fx rewrites the model "
+                             "into a new module. Pass quantize_adds=False, or inplace=False")
+        qmodel = pooled
     qmodel, report = swap_root(qmodel, config.resolve)
     if report is None:
         report = swap_modules(qmodel, config.resolve)

@@ -27,10 +27,11 @@ def artifacts(tmp_path_factory):
 
 def test_integer_kernels_in_ort(artifacts):
     report = lowbit.inspect_onnx(artifacts["out"] / "int8.onnx")
-    assert report.op_counts.get("QLinearConv", 0) >= 51  # every conv but possibly the last 1x1
+    assert report.op_counts.get("QLinearConv", 0) == 52  # every conv
     assert report.op_counts.get("QLinearAdd", 0) == 10  # all residual adds
+    assert report.op_counts.get("QLinearGlobalAveragePool", 0) == 1
     assert report.op_counts.get("QGemm", 0) == 1  # the classifier
-    assert report.integer_fraction >= 0.95
+    assert report.integer_fraction == 1.0 and report.float_compute_nodes == []
 
 
 def test_size_on_disk(artifacts):

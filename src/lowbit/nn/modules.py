@@ -198,6 +198,22 @@ class QuantAdd(nn.Module):
         yield "b", self.b_quantizer
 
 
+class QuantStub(nn.Module):
+    """Fake-quantizes the tensor passing through it (e.g. the input of a global average pool),
+    so the runtime can keep the op that consumes it in integers."""
+
+    def __init__(self, tensor: TensorQuant, *, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.input_quantizer = tensor.make(f"{name}.input")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quantizer(x)
+
+    def quantizers(self):
+        yield "input", self.input_quantizer
+
+
 def has_quantizers(module: nn.Module) -> bool:
-    """True for any lowbit module that owns quantizers (swapped layers and QuantAdd)."""
-    return isinstance(module, (_QuantMixin, QuantAdd))
+    """True for any lowbit module that owns quantizers (swapped layers, QuantAdd, QuantStub)."""
+    return isinstance(module, (_QuantMixin, QuantAdd, QuantStub))

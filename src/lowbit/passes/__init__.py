@@ -4,6 +4,7 @@
 * ``cross_layer_equalize``: per-channel weight ranges balanced between consecutive layers
   (so per-tensor weight scales work).
 * ``quantize_residual_adds``: ``tensor + tensor`` adds routed through ``QuantAdd`` (fx).
+* ``quantize_pool_inputs``: a ``QuantStub`` before average pools, so they run in integers (fx).
 * ``correct_bias``: after quantization, the mean output error of each layer removed from its bias.
 
 Each returns ``(model, names of what it changed)`` and edits in place (``quantize_residual_adds``
@@ -24,6 +25,7 @@ and ``QuantAdd`` are opaque to them, so running a pass twice, or in another orde
 from .bias_correction import correct_bias
 from .equalize import cross_layer_equalize
 from .fold_bn import fold_batchnorm
+from .pool_inputs import quantize_pool_inputs
 from .residual_add import quantize_residual_adds
 
-__all__ = ["correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_residual_adds"]
+__all__ = ["correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_pool_inputs", "quantize_residual_adds"]
