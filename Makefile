@@ -39,7 +39,9 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test
+	$(PIP) $(FIND_LINKS) -e '.[bench]'
 	$(PY) benchmarks/bench_fake_quant.py
+	$(PY) benchmarks/bench_ptq.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
