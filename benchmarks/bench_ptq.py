@@ -251,6 +251,7 @@ def run_ort_static(w: Workload, fp32: Path, out: Path, suffix: str = "", **optio
     pre = out.with_name(out.stem + ".pre.onnx")
     start = time.perf_counter()
     quant_pre_process(str(fp32), str(pre))
+    # calibrate_method is left at its default, MinMax.
     quantize_static(
         str(pre),
         str(out),
@@ -260,12 +261,13 @@ def run_ort_static(w: Workload, fp32: Path, out: Path, suffix: str = "", **optio
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         **options,
-    )  # MinMax: default
+    )
+    extra = "".join(f", {k}={v}" for k, v in options.items())
     return Method(
         "ORT quantize_static" + suffix,
         out,
         time.perf_counter() - start,
-        note="quant_pre_process + quantize_static(QDQ, per_channel, U8 act, S8 weight, MinMax)",
+        note=f"quant_pre_process + quantize_static(QDQ, per_channel, U8 act, S8 weight, MinMax{extra})",
     )
 
 
