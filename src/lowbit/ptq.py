@@ -55,12 +55,11 @@ def calibrate(model: nn.Module, calib_data: Iterable, *, progress: bool = True) 
     for module, role, q in _quantizers(model):
         if q.mode == "dynamic" or q.observer is None:
             continue
+        q.observer.reset()
         if role == "weight":
-            q.observer.reset()
             q.observer(module.weight)
             q.freeze()
         else:
-            q.observer.reset()
             q.mode = "calibrating"
             activation.append(q)
 

@@ -135,18 +135,19 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return self._quant_output(F.linear(self._quant_input(x), self._quant_weight(), self._quant_bias()))
 
 
-class QuantConv1d(_QuantMixin, nn.Conv1d):
+class _QuantConv(_QuantMixin):
+    """Forward shared by the quantized convolutions (each float class supplies ``_conv_forward``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self._quant_bias()))
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
     _float_type = nn.Conv1d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self._quant_bias()))
 
-
-class QuantConv2d(_QuantMixin, nn.Conv2d):
+class QuantConv2d(_QuantConv, nn.Conv2d):
     _float_type = nn.Conv2d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant_output(self._conv_forward(self._quant_input(x), self._quant_weight(), self._quant_bias()))
 
 
 class QuantEmbedding(_QuantMixin, nn.Embedding):

@@ -14,6 +14,7 @@ spec and its options, never on the number of batches it saw.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ def _updating_state() -> Iterator[None]:
         yield
 
 
-class Observer(torch.nn.Module):
+class Observer(torch.nn.Module, abc.ABC):
     """Base class of the range estimators.
 
     Subclasses set ``kind`` (the registry key), register their statistics with
@@ -80,18 +81,18 @@ class Observer(torch.nn.Module):
         """Constructor options that must agree for ``merge`` and ``load_state_dict``."""
         return {}
 
+    @abc.abstractmethod
     def _update(self, rows: torch.Tensor, first: bool, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Fold ``rows`` ([n_rows, elements], float32) into the statistics; ``lo`` / ``hi`` are
         the batch's per-row min and max (already computed, checked finite)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _merge_state(self, other: Observer) -> None:
         """Fold the statistics of ``other`` (same class, spec, options, rows) into ``self``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _range_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(min, max)`` per row, float32 tensors of shape [n_rows]."""
-        raise NotImplementedError
 
     # -- public API ------------------------------------------------------------------
     @property

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ptq import run_model
 from ..runtime.ort import OrtModel, measure_latency
 from .fidelity import fidelity
 
@@ -27,14 +28,6 @@ def _slice_batch(inputs, n: int):
     if isinstance(inputs, Mapping):
         return {k: v[:n] for k, v in inputs.items()}
     return tuple(v[:n] for v in inputs)
-
-
-def _call(model, inputs):
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -122,8 +115,8 @@ def compare(
     fp32_model.eval()
     qmodel.eval()
     with torch.no_grad():
-        ref = _first_tensor(_call(fp32_model, inputs))
-        sim = _first_tensor(_call(qmodel, inputs))
+        ref = _first_tensor(run_model(fp32_model, inputs))
+        sim = _first_tensor(run_model(qmodel, inputs))
     predictors: dict[str, tuple[str, Callable, torch.Tensor, float | None]] = {
         "fp32": ("pytorch", fp32_model, ref, None),
         "quantized": ("pytorch", qmodel, sim, None),
@@ -136,9 +129,9 @@ def compare(
                 fp32_onnx = Path(tmp) / "fp32.onnx"
                 export_onnx(fp32_model, fp32_onnx, inputs)
             ort_fp32, ort_q = OrtModel(fp32_onnx, threads=max(threads)), OrtModel(onnx, threads=max(threads))
-            predictors["fp32 onnx"] = ("ort", ort_fp32, _first_tensor(_call(ort_fp32, inputs)),
+            predictors["fp32 onnx"] = ("ort", ort_fp32, _first_tensor(run_model(ort_fp32, inputs)),
                                        os.path.getsize(fp32_onnx) / 1e6)
-            predictors["quantized onnx"] = ("ort", ort_q, _first_tensor(_call(ort_q, inputs)),
+            predictors["quantized onnx"] = ("ort", ort_q, _first_tensor(run_model(ort_q, inputs)),
                                             os.path.getsize(onnx) / 1e6)
             parity = fidelity(sim, predictors["quantized onnx"][2])
             report.notes.append("Simulation vs ORT parity (quantized PyTorch vs quantized ONNX): "
@@ -148,7 +141,7 @@ def compare(
             metrics = fidelity(ref, out)
             if eval_fn is not None:
                 with torch.no_grad():
-                    user = eval_fn(lambda batch, p=predict: _first_tensor(_call(p, batch)))
+                    user = eval_fn(lambda batch, p=predict: _first_tensor(run_model(p, batch)))
                 metrics.update(user if isinstance(user, Mapping) else {"metric": float(user)})
             report.rows.append({"model": name, "where": where, "size_mb": size, "metrics": metrics})
     report.notes.append(f"Latency: ONNX Runtime CPU provider, {platform.machine()}, inter-op threads 1, "
