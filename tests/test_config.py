@@ -292,9 +292,9 @@ def test_get_config():
     custom = _custom()
     assert get_config(custom) is custom
     with pytest.raises(ValueError) as info:
-        get_config("w4a4")
+        get_config("w3a5")
     message = str(info.value)
-    assert "'w4a4'" in message
+    assert "'w3a5'" in message
     for name in CONFIGS:
         assert name in message
     with pytest.raises(ValueError, match="presets"):

@@ -2,17 +2,19 @@
 
     import lowbit
     qmodel = lowbit.quantize(model, calib_batches, config="w8a8")        # PTQ (fake-quant simulation)
+    qmodel = lowbit.prepare_qat(model, "w4a8", calib_batches)            # QAT: train it in your own loop
     lowbit.export_onnx(qmodel, "model.int8.onnx", example_inputs)        # Q/DQ ONNX for ONNX Runtime
     print(lowbit.inspect_onnx("model.int8.onnx"))                        # which kernels run in integers
     print(lowbit.compare(model, qmodel, inputs=batch, onnx="model.int8.onnx"))   # accuracy / size / latency
 """
 
-from . import numerics, observers
+from . import numerics, observers, qat
 from .config import CONFIGS, LayerQuant, QuantConfig, Rule
 from .export import export_onnx, inspect_onnx
 from .nn.modules import TensorQuant
 from .numerics import QuantSpec
 from .ptq import quantize
+from .qat import prepare_qat
 from .report import compare
 
 __version__ = "0.1.0"
@@ -29,5 +31,7 @@ __all__ = [
     "inspect_onnx",
     "numerics",
     "observers",
+    "prepare_qat",
+    "qat",
     "quantize",
 ]

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from torch import nn
 
 from .nn.modules import TensorQuant
-from .numerics import INT8_WEIGHT, UINT8_ACTIVATION, QuantSpec
+from .numerics import INT4_WEIGHT, INT8_WEIGHT, UINT4_ACTIVATION, UINT8_ACTIVATION, QuantSpec
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -181,6 +181,26 @@ W8A8_DYNAMIC = _config(QuantConfig(
 
 W8 = _config(QuantConfig(name="w8", rules=(_EMBEDDING_W8,), default=LayerQuant(weight=_INT8_W)))
 """Weight-only INT8 per channel; activations stay float."""
+
+_INT4_W = TensorQuant(spec=INT4_WEIGHT, observer="mse")
+
+W4A8 = _config(QuantConfig(
+    name="w4a8",
+    rules=(_EMBEDDING_W8,),
+    default=LayerQuant(weight=_INT4_W, input=TensorQuant(spec=UINT8_ACTIVATION, observer="mse")),
+))
+"""int4 per-channel weights (range by MSE), uint8 per-tensor activations: the usual QAT target
+(``lowbit.prepare_qat``).  Exports as int8 containers holding int4 values, so ONNX Runtime runs
+it on its int8 kernels with the 4-bit grid's accuracy."""
+
+W4A4 = _config(QuantConfig(
+    name="w4a4",
+    rules=(_EMBEDDING_W8,),
+    default=LayerQuant(weight=_INT4_W, input=TensorQuant(spec=UINT4_ACTIVATION, observer="mse")),
+))
+"""int4 per-channel weights and uint4 per-tensor activations: aggressive, for QAT.  ONNX Runtime
+has no 4-bit activation kernels: export clips to the 4-bit range before each QuantizeLinear,
+which keeps the numbers exact but leaves the clipped layers in float there."""
 
 CONFIGS: Mapping[str, QuantConfig] = MappingProxyType(_CONFIGS)
 """Preset configs by name."""

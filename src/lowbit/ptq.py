@@ -155,26 +155,9 @@ def quantize(
         qmodel, _ = passes.fold_batchnorm(qmodel)
     if equalize or equalize_relu6:
         qmodel, _ = passes.cross_layer_equalize(qmodel, relu6_to_relu=equalize_relu6)
-    act = None if config.default is None else config.default.input
-    if quantize_adds and act is not None and not act.dynamic:
-        float_patterns = [r.pattern for r in config.rules if r.layer is None and not r.pattern.startswith("type:")]
-        traced, adds = passes.quantize_residual_adds(qmodel, act.spec, observer=act.observer, skip=float_patterns)
-        if adds and inplace:
-            raise ValueError(
-                f"inplace=True cannot quantize the residual adds {adds[:3]}...: torch.fx rewrites the model "
-                "into a new module. Pass quantize_adds=False to keep them float, or inplace=False"
-            )
-        qmodel = traced
-        pooled, stubs = passes.quantize_pool_inputs(qmodel, act.spec, observer=act.observer)
-        if stubs and inplace and pooled is not qmodel:
-            raise ValueError("inplace=True cannot quantize average-pool inputs: torch.fx rewrites the model "
-                             "into a new module. Pass quantize_adds=False, or inplace=False")
-        qmodel = pooled
-    qmodel, report = swap_root(qmodel, config.resolve)
-    if report is None:
-        report = swap_modules(qmodel, config.resolve)
-    if not report.quantized:
-        log.warning("no layer was quantized: the config matched none of the model's Linear/Conv/Embedding layers")
+    if quantize_adds:
+        qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
+    qmodel, report = swap_layers(qmodel, config)
     if bias_correction and calib_data is not None and iter(calib_data) is calib_data:
         calib_data = list(calib_data)  # a one-shot iterator; bias correction needs a second pass
     n_batches, uncalibrated = calibrate(qmodel, calib_data, progress=progress)
@@ -183,6 +166,39 @@ def quantize(
     qmodel.lowbit_summary = QuantSummary(config=config, layers=report, calibration_batches=n_batches,
                                          uncalibrated=uncalibrated)
     return qmodel
+
+
+def insert_graph_quantizers(model: nn.Module, config: QuantConfig, *, inplace: bool = False) -> nn.Module:
+    """Route residual ``tensor + tensor`` adds through ``QuantAdd`` and quantize average-pool
+    inputs (torch.fx; models it cannot trace stay as they are, logged), with the config's
+    default activation quantization.  Only for static activations; returns the (new) model."""
+    from . import passes
+
+    act = None if config.default is None else config.default.input
+    if act is None or act.dynamic:
+        return model
+    float_patterns = [r.pattern for r in config.rules if r.layer is None and not r.pattern.startswith("type:")]
+    traced, adds = passes.quantize_residual_adds(model, act.spec, observer=act.observer, skip=float_patterns)
+    if adds and inplace:
+        raise ValueError(
+            f"inplace=True cannot quantize the residual adds {adds[:3]}...: torch.fx rewrites the model "
+            "into a new module. Pass quantize_adds=False to keep them float, or inplace=False"
+        )
+    pooled, stubs = passes.quantize_pool_inputs(traced, act.spec, observer=act.observer)
+    if stubs and inplace and pooled is not traced:
+        raise ValueError("inplace=True cannot quantize average-pool inputs: torch.fx rewrites the model "
+                         "into a new module. Pass quantize_adds=False, or inplace=False")
+    return pooled
+
+
+def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, SwapReport]:
+    """Swap every layer the config quantizes (the model itself, if it is one layer)."""
+    model, report = swap_root(model, config.resolve)
+    if report is None:
+        report = swap_modules(model, config.resolve)
+    if not report.quantized:
+        log.warning("no layer was quantized: the config matched none of the model's Linear/Conv/Embedding layers")
+    return model, report
 
 
 def iter_quantizers(model: nn.Module) -> Iterable[tuple[str, Quantizer]]:

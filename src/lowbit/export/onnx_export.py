@@ -48,6 +48,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..qat.prepare import convert, is_qat_model
 from . import _bn_fold, _ort_layout, _passes
 from ._graph import Graph
 from ._patch import export_mode
@@ -156,7 +157,8 @@ def export_onnx(
     """Export a quantized model to ONNX in QDQ format, runnable by ONNX Runtime's integer kernels.
 
     Args:
-        qmodel: a model from ``lowbit.quantize`` (or any model holding lowbit quantizers).
+        qmodel: a model from ``lowbit.quantize`` or ``lowbit.prepare_qat`` (a QAT model is
+            exported as ``lowbit.qat.convert`` makes it: BatchNorm folded, ranges fixed).
             Exported in eval mode; its training flag is restored afterwards.
         path: the ``.onnx`` file to write.  Written atomically (temporary file in the
             same folder, then renamed); on any error no file and no temporary remain.
@@ -181,6 +183,8 @@ def export_onnx(
     _check_opset(opset)
     args = _as_args(example_inputs)
     input_names = _io_names(input_names, len(args), "input")
+    if is_qat_model(qmodel):  # fold BatchNorms, fix learned / observed ranges: on a copy
+        qmodel = convert(qmodel)
     was_training = qmodel.training
     qmodel.eval()
     try:

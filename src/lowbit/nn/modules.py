@@ -80,7 +80,11 @@ class _QuantMixin:
         Returns the ``bias`` Parameter itself exactly when the bias stays float: export
         (``lowbit.export._patch``) relies on that to write an int32 bias where, and only
         where, the simulation rounds it."""
-        b, iq, wq = self.bias, self.input_quantizer, self.weight_quantizer
+        return self._round_bias(self.bias)
+
+    def _round_bias(self, b):
+        """``b`` on the int32 grid ``s_input * s_weight`` (see ``_quant_bias``), or ``b`` itself."""
+        iq, wq = self.input_quantizer, self.weight_quantizer
         if b is None or iq is None or wq is None:
             return b
         if iq.mode != "static" or wq.mode != "static" or not (iq.is_frozen and wq.is_frozen):

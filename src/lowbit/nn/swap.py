@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .conv_bn import ConvBn2d, QuantConvBn2d
 from .modules import QUANTIZED, is_quantized
+
+# What swap_modules replaces: the float layers, plus the QAT pair lowbit.qat builds.
+_SWAPS = {**QUANTIZED, ConvBn2d: QuantConvBn2d}
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +46,20 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
     """
     report = SwapReport()
     swapped: dict[int, tuple[str, nn.Module]] = {}  # id(float layer) -> (first name, quantized layer)
+    inside: list[str] = []  # prefixes of quantized layers: their children (a ConvBn2d's bn) go with them
     # remove_duplicate=False: a layer registered under two names is swapped under both.
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not name or is_quantized(module):
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if is_quantized(module):
+            inside.append(name + ".")
             continue
         if id(module) in swapped:
             first, qmod = swapped[id(module)]
             _set_submodule(model, name, qmod)
             report.quantized[name] = f"same layer as {first}"
             continue
-        qtype = QUANTIZED.get(type(module))
+        qtype = _SWAPS.get(type(module))
         if qtype is None:
             if any(True for _ in module.parameters(recurse=False)):
                 report.unsupported[name] = type(module).__name__
@@ -63,6 +71,7 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
         qmod = qtype.from_float(module, name=name, weight=layer.weight, input=layer.input, output=layer.output)
         _set_submodule(model, name, qmod)
         swapped[id(module)] = (name, qmod)
+        inside.append(name + ".")
         roles = ", ".join(f"{role} {q.spec.describe()}{' dynamic' if q.mode == 'dynamic' else ''}"
                           for role, q in qmod.quantizers())
         report.quantized[name] = f"{type(module).__name__}: {roles} ({reason})"
@@ -74,7 +83,7 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
 def swap_root(model: nn.Module, resolve) -> tuple[nn.Module, SwapReport | None]:
     """When ``model`` itself is a quantizable layer (``quantize(nn.Linear(...))``), its
     quantized version and a report; otherwise ``(model, None)``."""
-    qtype = QUANTIZED.get(type(model))
+    qtype = _SWAPS.get(type(model))
     if qtype is None:
         return model, None
     report = SwapReport()

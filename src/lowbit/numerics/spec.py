@@ -213,6 +213,9 @@ UINT4_WEIGHT_G128 = _preset(
 INT4_WEIGHT = _preset("int4-weight", QuantSpec(bits=4, granularity="channel", axis=0))
 """Weights: int4 symmetric per output channel."""
 
+UINT4_ACTIVATION = _preset("uint4-activation", QuantSpec(bits=4, signed=False, symmetric=False))
+"""Activations: uint4 affine per tensor (QAT's W4A4; ONNX Runtime has no 4-bit activation kernels)."""
+
 PRESETS: Mapping[str, QuantSpec] = MappingProxyType(_PRESETS)
 """All named specs, by name."""
 

@@ -1,0 +1,224 @@
+"""prepare_qat: a float model -> a fake-quantized model ready for the user's training loop,
+and convert: a trained QAT model -> the equivalent PTQ-style model that export understands.
+
+The same quantized layers and Quantizers serve PTQ and QAT; QAT only changes how each
+quantizer gets its range:
+
+    weights       learn=None: recomputed from the current weight every step (min-max);
+                  learn="lsq"/"lsq+": a learned scale, initialised from the weight by the
+                  config's observer (MSE for the int4 presets)
+    activations   with calib_data: calibrated first (the config's observer), then fixed
+                  (learn=None) or learned; without: observed during training (learn=None,
+                  moving average, frozen by the schedule) or learned from the first batch
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig, get_config
+from ..nn.conv_bn import ConvBn2d, QuantConvBn2d
+from ..nn.modules import has_quantizers
+from ..nn.quantizer import Quantizer
+from ..nn.swap import SwapReport
+from ..numerics import compute_qparams, tensor_minmax
+from ..observers import make_observer
+from ..passes._graph import find_chains, set_submodule
+from ..ptq import _feed, insert_graph_quantizers, swap_layers
+
+log = logging.getLogger(__name__)
+
+Learn = Literal["lsq", "lsq+"] | None
+_LEARN = ("lsq", "lsq+", None)
+
+
+@dataclass
+class QATSummary:
+    """Attached to a prepared model as ``model.lowbit_summary``."""
+
+    config: QuantConfig
+    layers: SwapReport
+    learn: Learn
+    conv_bn: list[str]  # convs trained together with their BatchNorm (folded at export)
+    calibration_batches: int
+
+
+def _weight_source(module: nn.Module) -> torch.Tensor:
+    """The tensor a layer's weight quantizer sees (the BN-folded weight for QuantConvBn2d)."""
+    if isinstance(module, QuantConvBn2d):
+        return module.quantized_weight_source()
+    return module.weight
+
+
+def quantizers_by_role(model: nn.Module):
+    """(module, role, Quantizer) for every quantizer in ``model``, in module order."""
+    for module in model.modules():
+        if has_quantizers(module):
+            for role, q in module.quantizers():
+                yield module, role, q
+
+
+def fuse_conv_bn(model: nn.Module) -> list[str]:
+    """Replace each Conv2d directly followed by a BatchNorm2d with a ``ConvBn2d`` (the BatchNorm's
+    slot becomes ``nn.Identity``), in place.  Returns the names of the fused convs."""
+    chains, _ = find_chains(model, lambda m: type(m) is nn.Conv2d, lambda m: False,
+                            lambda m: type(m) is nn.BatchNorm2d)
+    fused = []
+    for chain in chains:
+        conv, bn = model.get_submodule(chain.first), model.get_submodule(chain.second)
+        if bn.num_features != conv.out_channels or bn.running_var is None:
+            log.warning("prepare_qat: %s stays separate from %s (no running statistics or a channel "
+                        "mismatch)", chain.second, chain.first)
+            continue
+        set_submodule(model, chain.first, ConvBn2d.from_pair(conv, bn))
+        set_submodule(model, chain.second, nn.Identity())
+        fused.append(chain.first)
+    return fused
+
+
+@torch.no_grad()
+def _init_weights(model: nn.Module, learn: Learn) -> None:
+    for module, role, q in quantizers_by_role(model):
+        if role != "weight" or q.mode == "dynamic":
+            continue
+        if learn is None:
+            q.mode = "dynamic"  # the weight changes every step: so does its range
+            continue
+        q.observer.reset()
+        q.observer(_weight_source(module).detach())
+        q.freeze()
+        q.make_learnable(offset=learn == "lsq+")
+
+
+def _init_activations(model: nn.Module, calib_data: Iterable | None, learn: Learn, progress: bool) -> int:
+    acts = [q for _, role, q in quantizers_by_role(model) if role != "weight" and q.mode != "dynamic"]
+    n_batches = 0
+    if calib_data is not None and acts:
+        for q in acts:
+            q.observer.reset()
+            q.mode = "calibrating"
+        n_batches = _feed(model, calib_data, progress)
+        for q in acts:
+            if q.observer.has_data:
+                q.freeze()
+            else:
+                q.mode = "disabled"
+                log.warning("%s saw no calibration data; this tensor stays float", q.name)
+    for q in acts:
+        if q.mode == "disabled":
+            continue
+        if learn is not None:
+            shape = None if q.is_frozen else _activation_shape(q)
+            q.make_learnable(offset=learn == "lsq+", shape=shape)
+        elif not q.is_frozen:
+            # Watched during training: a moving average is cheap per step and follows the
+            # activations as the weights move (torch.ao's default for QAT).
+            q.observer = make_observer("moving_average", q.spec, name=q.name)
+            q.observer_kind = "moving_average"
+            q.mode = "observing"
+    return n_batches
+
+
+def _activation_shape(q: Quantizer) -> tuple[int, ...]:
+    if q.spec.granularity != "tensor":
+        raise ValueError(f"{q.name}: a learned {q.spec.describe()} range needs calibration data to size it; "
+                         "pass calib_data to prepare_qat, or use per-tensor activations")
+    return ()
+
+
+def prepare_qat(
+    model: nn.Module,
+    config: QuantConfig | str = "w4a8",
+    calib_data: Iterable | None = None,
+    *,
+    learn: Learn = "lsq",
+    fold_bn: bool = True,
+    quantize_adds: bool = True,
+    progress: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """A fake-quantized copy of ``model`` in training mode, for your own training loop.
+
+    Args:
+        model: float model (a copy is made unless ``inplace``).
+        config: a preset name (``"w4a8"``, ``"w4a4"``, ``"w8a8"``...) or a QuantConfig.
+        calib_data: iterable of model inputs; when given, activation ranges start from
+            PTQ calibration (recommended for 4-bit activations).
+        learn: ``"lsq"`` learns each scale (per channel for weights), ``"lsq+"`` also the
+            zero-points of affine grids, None keeps observer ranges (weights every step,
+            activations by moving average until ``freeze_observers``).
+        fold_bn: train each Conv2d with its BatchNorm2d as one layer whose folded weight is
+            quantized (Krishnamoorthi 2018); the BatchNorm folds away at export.
+        quantize_adds: quantize residual adds and average-pool inputs, as PTQ does
+            (needs a model torch.fx can trace; otherwise skipped, logged).
+        progress: progress bar over calibration batches.
+        inplace: change ``model`` itself (only where no graph pass rewrites it).
+
+    Returns:
+        The prepared model (``.lowbit_summary`` says what was quantized).  Build the
+        optimizer after this call: learned scales are Parameters of the model.
+
+    Example:
+        >>> qmodel = lowbit.prepare_qat(model, "w4a8", calib_data=batches[:8])
+        >>> opt = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
+        >>> for x, y in loader: loss_fn(qmodel(x), y).backward(); opt.step(); opt.zero_grad()
+    """
+    if learn not in _LEARN:
+        raise ValueError(f"learn must be one of {_LEARN}, got {learn!r}")
+    config = get_config(config)
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval()  # BatchNorm keeps its running statistics while ranges are set up
+    if quantize_adds:
+        qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
+    fused = fuse_conv_bn(qmodel) if fold_bn else []
+    qmodel, report = swap_layers(qmodel, config)
+    if not report.quantized:
+        raise ValueError("prepare_qat: the model has no layer to quantize (no Linear/Conv/Embedding the "
+                         "config matches); nothing would be trained with quantization")
+    _init_weights(qmodel, learn)
+    n_batches = _init_activations(qmodel, calib_data, learn, progress)
+    qmodel.train()
+    qmodel.lowbit_summary = QATSummary(config=config, layers=report, learn=learn, conv_bn=fused,
+                                       calibration_batches=n_batches)
+    return qmodel
+
+
+def is_qat_model(model: nn.Module) -> bool:
+    """True when ``model`` holds QAT state that ``convert`` resolves (conv-BN layers, learned or
+    observing ranges)."""
+    return any(isinstance(m, QuantConvBn2d) or (isinstance(m, Quantizer) and m.mode in ("observing", "learned"))
+               for m in model.modules())
+
+
+@torch.no_grad()
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The QAT model as PTQ would have produced it, in eval mode: BatchNorms folded into their
+    convs (running statistics), every range fixed (weights from their current values, learned
+    and observed ranges as they are).  Its forward is what ``export_onnx`` writes.
+
+    Raises:
+        RuntimeError: an activation quantizer has no range yet (it never saw a training
+            batch nor calibration data).
+    """
+    out = model if inplace else copy.deepcopy(model)
+    out.eval()
+    for name, module in list(out.named_modules()):
+        if isinstance(module, QuantConvBn2d):
+            set_submodule(out, name, module.to_quant_conv())
+    for module, role, q in quantizers_by_role(out):
+        if q.mode in ("disabled", "calibrating"):
+            continue
+        if role == "weight" and q.mode == "dynamic":
+            w = module.weight.detach()
+            q.set_qparams(*compute_qparams(*tensor_minmax(w, q.spec, q.name), q.spec, q.name))
+        elif q.mode in ("observing", "learned", "static"):
+            scale, zero_point = q.qparams_for(torch.empty(0))
+            q.to_static(scale, zero_point)
+    return out
