@@ -76,6 +76,9 @@ class QuantConvBn2d(_QuantMixin, ConvBn2d):
 
     _float_type = ConvBn2d
     bn_frozen: bool = False
+    # ``bn_sync(y, bn, momentum)`` replaces ``F.batch_norm`` in training (batch statistics):
+    # ``lowbit.qat.distributed.sync_batchnorm`` sets one that reduces them across ranks.
+    bn_sync = None
 
     def _fold_factor(self) -> torch.Tensor:
         bn = self.bn
@@ -107,8 +110,11 @@ class QuantConvBn2d(_QuantMixin, ConvBn2d):
             if self.bias is not None:
                 y = y + _per_channel(self.bias, 4, 1)
             bn = self.bn
-            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
-                             _momentum(bn), bn.eps)
+            if self.bn_sync is None:
+                y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                                 _momentum(bn), bn.eps)
+            else:  # statistics of the batch across ranks (lowbit.qat.distributed.sync_batchnorm)
+                y = self.bn_sync(y, bn, _momentum(bn))
         else:
             y = self._conv_forward(x, w, self._round_bias(self._folded_bias()))
         return self._quant_output(y)
@@ -123,6 +129,7 @@ class QuantConvBn2d(_QuantMixin, ConvBn2d):
             if key not in conv.__dict__ or key == "training":
                 conv.__dict__[key] = value
         conv.__dict__.pop("bn_frozen", None)
+        conv.__dict__.pop("bn_sync", None)
         conv._parameters = {"weight": nn.Parameter(self._folded_weight().detach().clone()),
                             "bias": nn.Parameter(self._folded_bias().detach().clone())}
         conv._buffers = dict(self._buffers)

@@ -87,13 +87,16 @@ class _QuantMixin:
         iq, wq = self.input_quantizer, self.weight_quantizer
         if b is None or iq is None or wq is None:
             return b
-        if iq.mode != "static" or wq.mode != "static" or not (iq.is_frozen and wq.is_frozen):
+        fixed = ("static", "learned", "observing")  # a range known before the tensor arrives
+        if iq.mode not in fixed or wq.mode not in fixed or iq._needs_init or wq._needs_init:
+            return b
+        if not (iq.is_frozen and wq.is_frozen):
             return b
         if iq.spec.granularity != "tensor" or wq.spec.granularity == "group":
             return b
         if wq.spec.granularity == "channel" and wq.spec.resolved_axis(self.weight.dim(), wq.name) != 0:
             return b  # scales along the summed axis: the accumulator has no single scale per output
-        step = (iq.scale * wq.scale).to(b.dtype)  # () * (C_out,) or ()
+        step = (iq.qparams_for(b)[0] * wq.qparams_for(b)[0]).to(b.dtype)  # () * (C_out,) or ()
         rounded = torch.clamp(torch.round(b / step), -(2**31), 2**31 - 1) * step
         # Straight-through (the bias still trains in QAT), with the value exactly `rounded`:
         # b - b.detach() is 0, whereas b + (rounded - b) loses bits when the clamp bites.

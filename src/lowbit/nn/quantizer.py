@@ -59,6 +59,12 @@ class Quantizer(nn.Module):
         >>> y = q(torch.rand(8, 16))          # fake-quantized with the frozen scale
     """
 
+    # Called as ``observe_hook(observer, x)`` instead of ``observer(x)`` in mode "observing"
+    # (training): it must fold ``x`` into ``observer``.  None (the default) folds it directly;
+    # ``lowbit.qat.distributed`` installs one that makes every rank fold the statistics of the
+    # global batch.  Not part of the saved state.
+    observe_hook = None
+
     def __init__(
         self,
         spec: QuantSpec,
@@ -120,9 +126,11 @@ class Quantizer(nn.Module):
             if tuple(scale.shape) != tuple(self.scale.shape):
                 raise ValueError(f"{self.name}: learned scale has shape {tuple(self.scale.shape)}, "
                                  f"the new range {tuple(scale.shape)}")
-            with torch.no_grad():
-                self.scale.copy_(scale)
-                self.zero_point.copy_(zero_point.to(self.zero_point.dtype))
+            with torch.no_grad():  # (no copy when unchanged: a tied quantizer may have used it already)
+                if not torch.equal(self.scale, scale.to(self.scale.dtype)):
+                    self.scale.copy_(scale)
+                if not torch.equal(self.zero_point, zero_point.to(self.zero_point.dtype)):
+                    self.zero_point.copy_(zero_point.to(self.zero_point.dtype))
             return
         self.scale = scale.detach().to(torch.float32).clone()
         self.zero_point = zero_point.detach().to(torch.int32).clone()
@@ -198,7 +206,10 @@ class Quantizer(nn.Module):
             self.observer(x)
             return x
         if self._mode == "observing" and self.training:
-            self.observer(x.detach())
+            if self.observe_hook is None:
+                self.observer(x.detach())
+            else:  # e.g. lowbit.qat.distributed: fold in the statistics of the batch on every rank
+                self.observe_hook(self.observer, x.detach())
             self._install(*self.observer.qparams())
             if self.learn is not None:  # initialised from its first batch: learn from now on
                 self._needs_init = False

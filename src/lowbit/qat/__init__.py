@@ -3,20 +3,32 @@
     qmodel = lowbit.prepare_qat(model, "w4a8", calib_data=batches)   # learned scales (LSQ) by default
     sched = lowbit.qat.QATSchedule(qmodel, freeze_bn_after=1000)
     ... your training loop, calling sched.step() after each optimizer step ...
+    # or the reference loop: checkpoints, resume, distillation, NaN guard, TensorBoard
+    lowbit.qat.fit(qmodel, train_batches, F.cross_entropy, epochs=3, schedule=sched, teacher=model,
+                   checkpoint_dir="runs/qat", log_dir="runs/qat/tb")
     lowbit.export_onnx(qmodel, "model.onnx", example)                # BN folded, ranges fixed
 """
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .distill import distillation_loss
+from .fit import FitResult, fit
+from .monitor import Monitor
 from .prepare import QATSummary, convert, fuse_conv_bn, prepare_qat
 from .schedule import QATSchedule, freeze_bn, freeze_observers
 
 __all__ = [
+    "Checkpoint",
+    "FitResult",
+    "Monitor",
     "QATSchedule",
     "QATSummary",
     "convert",
     "distillation_loss",
+    "fit",
     "freeze_bn",
     "freeze_observers",
     "fuse_conv_bn",
+    "load_checkpoint",
     "prepare_qat",
+    "save_checkpoint",
 ]

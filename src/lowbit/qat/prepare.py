@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import QuantConfig, get_config
 from ..nn.conv_bn import ConvBn2d, QuantConvBn2d
-from ..nn.modules import has_quantizers
+from ..nn.modules import QuantAdd, has_quantizers
 from ..nn.quantizer import Quantizer
 from ..nn.swap import SwapReport
 from ..numerics import compute_qparams, tensor_minmax
@@ -81,6 +81,57 @@ def fuse_conv_bn(model: nn.Module) -> list[str]:
         set_submodule(model, chain.second, nn.Identity())
         fused.append(chain.first)
     return fused
+
+
+def _input_quantizer_slots(module: nn.Module, arg_index: int) -> str | None:
+    """Attribute name of the quantizer ``module`` applies to its positional input ``arg_index``."""
+    if isinstance(module, QuantAdd):
+        return ("a_quantizer", "b_quantizer")[arg_index] if arg_index < 2 else None
+    if has_quantizers(module) and arg_index == 0 and getattr(module, "input_quantizer", None) is not None:
+        return "input_quantizer"
+    return None
+
+
+def shared_input_groups(model: nn.Module) -> list[list[Quantizer]]:
+    """Groups of quantizers that quantize one and the same tensor (from the fx graph the
+    residual pass made; none when the model was not traced).
+
+    A tensor feeding a residual add and a layer (ResNet's block input) has two quantizers.
+    They see the same values, so calibrated or observed ranges agree by construction; learned
+    ones would drift apart, and then ONNX Runtime sees two QuantizeLinear nodes after one
+    producer and cannot fuse it into an integer kernel: ``tie_learned`` shares them."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return []
+    groups = []
+    for node in graph.nodes:
+        group: list[Quantizer] = []
+        for user in node.users:
+            if user.op != "call_module":
+                continue
+            consumer = model.get_submodule(user.target)
+            for i, arg in enumerate(user.args):
+                attr = _input_quantizer_slots(consumer, i) if arg is node else None
+                q = None if attr is None else getattr(consumer, attr)
+                if q is not None and all(q is not other for other in group):
+                    group.append(q)
+        if len(group) > 1 and all(q.spec == group[0].spec for q in group):
+            groups.append(group)
+    return groups
+
+
+def tie_learned(groups: list[list[Quantizer]]) -> int:
+    """Let each group's learned quantizers train one shared scale (and zero-point) Parameter.
+    Returns how many quantizers now use another's Parameters."""
+    tied = 0
+    for first, *rest in groups:
+        for q in rest:
+            if first.learn is not None and q.learn == first.learn and q.scale.shape == first.scale.shape:
+                q.scale = first.scale
+                if isinstance(first.zero_point, nn.Parameter):
+                    q.zero_point = first.zero_point
+                tied += 1
+    return tied
 
 
 @torch.no_grad()
@@ -184,6 +235,7 @@ def prepare_qat(
                          "config matches); nothing would be trained with quantization")
     _init_weights(qmodel, learn)
     n_batches = _init_activations(qmodel, calib_data, learn, progress)
+    tie_learned(shared_input_groups(qmodel))
     qmodel.train()
     qmodel.lowbit_summary = QATSummary(config=config, layers=report, learn=learn, conv_bn=fused,
                                        calibration_batches=n_batches)

@@ -1,0 +1,138 @@
+"""QAT monitoring: TensorBoard event files hold loss, lr, metric, scales, errors and bit-widths."""
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lowbit.nn.quantizer import Quantizer
+from lowbit.qat import Monitor, fit, prepare_qat
+from lowbit.qat.monitor import bit_widths, quantizer_scales, weight_errors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails: as on a machine without it
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def _setup(config="w4a8"):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    qmodel = prepare_qat(Net().eval(), config, [batches[0][0]], progress=False)
+    return qmodel, batches
+
+
+def _events(log_dir):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_fit_writes_loss_lr_metric_scales_errors_and_bit_widths(tmp_path):
+    qmodel, batches = _setup()
+    result = fit(qmodel, batches, F.cross_entropy, epochs=2, lr=2e-3, eval_fn=lambda m: 0.25, log_dir=tmp_path,
+                 log_every=2, progress=False)
+    acc = _events(tmp_path)
+    tags = acc.Tags()
+
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 7)) and loss[-1].value == pytest.approx(result.final_loss)
+    assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([2e-3] * 6)
+    assert [(e.step, e.value) for e in acc.Scalars("eval/metric")] == [(3, 0.25), (6, 0.25)]
+
+    # per-tensor scales as one curve, per-channel as mean / min / max; logged every 2 steps + each epoch end
+    per_tensor = qmodel.features[0].input_quantizer
+    assert [e.step for e in acc.Scalars(f"scale/{per_tensor.name}")] == [2, 3, 4, 6]
+    assert acc.Scalars(f"scale/{per_tensor.name}")[-1].value == pytest.approx(float(per_tensor.scale.detach().abs()))
+    w = qmodel.fc.weight_quantizer
+    stats = {s: acc.Scalars(f"scale/{w.name}/{s}")[-1].value for s in ("mean", "min", "max")}
+    assert stats["min"] <= stats["mean"] <= stats["max"]
+    assert stats["max"] == pytest.approx(float(w.scale.detach().abs().max()))
+    assert stats["min"] < stats["max"]  # really per channel
+
+    # a histogram of w - fakequant(w) per quantized weight, each epoch
+    hist_tags = {t for t in tags["histograms"] if t.startswith("quant_error/")}
+    assert hist_tags == {"quant_error/features.0.weight", "quant_error/features.3.weight", "quant_error/fc.weight"}
+    fc_hist = acc.Histograms("quant_error/fc.weight")
+    assert [h.step for h in fc_hist] == [3, 6] and fc_hist[-1].histogram_value.num == qmodel.fc.weight.numel()
+
+    # bit-widths: int4 weights, everything else float
+    n_int4 = sum(m.weight.numel() for m in (qmodel.features[0], qmodel.features[3], qmodel.fc))
+    assert acc.Scalars("model/params/int4")[0].value == n_int4
+    n_float = sum(p.numel() for p in qmodel.parameters()) - n_int4
+    assert acc.Scalars("model/params/float32")[0].value == n_float
+    text = acc.Tensors("model/bit_widths/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"| int4 | {n_int4:,} |" in text and "mean bits per parameter" in text
+
+
+def test_weight_errors_stay_within_half_a_step_and_change_no_state():
+    qmodel, _ = _setup("w8a8")
+    before = {k: v.clone() for k, v in qmodel.state_dict().items() if isinstance(v, torch.Tensor)}
+    errors = weight_errors(qmodel)
+    assert set(errors) == {"features.0.weight", "features.3.weight", "fc.weight"}
+    scale = qmodel.fc.weight_quantizer.scale.detach().abs()
+    err = errors["fc.weight"].reshape(qmodel.fc.weight.shape)
+    assert bool((err.abs() <= scale[:, None] / 2 + 1e-7).all())  # int8 per channel: nothing clips
+    for k, v in qmodel.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k
+
+
+def test_scales_and_bit_widths_of_observed_and_dynamic_ranges():
+    torch.manual_seed(0)
+    qmodel = prepare_qat(Net().eval(), "w8a8", None, learn=None, progress=False)  # weights: dynamic
+    scales = quantizer_scales(qmodel)
+    assert "scale/fc.weight/mean" in scales  # from the current weight
+    assert not any("input" in tag for tag in scales)  # observing, no batch seen yet: no range to log
+    counts = bit_widths(qmodel)
+    assert set(counts) == {"int8", "float32"} and sum(counts.values()) == sum(p.numel() for p in qmodel.parameters())
+    assert all(q.mode in ("observing", "dynamic") for q in qmodel.modules() if isinstance(q, Quantizer))
+
+
+def test_wandb_offline_mirror_when_installed(tmp_path, monkeypatch):
+    calls = []
+    run = types.SimpleNamespace(log=lambda values, step: calls.append(("log", dict(values), step)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with Monitor(tmp_path, config={"lr": 1e-4}) as mon:
+        mon.scalar("train/loss", 0.5, step=3)
+    assert calls[0] == ("init", {"mode": "offline", "dir": str(tmp_path), "project": "lowbit-qat",
+                                 "config": {"lr": 1e-4}})
+    assert calls[1:] == [("log", {"train/loss": 0.5}, 3), ("finish",)]
+
+
+def test_missing_packages_are_clear_errors_or_skipped(tmp_path, monkeypatch):
+    mon = Monitor(tmp_path)  # wandb=None and wandb missing: TensorBoard only
+    assert mon.wandb is None
+    mon.close()
+    with pytest.raises(ImportError, match="wandb=True needs the wandb package"):
+        Monitor(tmp_path, wandb=True)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ImportError, match=r"pip install 'lowbit\[qat\]'"):
+        Monitor(tmp_path)
