@@ -86,6 +86,9 @@ def test_frozen_batchnorm_uses_running_statistics_in_training():
     assert torch.equal(bn.running_mean, stats)
     q.eval()
     assert torch.equal(out, q(x))
+    again = _quant(*_pair())
+    again.load_state_dict(q.state_dict())  # the freeze is part of the saved state
+    assert again.bn_frozen
 
 
 def test_gradients_reach_conv_and_batchnorm_parameters():
@@ -112,7 +115,7 @@ def test_momentum_none_is_a_cumulative_average():
 
 
 def test_bad_pairs_are_refused():
-    conv, bn = _pair()
+    conv, _ = _pair()
     with pytest.raises(TypeError, match="from_pair"):
         ConvBn2d(4, 8, 3)
     with pytest.raises(TypeError, match="BatchNorm2d"):

@@ -1,6 +1,7 @@
-"""Data-parallel QAT (lowbit.qat.distributed): two real processes (torchrun, gloo on CPU).
+"""Data-parallel QAT (lowbit.qat.distributed): two real processes, gloo on CPU.
 
-One torchrun launch of this file (``_worker`` below) runs on 2 ranks:
+This file, run as a script (``_worker`` below), is started as 2 processes (gloo, file://
+rendezvous: no port needed); together they run:
   * unit checks of the mechanism: each rank feeds its shard of the same global batches to
     quantizers whose observers are synchronised (per-forward hook, per-step reduction,
     calibration merge) and to a QuantConvBn2d with synchronised BatchNorm;
@@ -107,12 +108,13 @@ def _bn_run(layer: QuantConvBn2d, x: torch.Tensor, g: torch.Tensor) -> dict:
             "running_mean": layer.bn.running_mean.clone(), "running_var": layer.bn.running_var.clone()}
 
 
-# -- the worker (run by torchrun: `python -m torch.distributed.run ... this_file OUT`) -------
+# -- the worker (run as `RANK=r WORLD_SIZE=2 python this_file OUT`, one process per rank) ----
 def _worker(out: str) -> None:
     from lowbit.examples import qat_ddp
     from lowbit.qat.distributed import attach_observer_sync, sync_batchnorm, sync_observers
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}",
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     rank = dist.get_rank()
     results: dict = {}
 
@@ -143,6 +145,22 @@ def _worker(out: str) -> None:
     results["merge_count"] = sync_observers(merged, mode="merge")
     results["merge"] = {k: _quantizer_state(s) for k, s in merged.items()}
 
+    # Misuse is reported on every rank alike (no rank left waiting in a collective).
+    errors = {}
+    differing = _stubs(["minmax"]).eval()
+    for stub in differing.values():
+        stub.input_quantizer.mode = "calibrating"
+        stub(_shard(batches[0], rank))
+    for label, call in (("attach", lambda: attach_observer_sync(differing)),
+                        ("step_histogram", lambda: sync_observers(merged, mode="step")),
+                        ("modes", lambda: _calibrate_with_modes(rank))):
+        try:
+            call()
+            errors[label] = None
+        except (RuntimeError, ValueError) as exc:
+            errors[label] = type(exc).__name__
+    results["errors"] = errors
+
     layer = _bn_layer()
     sync_batchnorm(layer)
     x, g = _bn_data()
@@ -157,17 +175,44 @@ def _worker(out: str) -> None:
     dist.destroy_process_group()
 
 
+def _calibrate_with_modes(rank: int) -> None:
+    """A quantizer disabled on rank 1 only (its shard never reached it) but calibrated on rank 0."""
+    from lowbit.qat.distributed import sync_calibration
+
+    stub = _stub("minmax", "tensor")
+    stub.input_quantizer.mode = "calibrating"
+    if rank == 0:
+        stub(_batches(1, seed=3)[0])
+        stub.input_quantizer.freeze()
+    else:
+        stub.input_quantizer.mode = "disabled"
+    sync_calibration(nn.ModuleDict({"stub": stub}))
+
+
 # -- the tests --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Path:
-    """Run the worker on 2 ranks once; the folder holding what each rank saved."""
+    """Run the worker as 2 processes once (gloo, file:// rendezvous); the folder holding what
+    each rank saved."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           __file__, str(out)]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+               "RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    failed = []
+    for rank, proc in enumerate(procs):
+        try:
+            log, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank {rank} did not finish in 300 s")
+        if proc.returncode != 0:
+            failed.append(f"rank {rank} exited with {proc.returncode}:\n{log[-5000:]}")
+    if failed:
+        pytest.fail("\n".join(failed))
     return out
 
 
@@ -228,6 +273,12 @@ def test_calibration_merge_has_observer_merge_semantics_across_uneven_shards(ran
             else:  # min / max and histograms merge exactly: one observer that saw every batch
                 ref = _single_observe(kind, spec_name, batches, training=False)
         _assert_same(state, _quantizer_state(ref), f"merged {key} vs one process")
+
+
+def test_misuse_raises_the_same_error_on_every_rank(ranks):
+    unit = _load(ranks, "unit")
+    expected = {"attach": "RuntimeError", "step_histogram": "ValueError", "modes": "RuntimeError"}
+    assert unit[0]["errors"] == unit[1]["errors"] == expected
 
 
 def test_synced_batchnorm_is_batchnorm_of_the_global_batch(ranks):

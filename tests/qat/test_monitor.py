@@ -108,6 +108,9 @@ def test_scales_and_bit_widths_of_observed_and_dynamic_ranges():
     scales = quantizer_scales(qmodel)
     assert "scale/fc.weight/mean" in scales  # from the current weight
     assert not any("input" in tag for tag in scales)  # observing, no batch seen yet: no range to log
+    qmodel(torch.randn(4, 1, 6, 6))  # one training batch: the observed ranges exist now
+    scales = quantizer_scales(qmodel)
+    assert scales["scale/features.0.input"] == pytest.approx(float(qmodel.features[0].input_quantizer.scale))
     counts = bit_widths(qmodel)
     assert set(counts) == {"int8", "float32"} and sum(counts.values()) == sum(p.numel() for p in qmodel.parameters())
     assert all(q.mode in ("observing", "dynamic") for q in qmodel.modules() if isinstance(q, Quantizer))

@@ -119,6 +119,12 @@ class QuantConvBn2d(_QuantMixin, ConvBn2d):
             y = self._conv_forward(x, w, self._round_bias(self._folded_bias()))
         return self._quant_output(y)
 
+    def get_extra_state(self) -> dict:
+        return {"bn_frozen": bool(self.bn_frozen)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bn_frozen = bool(state.get("bn_frozen", False))
+
     @torch.no_grad()
     def to_quant_conv(self) -> QuantConv2d:
         """The equivalent QuantConv2d with BatchNorm folded in (running statistics), sharing

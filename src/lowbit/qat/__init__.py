@@ -7,10 +7,25 @@
     lowbit.qat.fit(qmodel, train_batches, F.cross_entropy, epochs=3, schedule=sched, teacher=model,
                    checkpoint_dir="runs/qat", log_dir="runs/qat/tb")
     lowbit.export_onnx(qmodel, "model.onnx", example)                # BN folded, ranges fixed
+
+Under ``torchrun``: ``lowbit.qat.prepare_ddp(qmodel)`` after prepare_qat, then wrap in DDP with
+``broadcast_buffers=False``; observers and BatchNorm statistics agree on every rank
+(see ``lowbit.examples.qat_ddp``).
 """
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .distill import distillation_loss
+from .distributed import (
+    DDPSetup,
+    attach_observer_sync,
+    detach_sync,
+    prepare_ddp,
+    replica_mismatches,
+    rescale_lsq_gradients,
+    sync_batchnorm,
+    sync_calibration,
+    sync_observers,
+)
 from .fit import FitResult, fit
 from .monitor import Monitor
 from .prepare import QATSummary, convert, fuse_conv_bn, prepare_qat
@@ -18,17 +33,26 @@ from .schedule import QATSchedule, freeze_bn, freeze_observers
 
 __all__ = [
     "Checkpoint",
+    "DDPSetup",
     "FitResult",
     "Monitor",
     "QATSchedule",
     "QATSummary",
+    "attach_observer_sync",
     "convert",
+    "detach_sync",
     "distillation_loss",
     "fit",
     "freeze_bn",
     "freeze_observers",
     "fuse_conv_bn",
     "load_checkpoint",
+    "prepare_ddp",
     "prepare_qat",
+    "replica_mismatches",
+    "rescale_lsq_gradients",
     "save_checkpoint",
+    "sync_batchnorm",
+    "sync_calibration",
+    "sync_observers",
 ]

@@ -30,7 +30,10 @@ from .prepare import _weight_source, quantizers_by_role
 
 log = logging.getLogger(__name__)
 
-_READY = ("static", "learned", "dynamic")  # modes with a range to read (observing may have none yet)
+def _has_range(q) -> bool:
+    """A range to read now: fixed, learned, dynamic, or observed from at least one batch (a
+    learnable quantizer still observing is waiting for its first batch)."""
+    return q.mode in ("static", "learned", "dynamic") or (q.mode == "observing" and q.is_frozen and q.learn is None)
 
 
 # -- what gets logged -----------------------------------------------------------------------
@@ -48,7 +51,7 @@ def quantizer_scales(model: nn.Module) -> dict[str, float]:
     quantizers, which have no scale between batches, are left out."""
     out: dict[str, float] = {}
     for module, role, q in quantizers_by_role(model):
-        if q.mode not in _READY:
+        if not _has_range(q):
             continue
         if q.mode == "dynamic":
             if role != "weight":
@@ -72,7 +75,7 @@ def weight_errors(model: nn.Module) -> dict[str, torch.Tensor]:
     of a conv-BN layer, as its quantizer sees it).  Changes no state."""
     out = {}
     for module, q in _weight_quantizers(model):
-        if q.mode not in _READY:
+        if not _has_range(q):
             continue
         w = _weight_source(module).detach()
         scale, zero_point = q.qparams_for(w)

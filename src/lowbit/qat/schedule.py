@@ -101,12 +101,12 @@ class QATSchedule:
         self._apply()
 
     def _apply(self) -> None:
-        if self.freeze_observers_after is not None and self.steps >= self.freeze_observers_after:
-            if freeze_observers(self.model):
-                log.info("QAT step %d: observers frozen", self.steps)
-        if self.freeze_bn_after is not None and self.steps >= self.freeze_bn_after:
-            if freeze_bn(self.model):
-                log.info("QAT step %d: BatchNorm statistics frozen", self.steps)
+        due_observers = self.freeze_observers_after is not None and self.steps >= self.freeze_observers_after
+        if due_observers and freeze_observers(self.model):
+            log.info("QAT step %d: observers frozen", self.steps)
+        due_bn = self.freeze_bn_after is not None and self.steps >= self.freeze_bn_after
+        if due_bn and freeze_bn(self.model):
+            log.info("QAT step %d: BatchNorm statistics frozen", self.steps)
         if self.stages:
             self._set_trainable()
 

@@ -1,26 +1,5 @@
-"""Data-parallel QAT: keep every rank's quantization state identical under DDP.
+"""Observer statistics of the global batch: the per-forward hook and flattened collectives.
 
-DDP keeps the *parameters* of its replicas identical: it broadcasts them once and averages
-their gradients, so learned scales (LSQ / LSQ+ Parameters) stay identical by themselves.
-What it does not handle is the state a forward pass computes from the data each rank sees:
-
-* observer statistics (the ranges of ``observing`` quantizers and of the first training
-  batch of learnable quantizers, and calibration ranges when each rank calibrates on its
-  shard): each rank would see only its own shard;
-* BatchNorm batch statistics of ``QuantConvBn2d`` (``torch.nn.SyncBatchNorm`` does not know
-  this layer: ``convert_sync_batchnorm`` swaps its inner ``bn`` module, whose ``forward`` the
-  layer never calls, so nothing is synchronised).  They scale the folded weight the weight
-  quantizer sees, so per-rank statistics also give per-rank weight grids.
-
-(DDP's ``broadcast_buffers=True``, its default, copies rank 0's buffers over the other ranks
-before every forward: replicas then agree, but every observer and BatchNorm tracks rank 0's
-shard alone.  With this module's synchronisation, use ``broadcast_buffers=False``.)
-
-This module gives every rank the statistics of the *global* batch:
-
-``prepare_ddp(model)``
-    what to call once per rank, after ``prepare_qat`` and before wrapping the model in DDP:
-    ``sync_calibration`` + ``sync_batchnorm`` + ``attach_observer_sync``.
 ``attach_observer_sync(model)``
     installs a ``Quantizer.observe_hook`` on every activation quantizer: in mode ``observing``
     (training) each rank folds its batch into its observer, then the observers are reduced so
@@ -46,94 +25,32 @@ This module gives every rank the statistics of the *global* batch:
     ``sync_calibration`` then re-installs every calibrated range (in place into learned
     Parameters, so optimizers keep them).  For min-max and histogram observers the result is
     what one process calibrating on all shards computes, bit for bit.
-``sync_batchnorm(model)``
-    ``QuantConvBn2d`` layers normalise with the batch statistics of all ranks (one all-reduce
-    of ``world * (2 * C + 1)`` numbers per layer per training forward, differentiable, as
-    ``SyncBatchNorm``), so BatchNorm equals single-process BatchNorm of the global batch.
-``replica_mismatches(model)``
-    the names of parameters and buffers (scales, zero-points, observer and BatchNorm state)
-    that differ between ranks, bit for bit: what the tests assert empty.
 
 Weight quantizers are never reduced: the weights are replicated, not sharded.  Dynamic
 activation quantizers (``*-dynamic`` configs) use each rank's own batch range by design.
-Every rank must run the same number of training forwards (as DDP itself requires).
-
-    dist.init_process_group("gloo")                       # "nccl" on GPUs
-    qmodel = lowbit.prepare_qat(model, "w4a8", calib_data=my_shard_of_batches)
-    lowbit.qat.prepare_ddp(qmodel)
-    ddp = DDP(qmodel, broadcast_buffers=False)
-    ... usual training loop on ddp ...
-    assert not lowbit.qat.replica_mismatches(qmodel)     # optional check, e.g. at the end
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import logging
-import math
-import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..nn.conv_bn import QuantConvBn2d
-from ..nn.quantizer import Quantizer
-from ..observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
-from .prepare import quantizers_by_role
-
-log = logging.getLogger(__name__)
+from ...nn.quantizer import Quantizer
+from ...observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
+from ..prepare import quantizers_by_role
+from ._comm import _comm_device, _GroupRef, _world
+from .check import _mismatches
 
 SyncMode = Literal["merge", "step"]
 
 _FAMILIES = (HistogramObserver, MovingAverageMinMaxObserver, MinMaxObserver)  # most specific first
 _META = 10  # ints per observer in the layout exchange: has_data, ndim, up to 8 dims
 _BIG = 2**62
-
-
-# -- process groups ------------------------------------------------------------------------
-def _world(group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("lowbit.qat.distributed needs an initialised process group: call "
-                           "torch.distributed.init_process_group (torchrun sets the environment) first")
-    return dist.get_world_size(group)
-
-
-def _comm_device(group, device: torch.device) -> torch.device:
-    """Where a collective's payload must live for this group's backend."""
-    backend = str(dist.get_backend(group))
-    if backend == "gloo":
-        return torch.device("cpu")
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device()) if device.type != "cuda" else device
-    return device  # mixed backends ("cpu:gloo,cuda:nccl") dispatch on the tensor's device
-
-
-class _GroupRef:
-    """Holds a process group for a hook stored on a module.
-
-    Deep copies share it (a copy of a model in the same process lives in the same group, and
-    process groups cannot be copied: ``convert`` and export deep-copy the model), and pickling
-    drops it (the unpickled attribute is None: the module computes locally again)."""
-
-    def __init__(self, group) -> None:
-        self.group = group
-
-    def __deepcopy__(self, memo) -> _GroupRef:
-        return self
-
-    def __reduce__(self):
-        return (_none, ())
-
-
-def _none() -> None:
-    return None
-
 
 # -- which quantizers are synchronised -----------------------------------------------------
 def _synced_quantizers(model: nn.Module) -> list[Quantizer]:
@@ -149,13 +66,6 @@ def _family(obs: Observer) -> type[Observer]:
         f"{obs.name}: lowbit.qat.distributed cannot reduce a {type(obs).__name__} across ranks (it knows "
         "min-max, moving-average and histogram observers); all-gather its state_dict and use "
         "Observer.merge, or pick one of lowbit.observers.OBSERVERS")
-
-
-def _rows(obs: Observer) -> int:
-    n = 1
-    for d in obs.param_shape.tolist():
-        n *= int(d)
-    return n
 
 
 # -- the per-forward hook (exact) ----------------------------------------------------------
@@ -238,25 +148,6 @@ def attach_observer_sync(model: nn.Module, group=None, *, check: bool = True) ->
         q.observe_hook = hook
     return len(qs)
 
-
-def detach_sync(model: nn.Module) -> int:
-    """Remove every hook this module installed (observers, BatchNorms and LSQ gradients
-    compute locally again).  Returns how many were removed."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Quantizer):
-            if "observe_hook" in m.__dict__:
-                del m.__dict__["observe_hook"]
-                n += 1
-            for p in m.parameters(recurse=False):
-                handle = _LSQ_HOOKS.pop(p, None)
-                if handle is not None:
-                    handle.remove()
-                    n += 1
-        elif isinstance(m, QuantConvBn2d) and "bn_sync" in m.__dict__:
-            del m.__dict__["bn_sync"]
-            n += 1
-    return n
 
 
 # -- post-hoc reduction of whole observer states (flattened collectives) ------------------
@@ -499,170 +390,3 @@ def _check_same_modes(qs: list[Quantizer], group) -> None:
                            "rank's calibration shard never reached them (they were disabled there): give every "
                            "rank calibration batches that reach every layer")
 
-
-# -- BatchNorm ------------------------------------------------------------------------------
-class BatchNormSync(_GroupRef):
-    """``QuantConvBn2d.bn_sync``: batch normalisation with the statistics of the batch on all
-    ranks, differentiable (as ``torch.nn.SyncBatchNorm``, which needs GPUs).
-
-    Each rank computes its per-channel count, mean and sum of squared deviations, one
-    all-reduce gathers them (each rank writes its own slot, so the sum is an exact gather and
-    its backward sums every rank's gradient into the slot), and every rank combines them in
-    rank order in float64 (Chan et al.'s parallel variance), so all ranks get the same bits.
-    """
-
-    def __call__(self, y: torch.Tensor, bn: nn.BatchNorm2d, momentum: float) -> torch.Tensor:
-        world = _world(self.group)
-        if world == 1:
-            return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
-        import torch.distributed.nn.functional as dist_fn
-
-        channels = y.shape[1]
-        dims = [d for d in range(y.dim()) if d != 1]
-        n_local = y.numel() // max(channels, 1)
-        var, mean = torch.var_mean(y, dim=dims, correction=0)
-        local = torch.cat([mean.double(), var.double() * n_local,
-                           torch.full((1,), float(n_local), dtype=torch.float64, device=y.device)])
-        rank = dist.get_rank(self.group)
-        slots = [local if r == rank else torch.zeros_like(local) for r in range(world)]
-        gathered = torch.stack(slots)
-        comm = _comm_device(self.group, y.device)
-        gathered = dist_fn.all_reduce(gathered.to(comm), op=dist.ReduceOp.SUM, group=self.group).to(y.device)
-        means, m2s, counts = gathered[:, :channels], gathered[:, channels:2 * channels], gathered[:, 2 * channels:]
-        total = counts.sum()
-        g_mean = (counts * means).sum(0) / total
-        g_var = (m2s + counts * (means - g_mean) ** 2).sum(0) / total
-        with torch.no_grad():
-            bn.running_mean.mul_(1 - momentum).add_(g_mean.to(bn.running_mean.dtype), alpha=momentum)
-            unbiased = g_var * (total / (total - 1).clamp_min(1))
-            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
-        shape = [1] * y.dim()
-        shape[1] = channels
-        inv = torch.rsqrt(g_var.to(y.dtype) + bn.eps)
-        if bn.weight is not None:
-            inv = inv * bn.weight
-        out = (y - g_mean.to(y.dtype).view(shape)) * inv.view(shape)
-        return out if bn.bias is None else out + bn.bias.view(shape)
-
-
-def sync_batchnorm(model: nn.Module, group=None) -> list[str]:
-    """Make every ``QuantConvBn2d`` of ``model`` normalise with the batch statistics of all
-    ranks in training.  Returns the names of those layers.
-
-    Other BatchNorm layers (not folded into a conv) are logged as a warning: on GPUs convert
-    them with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (it leaves ``QuantConvBn2d``
-    alone: that layer never calls its inner module's forward); on CPU they keep per-rank
-    statistics.
-    """
-    _world(group)
-    hook = BatchNormSync(group)
-    names, inner = [], set()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantConvBn2d):
-            m.bn_sync = hook
-            names.append(name)
-            inner.add(id(m.bn))
-    others = [name for name, m in model.named_modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inner
-              and not isinstance(m, nn.SyncBatchNorm)]
-    if others:
-        log.warning("sync_batchnorm: %d BatchNorm layer(s) outside QuantConvBn2d keep per-rank batch statistics "
-                    "(%s); on GPUs use torch.nn.SyncBatchNorm.convert_sync_batchnorm", len(others),
-                    ", ".join(others[:5]))
-    return names
-
-
-# -- LSQ gradient scale -----------------------------------------------------------------------
-_LSQ_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Parameter -> hook handle
-
-
-def rescale_lsq_gradients(model: nn.Module, group=None) -> int:
-    """Give learned activation ranges the gradients of one process on the global batch.
-
-    LSQ multiplies scale (and LSQ+ zero-point) gradients by ``1 / sqrt(N * qmax)`` with ``N``
-    the elements per scale *in the batch* (``lowbit.numerics.lsq_grad_scale``).  A rank's batch
-    holds ``1 / world`` of the global batch's elements, so each rank's activation-range
-    gradients, and DDP's average of them, come out ``sqrt(world)`` times larger than one process
-    training on the global batch gets (a 41% larger learning rate for those Parameters on 2
-    ranks).  This registers a gradient hook on every learned activation scale / zero-point
-    multiplying it by ``1 / sqrt(world)`` (shards of equal size assumed, as DDP's averaging
-    does).  Weight ranges are unaffected (their ``N`` counts weights).  Returns how many
-    Parameters got the hook; ``detach_sync`` removes them.
-    """
-    factor = 1.0 / math.sqrt(_world(group))
-    n = 0
-    for q in _synced_quantizers(model):
-        if q.learn is None:
-            continue
-        for p in q.parameters(recurse=False):
-            if p in _LSQ_HOOKS:
-                continue
-            _LSQ_HOOKS[p] = p.register_hook(lambda g, f=factor: g * f)
-            n += 1
-    return n
-
-
-# -- all at once ---------------------------------------------------------------------------
-@dataclass
-class DDPSetup:
-    """What ``prepare_ddp`` did on this rank."""
-
-    calibrated_ranges: int  # ranges re-installed from the merged calibration
-    observer_hooks: int  # activation quantizers that observe the global batch
-    lsq_gradient_hooks: int  # learned activation scales / zero-points rescaled to the global batch
-    synced_batchnorms: list[str] = field(default_factory=list)  # QuantConvBn2d layers
-
-
-def prepare_ddp(model: nn.Module, group=None, *, sync_bn: bool = True, global_batch_lsq: bool = True) -> DDPSetup:
-    """Make a model fresh from ``prepare_qat`` (on this rank's shard) train on every rank as one
-    process would on the global batch: ``sync_calibration`` (if it was calibrated),
-    ``sync_batchnorm`` (unless ``sync_bn=False``), ``rescale_lsq_gradients`` (unless
-    ``global_batch_lsq=False``) and ``attach_observer_sync``.  Call it on every rank before
-    wrapping the model in ``DistributedDataParallel(model, broadcast_buffers=False)``.
-
-    Example:
-        >>> qmodel = lowbit.prepare_qat(model, "w4a8", calib_data=shard, progress=False)
-        >>> lowbit.qat.prepare_ddp(qmodel)
-        >>> ddp = torch.nn.parallel.DistributedDataParallel(qmodel, broadcast_buffers=False)
-    """
-    calibrated = sync_calibration(model, group)
-    bns = sync_batchnorm(model, group) if sync_bn else []
-    lsq = rescale_lsq_gradients(model, group) if global_batch_lsq else 0
-    hooks = attach_observer_sync(model, group, check=False)  # just merged: identical by construction
-    return DDPSetup(calibrated_ranges=calibrated, observer_hooks=hooks, lsq_gradient_hooks=lsq,
-                    synced_batchnorms=bns)
-
-
-# -- checking ------------------------------------------------------------------------------
-def _digests(named: Iterator[tuple[str, object]]) -> dict[str, str]:
-    out = {}
-    for name, value in named:
-        h = hashlib.sha256()
-        if isinstance(value, torch.Tensor):
-            t = value.detach().contiguous().cpu()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(value).encode())
-        out[name] = h.hexdigest()
-    return out
-
-
-def _mismatches(modules: dict[str, nn.Module], group) -> list[str]:
-    named = ((f"{prefix}.{k}", v) for prefix, m in modules.items() for k, v in m.state_dict(keep_vars=True).items())
-    return _compare(_digests(named), group)
-
-
-def _compare(digests: dict[str, str], group) -> list[str]:
-    world = _world(group)
-    gathered: list[dict[str, str] | None] = [None] * world
-    dist.all_gather_object(gathered, digests, group=group)
-    names = sorted(set().union(*(d.keys() for d in gathered)))
-    return [n for n in names if len({d.get(n) for d in gathered}) > 1]
-
-
-def replica_mismatches(model: nn.Module, group=None) -> list[str]:
-    """Names in ``model.state_dict()`` (parameters, buffers, quantizer and observer state) whose
-    value differs between ranks, bit for bit (one all-gather of SHA-256 digests).  Empty when
-    the replicas are identical.  Every rank must call it."""
-    return _compare(_digests(iter(model.state_dict(keep_vars=True).items())), group)
