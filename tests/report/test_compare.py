@@ -88,6 +88,11 @@ def test_rows_sizes_and_latency_with_onnx(setup):
     for x in result.latency:
         assert x["runs"] == 3 and x["p90_ms"] >= x["median_ms"] > 0 and x["mean_ms"] > 0
     assert any("parity" in note for note in result.notes)
+    # ORT's integer kernels emulated in PyTorch: the same outputs bit for bit
+    assert set(result.parity) == {"simulation", "integer emulation"}
+    emulation = result.parity["integer emulation"]
+    assert emulation["max_abs_diff"] == 0.0 and emulation["top1_agreement"] == 1.0
+    assert any(note.startswith("Integer emulation vs ORT parity") and "(bit-exact)" in note for note in result.notes)
 
 
 def test_markdown_and_json(setup, tmp_path):
@@ -110,7 +115,8 @@ def test_markdown_and_json(setup, tmp_path):
     out = tmp_path / "report.json"
     result.save_json(out)
     assert json.loads(out.read_text()) == result.to_dict()
-    assert result.to_dict() == {"rows": result.rows, "latency": result.latency, "notes": result.notes}
+    assert result.to_dict() == {"rows": result.rows, "latency": result.latency, "notes": result.notes,
+                                "parity": result.parity}
 
 
 def test_eval_fn_metric_appears_in_every_row(setup):
@@ -119,13 +125,15 @@ def test_eval_fn_metric_appears_in_every_row(setup):
     with torch.no_grad():
         labels = model(data).argmax(1)
         labels[::4] = (labels[::4] + 1) % 10  # fp32 gets 75% right
-    result = compare(model, qmodel, _labels_eval(data, labels), inputs=_x(4, 32), onnx=path, latency_runs=1)
+    result = compare(model, qmodel, _labels_eval(data, labels), inputs=_x(4, 32), onnx=path, latency_runs=1,
+                     emulate=False)
     metrics = {r["model"]: r["metrics"]["metric"] for r in result.rows}
     assert set(metrics) == {"fp32", "quantized", "fp32 onnx", "quantized onnx"}
     assert metrics["fp32"] == 0.75 and metrics["fp32 onnx"] == 0.75
     assert 0.6 < metrics["quantized"] <= 0.8 and 0.6 < metrics["quantized onnx"] <= 0.8
     header = result.to_markdown().splitlines()[0]
     assert "| metric |" in header
+    assert set(result.parity) == {"simulation"}  # emulate=False
 
 
 def test_eval_fn_returning_a_dict(setup):
@@ -144,7 +152,7 @@ def test_without_onnx_only_pytorch_rows(setup):
     model, qmodel, _ = setup
     result = compare(model, qmodel, inputs=_x(4, 32))
     assert [r["model"] for r in result.rows] == ["fp32", "quantized"]
-    assert result.latency == []
+    assert result.latency == [] and result.parity == {}
     assert "median ms" not in result.to_markdown()
 
 
@@ -166,6 +174,9 @@ def test_given_fp32_onnx_and_tuple_inputs(tmp_path):
         latency_runs=2,
     )
     rows = {r["model"]: r for r in result.rows}
+    # relu(a(x)) * sigmoid(b(y)) multiplies in float in ORT: no integer emulation, and the report says why
+    assert set(result.parity) == {"simulation"}
+    assert any(n.startswith("Integer emulation of ORT: not applicable") and "feeds mul" in n for n in result.notes)
     assert rows["fp32 onnx"]["size_mb"] == pytest.approx(os.path.getsize(tmp_path / "fp32.onnx") / 1e6)
     assert rows["fp32 onnx"]["metrics"]["max_abs_diff"] < 1e-4
     assert rows["quantized onnx"]["metrics"]["cosine"] > 0.99

@@ -5,6 +5,7 @@
   (so per-tensor weight scales work).
 * ``quantize_residual_adds``: ``tensor + tensor`` adds routed through ``QuantAdd`` (fx).
 * ``quantize_pool_inputs``: a ``QuantStub`` before average pools, so they run in integers (fx).
+* ``smooth_quant``: activation outliers moved into the weights (SmoothQuant); returns a ``SmoothReport``.
 * ``correct_bias``: after quantization, the mean output error of each layer removed from its bias.
 
 Each returns ``(model, names of what it changed)`` and edits in place (``quantize_residual_adds``
@@ -27,5 +28,7 @@ from .equalize import cross_layer_equalize
 from .fold_bn import fold_batchnorm
 from .pool_inputs import quantize_pool_inputs
 from .residual_add import quantize_residual_adds
+from .smooth import smooth_quant
 
-__all__ = ["correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_pool_inputs", "quantize_residual_adds"]
+__all__ = ["correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_pool_inputs", "quantize_residual_adds",
+           "smooth_quant"]

@@ -1,7 +1,10 @@
 """``compare``: accuracy, size and latency of a quantized model against FP32.
 
 Every figure says where it was measured: ``pytorch`` (fake-quant simulation) or
-``ort`` (the exported ONNX file in ONNX Runtime's CPU provider).
+``ort`` (the exported ONNX file in ONNX Runtime's CPU provider).  With an ONNX file,
+``parity`` also says how closely PyTorch predicts ORT: the float simulation, and the
+integer emulation of ORT's kernels (``lowbit.runtime.emulate_ort``), which should
+match bit for bit wherever it applies.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from ..ptq import run_model
+from ..runtime.emulate import EmulationError, emulate_ort
 from ..runtime.ort import OrtModel, measure_latency
 from .fidelity import fidelity
 
@@ -45,6 +49,8 @@ class Comparison:
     rows: list[dict] = field(default_factory=list)
     latency: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # PyTorch vs ORT on the quantized model: "simulation", "integer emulation" -> fidelity metrics
+    parity: dict[str, dict] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         metric_keys = sorted({k for r in self.rows for k in r["metrics"]})
@@ -67,7 +73,7 @@ class Comparison:
     __str__ = to_markdown
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "latency": self.latency, "notes": self.notes}
+        return {"rows": self.rows, "latency": self.latency, "notes": self.notes, "parity": self.parity}
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
@@ -90,6 +96,7 @@ def compare(
     threads: Sequence[int] = (1,),
     batch_sizes: Sequence[int] = (1,),
     latency_runs: int = 50,
+    emulate: bool = True,
 ) -> Comparison:
     """Measure ``qmodel`` (and its exported ONNX file) against ``fp32_model``.
 
@@ -107,6 +114,9 @@ def compare(
         fp32_onnx: the exported float model; exported to a temporary file when None.
         threads, batch_sizes: latency grid (ORT intra-op threads, batch size).
         latency_runs: timed runs per latency cell (after 10 warm-up runs).
+        emulate: with ``onnx``, also run ``qmodel`` as ORT's integer kernels in PyTorch
+            (``lowbit.runtime.emulate_ort``) and report its parity with ORT; where the
+            emulation does not apply, a note says why.
 
     Returns:
         A ``Comparison``; ``print(result)`` shows markdown tables.
@@ -133,9 +143,12 @@ def compare(
                                        os.path.getsize(fp32_onnx) / 1e6)
             predictors["quantized onnx"] = ("ort", ort_q, _first_tensor(run_model(ort_q, inputs)),
                                             os.path.getsize(onnx) / 1e6)
-            parity = fidelity(sim, predictors["quantized onnx"][2])
+            ort_out = predictors["quantized onnx"][2]
+            report.parity["simulation"] = fidelity(sim, ort_out)
             report.notes.append("Simulation vs ORT parity (quantized PyTorch vs quantized ONNX): "
-                                + ", ".join(f"{k} {v:.5f}" for k, v in parity.items()))
+                                + _metrics(report.parity["simulation"]))
+            if emulate:
+                _emulation_parity(report, qmodel, inputs, ort_out)
             report.latency = _latency_grid(fp32_onnx, onnx, inputs, threads, batch_sizes, latency_runs)
         for name, (where, predict, out, size) in predictors.items():
             metrics = fidelity(ref, out)
@@ -147,6 +160,23 @@ def compare(
     report.notes.append(f"Latency: ONNX Runtime CPU provider, {platform.machine()}, inter-op threads 1, "
                         f"{latency_runs} timed runs after 10 warm-up runs.")
     return report
+
+
+def _metrics(parity: dict) -> str:
+    return ", ".join(f"{k} {v:.5f}" for k, v in parity.items())
+
+
+def _emulation_parity(report: Comparison, qmodel: nn.Module, inputs, ort_out: torch.Tensor) -> None:
+    """Run ``qmodel`` as ORT's integer kernels (``emulate_ort``) and add its parity with ORT."""
+    try:
+        emulated = _first_tensor(run_model(emulate_ort(qmodel), inputs))
+    except (EmulationError, OverflowError) as exc:
+        report.notes.append(f"Integer emulation of ORT: not applicable to this model ({exc})")
+        return
+    report.parity["integer emulation"] = fidelity(emulated, ort_out)
+    exact = " (bit-exact)" if torch.equal(emulated, ort_out) else ""
+    report.notes.append("Integer emulation vs ORT parity (ORT's integer kernels in PyTorch, "
+                        f"lowbit.runtime.emulate_ort){exact}: " + _metrics(report.parity["integer emulation"]))
 
 
 def _latency_grid(fp32_onnx, onnx, inputs, threads, batch_sizes, runs) -> list[dict]:

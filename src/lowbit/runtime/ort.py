@@ -96,6 +96,6 @@ def measure_latency(
     times.sort()
     if batch is None:
         batch = int(next(iter(feeds.values())).shape[0])
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return LatencyStats(median_ms=statistics.median(times), p90_ms=p90, mean_ms=statistics.fmean(times),
                         runs=runs, warmup=warmup, threads=model.threads, batch=batch)
