@@ -12,8 +12,8 @@ Each returns ``(model, names of what it changed)`` and edits in place (``quantiz
 returns a GraphModule sharing the model's layers).  The graph searches use torch.fx and fall
 back to ``nn.Sequential`` containers where a model does not trace; lowbit's quantized layers
 and ``QuantAdd`` are opaque to them, so running a pass twice, or in another order, is harmless.
-``lowbit.ptq.quantize`` runs them through its ``fold_bn`` / ``equalize`` / ``quantize_adds`` /
-``bias_correction`` options; by hand the order is::
+``lowbit.ptq.quantize`` runs them through its ``fold_bn`` / ``equalize`` / ``smoothquant`` /
+``quantize_adds`` / ``bias_correction`` options; by hand the order is::
 
     model = copy.deepcopy(float_model).eval()
     model, _ = fold_batchnorm(model)
@@ -28,7 +28,7 @@ from .equalize import cross_layer_equalize
 from .fold_bn import fold_batchnorm
 from .pool_inputs import quantize_pool_inputs
 from .residual_add import quantize_residual_adds
-from .smooth import smooth_quant
+from .smooth import SmoothReport, smooth_quant
 
-__all__ = ["correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_pool_inputs", "quantize_residual_adds",
-           "smooth_quant"]
+__all__ = ["SmoothReport", "correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_pool_inputs",
+           "quantize_residual_adds", "smooth_quant"]

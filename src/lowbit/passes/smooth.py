@@ -14,11 +14,11 @@ Where ``1 / s`` goes, so that the float function is unchanged:
 * with ``insert_scales=True``, where nothing can absorb it, into a ``SmoothedInput``
   wrapped around the Linear: ``linear(x * (1 / s))``, one float Mul in the exported graph.
 
-Pairs are found without torch.fx (HF models do not trace): one pass over the calibration
-data with hooks matches tensors by identity (a Linear whose input *is* a norm's output;
-Linears reading one tensor share one ``s``) and keeps running per-channel maxima
-(constant memory).  A Linear whose input no norm or Linear produced directly is paired
-with the Linear that ran last before it with as many outputs.  Every pair is then
+Pairs are found (in ``_smooth_pairs``) without torch.fx, as HF models do not trace: one pass
+over the calibration data with hooks matches tensors by identity (a Linear whose input *is*
+a norm's output; Linears reading one tensor share one ``s``) and keeps running per-channel
+maxima (constant memory).  A Linear whose input no norm or Linear produced directly is
+paired with the Linear that ran last before it with as many outputs.  Every pair is then
 *probed*: folded with random scales on a few items of the first batch, it must leave the
 model output unchanged; the probe also tells a path that is not linear per channel (GELU)
 from a producer whose output feeds something else too (a residual add).  A probe checks data,
@@ -42,9 +42,7 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import weakref
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,13 +52,22 @@ from torch import nn
 
 from ..ptq import run_model
 from ._graph import set_submodule
+from ._smooth_pairs import (
+    NORMS,
+    RTOL,
+    Group,
+    Observer,
+    ProbeData,
+    fold,
+    observe,
+    output_change,
+    probe,
+    reference,
+)
 
 log = logging.getLogger(__name__)
 
-_NORMS = (nn.LayerNorm, nn.RMSNorm)  # exact types: a subclass may change forward
 _SCALE_RANGE = (1e-4, 1e4)  # s is clamped here: no channel is divided by ~0 or ~inf
-_PROBE_ITEMS = 4  # probes run on this many items of the first batch (where it slices)
-_RTOL = 1e-3  # probes and the final check: largest output change allowed (per channel, relative)
 
 
 class SmoothedInput(nn.Module):
@@ -102,297 +109,10 @@ class SmoothReport:
         return out + [f"left     {', '.join(g.consumers)}: {g.note}" for g in self.left]
 
 
-# -- one pass over the data: groups, producers, per-channel maxima ----------------------------
-@dataclass
-class _Group:
-    consumers: list[str]
-    channels: int
-    source: str | None = None  # norm or Linear whose output *is* the input (first batch)
-    producer: str | None = None  # source, or else the Linear that ran last with C outputs
-    amax: torch.Tensor | None = None  # (C,) max |x| per channel over all batches
-    mean_abs: torch.Tensor | None = None  # (C,) mean |x| per channel on the probe batch
-    problem: str = ""
-
-
-def _channel_abs(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().reshape(-1, x.shape[-1]).abs().float()  # (tokens, C)
-
-
-def _lookup(table: dict, x: torch.Tensor) -> str | None:
-    entry = table.get(id(x))  # ids are reused once a tensor dies: the weakref tells
-    return entry[0] if entry is not None and entry[1]() is x else None
-
-
-class _Observer:
-    """Hooks that group Linears by input tensor, find its producer and keep its maxima."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.already = [n for n, m in model.named_modules() if isinstance(m, SmoothedInput)]
-        inside = {id(model.get_submodule(n).linear) for n in self.already}
-        modules = list(model.named_modules())
-        self.linears = {n: m for n, m in modules if type(m) is nn.Linear and id(m) not in inside}
-        self.producers = {n: m for n, m in modules if type(m) in _NORMS} | self.linears
-        self.groups: dict[str, _Group] = {}  # key: the group's first consumer
-        self.group_of: dict[str, str] = {}
-        self.problems: dict[str, str] = {}  # consumer -> why its group cannot be smoothed
-        self.batch = 0
-        self.ran: list[str] = []  # Linears in the order they returned, first batch
-        self._outputs: dict[int, tuple[str, weakref.ref]] = {}  # id -> producer, output (this batch)
-        self._inputs: dict[int, tuple[str, weakref.ref]] = {}  # id -> first reader, tensor (this batch)
-        self._calls: Counter[str] = Counter()
-
-    def end_batch(self) -> None:
-        for name, calls in self._calls.items():
-            if calls > 1:
-                self.problems[name] = f"{name} runs {calls} times per forward (shared layer)"
-        self.batch += 1
-        self._outputs, self._inputs, self._calls = {}, {}, Counter()
-
-    @contextlib.contextmanager
-    def hooks(self):
-        handles = [m.register_forward_pre_hook(self._pre_hook(n)) for n, m in self.linears.items()]
-        handles += [m.register_forward_hook(self._post_hook(n)) for n, m in self.producers.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _post_hook(self, name: str):
-        def hook(module, args, out):
-            if isinstance(out, torch.Tensor):
-                self._outputs[id(out)] = (name, weakref.ref(out))
-            if self.batch == 0 and name in self.linears:
-                self.ran.append(name)
-        return hook
-
-    def _pre_hook(self, name: str):
-        def hook(module, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                self.problems[name] = f"{name} is called without a positional tensor input"
-                return
-            x = args[0]
-            self._calls[name] += 1
-            key = _lookup(self._inputs, x)  # another Linear already read this very tensor?
-            if key is None:
-                key = name
-                self._inputs[id(x)] = (name, weakref.ref(x))
-            if self.batch == 0 and name not in self.group_of:
-                self._join(name, key, _lookup(self._outputs, x))
-            if self.group_of.get(name) != key:
-                self.problems[name] = f"{name} shares its input with other layers differently across batches"
-            elif key == name:  # the group's first reader: producer check and statistics, once
-                group = self.groups[name]
-                if _lookup(self._outputs, x) != group.source:
-                    self.problems[name] = f"the producer of {name}'s input differs between batches"
-                amax = _channel_abs(x).amax(0)
-                if not torch.isfinite(amax).all():
-                    raise ValueError(f"the input of {name} holds NaN or inf; check the calibration data")
-                group.amax = amax if group.amax is None else torch.maximum(group.amax, amax)
-        return hook
-
-    def _join(self, name: str, key: str, source: str | None) -> None:
-        self.group_of[name] = key
-        if key != name:
-            self.groups[key].consumers.append(name)
-            return
-        channels = self.linears[name].in_features
-        last = next((n for n in reversed(self.ran) if self.linears[n].out_features == channels), None)
-        self.groups[name] = _Group([name], channels, source=source, producer=source or last)
-
-
-def _observe(model: nn.Module, calib_data: Iterable) -> tuple[_Observer, object]:
-    """One pass with hooks. Returns (observer, first batch)."""
-    observer, first = _Observer(model), None
-    with observer.hooks():
-        for batch in calib_data:
-            try:
-                run_model(model, batch)
-            except ValueError as exc:
-                raise ValueError(f"smooth_quant: calibration batch {observer.batch}: {exc}") from exc
-            except Exception as exc:
-                raise RuntimeError(f"smooth_quant: calibration batch {observer.batch} failed "
-                                   f"in the model: {exc}") from exc
-            first = batch if observer.batch == 0 else first
-            observer.end_batch()
-    if observer.batch == 0:
-        raise ValueError("smooth_quant: calibration data is empty; give at least one batch of model inputs")
-    for name, why in observer.problems.items():
-        if name in observer.group_of:
-            observer.groups[observer.group_of[name]].problem = why
-    return observer, first
-
-
-# -- probing and applying scales ---------------------------------------------------------------
-def _tensors(obj) -> list[torch.Tensor]:
-    """Every tensor in a model output (tensor, tuple/list, dict or HF ModelOutput)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    return [t for item in obj for t in _tensors(item)] if isinstance(obj, (tuple, list)) else []
-
-
-def _change(out, ref: list[torch.Tensor]) -> float:
-    """Largest |out - ref| relative to its channel's (last dim) max |ref|, floored at 1e-3 of
-    the tensor's max: a LayerNorm dominated by one outlier channel would hide a change of the
-    others from a comparison against the overall max."""
-    worst = 0.0
-    for a, b in zip(_tensors(out), ref, strict=True):
-        if a.shape != b.shape or not torch.is_floating_point(b):
-            worst = max(worst, 0.0 if a.shape == b.shape and torch.equal(a, b) else float("inf"))
-        elif b.numel():
-            channels = b.shape[-1] if b.dim() else 1
-            a, b = a.detach().float().reshape(-1, channels), b.float().reshape(-1, channels)
-            scale = b.abs().amax(0).clamp(min=max(1e-3 * float(b.abs().max()), 1e-30))  # (C,)
-            worst = max(worst, float(((a - b).abs() / scale).max()))
-    return worst
-
-
-def _probe_batch(batch):
-    """The first _PROBE_ITEMS items of every tensor in ``batch`` (tensor, tuple/list or dict), or
-    the batch itself when its tensors do not share one leading size above that."""
-    if isinstance(batch, dict):
-        items = list(batch.values())
-    else:
-        items = list(batch) if isinstance(batch, (tuple, list)) else [batch]
-    sizes = {t.shape[0] if t.dim() else 0 for t in items if isinstance(t, torch.Tensor)}
-    if len(sizes) != 1 or sizes.pop() <= _PROBE_ITEMS:
-        return batch
-    cut = [t[:_PROBE_ITEMS] if isinstance(t, torch.Tensor) else t for t in items]
-    if isinstance(batch, dict):
-        return dict(zip(batch, cut, strict=True))
-    return type(batch)(cut) if isinstance(batch, (tuple, list)) else cut[0]
-
-
-@dataclass
-class _ProbeData:
-    batch: object  # the first calibration batch, cut to _PROBE_ITEMS items where it slices
-    out: list[torch.Tensor]  # the model's output tensors on it
-    stats: dict[str, torch.Tensor]  # norm / Linear -> (C,) mean |output| per channel, first call
-
-
-def _reference(model: nn.Module, first, observer: _Observer) -> _ProbeData:
-    """Run the probe batch once, recording what probes compare against (and each group's
-    ``mean_abs``)."""
-    groups = [g for g in observer.groups.values() if not g.problem]
-    stats: dict[str, torch.Tensor] = {}
-
-    def keep_input(group):
-        def hook(module, args):
-            group.mean_abs = _channel_abs(args[0]).mean(0) if group.mean_abs is None else group.mean_abs
-        return hook
-
-    def keep_output(name):
-        def hook(module, args, out):
-            if isinstance(out, torch.Tensor) and name not in stats:
-                stats[name] = _channel_abs(out).mean(0)
-        return hook
-
-    cut = _probe_batch(first)
-    for batch in [first] if cut is first else [cut, first]:  # the cut batch, else the whole one
-        stats.clear()
-        for g in groups:
-            g.mean_abs = None
-        handles = [observer.linears[g.consumers[0]].register_forward_pre_hook(keep_input(g)) for g in groups]
-        handles += [m.register_forward_hook(keep_output(n)) for n, m in observer.producers.items()]
-        try:
-            result = run_model(model, batch)
-            break
-        except Exception:  # a model that rejects the cut batch: probe on the whole one
-            if batch is first:
-                raise
-        finally:
-            for h in handles:
-                h.remove()
-    out = [t.detach().clone() for t in _tensors(result)]
-    if not out:
-        raise TypeError(f"smooth_quant compares model outputs, but a {type(result).__name__} holds no tensor "
-                        "it can find; wrap the model so that it returns tensors, a tuple or a dict of them")
-    return _ProbeData(batch, out, dict(stats))
-
-
-def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Per-channel statistics ``a`` vs ``b`` (C,) beyond _RTOL of each channel (floored at 1e-3 of
-    the largest)."""
-    floor = max(1e-3 * float(b.abs().max()), 1e-30) if b.numel() else 1e-30
-    return a.shape != b.shape or bool(((a - b).abs() > _RTOL * b.abs().clamp(min=floor)).any())
-
-
-def _fold(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
-    """1/s into the producer (norm weight and bias, or Linear output rows and bias), s into the
-    consumers' input columns. In place."""
-    with torch.no_grad():
-        producer.weight.div_(s.to(producer.weight).view(-1, *[1] * (producer.weight.dim() - 1)))
-        if getattr(producer, "bias", None) is not None:
-            producer.bias.div_(s.to(producer.bias))
-        for c in consumers:
-            c.weight.mul_(s.to(c.weight))
-
-
-@contextlib.contextmanager
-def _restoring(modules: list[nn.Module]):
-    """Put back every parameter of ``modules`` on exit, bit for bit."""
-    saved = [(p, p.detach().clone()) for m in modules for p in m.parameters(recurse=False)]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value in saved:
-                p.copy_(value)
-
-
-class _Refused(Exception):
-    """Raised by a probe's hook to stop the forward once the verdict is known."""
-
-
-def _probe(model: nn.Module, data: _ProbeData, group: _Group, producers: dict[str, nn.Module],
-           gen: torch.Generator) -> str:
-    """Fold random scales in e^-2..e^2 into ``group.producer``: "" when the consumers' input is
-    scaled by exactly 1/s and every other norm / Linear output and the model output stay the
-    same, else why not. The parameters are put back exactly."""
-    name, producer = group.producer, producers[group.producer]
-    consumers = [producers[c] for c in group.consumers]
-    s = torch.empty(group.channels).uniform_(-2.0, 2.0, generator=gen).exp()
-    checked: set[str] = set()
-
-    def check_input(module, args):
-        if group.consumers[0] not in checked:
-            checked.add(group.consumers[0])
-            if _differs(_channel_abs(args[0]).mean(0) * s.to(args[0].device), group.mean_abs):
-                raise _Refused(f"the path from {name} is not linear per channel "
-                               "(an activation or norm between)")
-
-    def check_output(other):
-        def hook(module, args, out):
-            if other == name or other in checked or other not in data.stats or not torch.is_tensor(out):
-                return
-            checked.add(other)
-            if _differs(_channel_abs(out).mean(0), data.stats[other]):
-                raise _Refused(f"{name}'s output also feeds other ops (e.g. a residual add): "
-                               f"folding changes the output of {other}")
-        return hook
-
-    handles = [consumers[0].register_forward_pre_hook(check_input)]
-    handles += [m.register_forward_hook(check_output(n)) for n, m in producers.items()]
-    try:
-        with _restoring([producer, *consumers]):
-            _fold(producer, consumers, s)
-            out = run_model(model, data.batch)
-    except _Refused as refused:
-        return str(refused)
-    finally:
-        for h in handles:
-            h.remove()
-    if group.consumers[0] not in checked:
-        return f"{group.consumers[0]} did not run on the probe batch"
-    change = _change(out, data.out)
-    return f"{name}'s output also feeds other ops: folding changes the model output by {change:.2g}" \
-        if change > _RTOL else ""
-
-
-def _why_not_foldable(model, data: _ProbeData, group: _Group, observer: _Observer, tied: set[int],
+# -- deciding where 1/s goes, and applying scales ----------------------------------------------
+def _why_not_foldable(model, data: ProbeData, group: Group, observer: Observer, tied: set[int],
                       gen: torch.Generator) -> str:
+    """"" when ``1 / s`` can fold into ``group.producer`` (checks, then a probe), else why not."""
     name = group.producer
     if name is None:
         return "no norm or Linear produces its input"
@@ -402,14 +122,14 @@ def _why_not_foldable(model, data: _ProbeData, group: _Group, observer: _Observe
     weight = getattr(producer, "weight", None)
     if weight is None:
         return f"{name} has no affine weight to absorb 1/s"
-    if weight.shape[0] != group.channels or (type(producer) in _NORMS and weight.dim() != 1):
+    if weight.shape[0] != group.channels or (type(producer) in NORMS and weight.dim() != 1):
         return f"{name} has {weight.shape[0]} output channels, not {group.channels}"
     if any(id(p) in tied for p in producer.parameters(recurse=False)):
         return f"{name} shares its parameters with another layer, or already absorbs another group's scales"
-    return _probe(model, data, group, observer.producers, gen)
+    return probe(model, data, group, observer.producers, gen)
 
 
-def _plan(model: nn.Module, observer: _Observer, data: _ProbeData, insert_scales: bool):
+def _plan(model: nn.Module, observer: Observer, data: ProbeData, insert_scales: bool):
     """([(group, producer or None, note)] to smooth, [SmoothedGroup] left, how many of those were
     left only because nothing could absorb 1/s)."""
     modules = dict(model.named_modules())
@@ -435,7 +155,8 @@ def _plan(model: nn.Module, observer: _Observer, data: _ProbeData, insert_scales
             unfoldable += 1
     left += [SmoothedGroup((n,), note="did not run on the first calibration batch")
              for n in observer.linears if n not in observer.group_of]
-    left += [SmoothedGroup((n,), note="already smoothed (a SmoothedInput)") for n in observer.already]
+    left += [SmoothedGroup((n,), note="already smoothed (a SmoothedInput)")
+             for n, m in modules.items() if isinstance(m, SmoothedInput)]
     return todo, left, unfoldable
 
 
@@ -458,7 +179,7 @@ def _apply(model: nn.Module, todo: list, alpha: float, *, undo: list | None = No
         s = _scales(group.amax, [c.weight for c in consumers], alpha) if s is None else s
         factor = s if undo is None else 1.0 / s
         if producer is not None:
-            _fold(modules[producer], consumers, factor)
+            fold(modules[producer], consumers, factor)
         else:
             inv_scale = (1.0 / s).to(consumers[0].weight)  # one buffer, shared by the group
             for name, linear in zip(group.consumers, consumers, strict=True):
@@ -529,12 +250,13 @@ def smooth_quant(model: nn.Module, calib_data: Iterable, *, alpha: float = 0.8,
     model.eval()
     try:
         with torch.no_grad():
-            observer, first = _observe(model, calib_data)
-            data = _reference(model, first, observer)
+            wrapped = [m.linear for m in model.modules() if isinstance(m, SmoothedInput)]  # smoothed before
+            observer, first = observe(model, calib_data, skip=wrapped)
+            data = reference(model, first, observer)
             todo, left, unfoldable = _plan(model, observer, data, insert_scales)
             done = _apply(model, todo, alpha)
-            change = _change(run_model(model, data.batch), data.out)
-            if change > _RTOL:
+            change = output_change(run_model(model, data.batch), data.out)
+            if change > RTOL:
                 _apply(model, todo, alpha, undo=done)
                 raise RuntimeError(f"smooth_quant: the smoothed model's output moved by {change:.2g} "
                                    "(relative) on the first batch, so every scale was undone; "
