@@ -29,6 +29,11 @@ processes on the machine falls on all of them alike.
     python benchmarks/bench_ptq.py [--models mobilenet_v2 resnet18 minilm] [--runs 50]
                                    [--calibrators minmax percentile mse entropy]
                                    [--json out.json] [--out-md out.md]
+    python benchmarks/bench_ptq.py --only-walltime [--repeats 3] [--models ...]
+
+``--only-walltime`` measures only the quantizer wall time: lowbit (quantize + export) against
+ORT (quant_pre_process + quantize_static) from the same FP32 file and calibration inputs, in this
+process, interleaved (the order alternates per repeat), and prints the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -436,6 +441,53 @@ def bench_model(w: Workload, args, tmp: Path) -> dict:
     }
 
 
+def walltime_model(w: Workload, repeats: int, tmp: Path) -> dict:
+    """Median wall time of lowbit (quantize + export) and of each ORT variant, interleaved."""
+    fp32 = tmp / "fp32.onnx"
+    export_lowbit(w, w.model, fp32)
+    runs: dict[str, Callable[[], Method]] = {
+        "lowbit": lambda: run_lowbit(w, None, tmp / "lowbit.onnx"),
+        **{
+            f"ORT quantize_static{suffix}": (
+                lambda i=i, suffix=suffix, options=options: run_ort_static(
+                    w, fp32, tmp / f"ort{i}.onnx", suffix, **options
+                )
+            )
+            for i, (suffix, options) in enumerate(w.ort_variants)
+        },
+    }
+    names = list(runs)
+    runs[names[0]]()  # warm-up: first-call imports and allocations count for neither side
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for k in range(len(names)):
+            n = names[(k + r) % len(names)]  # rotate who goes first
+            times[n].append(runs[n]().quant_s)
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    out = {"model": w.name, "times_s": times, "median_s": medians}
+    out["ratios"] = {n: medians["lowbit"] / medians[n] for n in names[1:]}
+    return out
+
+
+def walltime_main(args, argv: list[str]) -> None:
+    print(header(["benchmarks/bench_ptq.py", *argv], machine()), flush=True)
+    print("| model | lowbit s (median) | ORT variant | ORT s (median) | lowbit / ORT | lowbit runs | ORT runs |")
+    print("|---|---:|---|---:|---:|---|---|")
+    results = []
+    for name in args.models:
+        with tempfile.TemporaryDirectory(prefix=f"bench_ptq_{name}_") as tmp:
+            r = walltime_model(build_workload(name, args), args.repeats, Path(tmp))
+        results.append(r)
+        low = r["median_s"]["lowbit"]
+        for ort, ratio in r["ratios"].items():
+            runs = ", ".join(f"{t:.2f}" for t in r["times_s"]["lowbit"])
+            ort_runs = ", ".join(f"{t:.2f}" for t in r["times_s"][ort])
+            print(f"| {name} | {low:.2f} | {ort} | {r['median_s'][ort]:.2f} | {ratio:.2f}x | {runs} | {ort_runs} |",
+                  flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"argv": argv, "machine": machine(), "walltime": results}, indent=2))
+
+
 # -- report ---------------------------------------------------------------------------------------
 def _fmt(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
@@ -595,10 +647,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=256)
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--out-md", type=Path, help="write the markdown here too")
+    parser.add_argument(
+        "--only-walltime",
+        action="store_true",
+        help="only time lowbit (quantize + export) against ORT quantize_static, interleaved",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats for --only-walltime")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     log.setLevel(logging.INFO)
     torch.manual_seed(0)
+    if args.only_walltime:
+        walltime_main(args, argv)
+        return
 
     info = machine()
     text = header(["benchmarks/bench_ptq.py", *argv], info)

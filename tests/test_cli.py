@@ -55,6 +55,38 @@ def test_quantize_writes_artifacts_and_export_replays_the_recipe(tmp_path, capsy
     assert again.read_bytes() == (out / "model.int8.onnx").read_bytes()  # same recipe, same bytes
 
 
+class TinyEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(self.norm(x))))
+
+
+def tiny_encoder():
+    return TinyEncoder().eval()
+
+
+def tiny_rows():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 16, generator=gen) * torch.linspace(0.1, 8, 16) for _ in range(2)]
+
+
+def test_quantize_smoothquant_is_recorded_and_replayed(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["quantize", "tests.test_cli:tiny_encoder", "--data", "tests.test_cli:tiny_rows",
+                     "--smoothquant", "0.8", "--out", str(out), "--quiet"]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["options"]["smoothquant"] == 0.8
+    again = tmp_path / "again.onnx"
+    assert cli.main(["export", str(out / "recipe.json"), "--out", str(again)]) == 0
+    assert again.read_bytes() == (out / "model.int8.onnx").read_bytes()
+
+
 def test_bench_times_onnx_files(tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data", "--out", str(out),

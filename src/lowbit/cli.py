@@ -120,8 +120,11 @@ def cmd_quantize(args) -> int:
     from .report import compare
 
     config = _resolve_config(args)
+    options = {"progress": not args.quiet}
+    if args.smoothquant is not None:
+        options["smoothquant"] = args.smoothquant
     recipe = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": args.model, "data": args.data,
-              "config": config.to_dict(), "options": {"progress": not args.quiet}}
+              "config": config.to_dict(), "options": options}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, qmodel, batches = _quantize_from_recipe(recipe)
@@ -288,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", default="w8a8", help="preset name (w8a8, w8a8-dynamic, w8) or a recipe config .json")
     q.add_argument("--skip", nargs="*", default=[], help="module-name globs to keep in float")
     q.add_argument("--observer", help="activation calibrator: minmax, moving_average, percentile, mse, entropy")
+    q.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="SmoothQuant migration strength before calibration (BERT-style models: 0.8)")
     q.add_argument("--threads", nargs="*", type=int, default=[1])
     q.add_argument("--out", default="runs/quantize", help="output folder")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lowbit.numerics import INT8_ACTIVATION, QuantSpec
 from lowbit.observers import PercentileObserver
-from lowbit.observers.histogram import coarsen
+from lowbit.observers.histogram import bin_counts, bin_indices, coarsen, range_exponent
 
 PER_CHANNEL = QuantSpec(bits=8, granularity="channel", axis=0)
 
@@ -136,3 +136,71 @@ def test_histogram_view_has_spec_layout_and_edges():
 def test_bins_must_be_a_power_of_two(bins):
     with pytest.raises(ValueError, match="power of two"):
         PercentileObserver(INT8_ACTIVATION, name="act", bins=bins)
+
+
+def _bincount_reference(rows: torch.Tensor, exponent: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of ``bin_indices`` per row, one bincount per row (the definition)."""
+    idx = bin_indices(rows, exponent, bins).long()
+    return torch.stack([torch.bincount(r, minlength=bins) for r in idx])
+
+
+def _edge_values(exponent: int, bins: int) -> torch.Tensor:
+    """Values on, just above and just below every bin edge of the range 2**exponent, and +-0."""
+    half = bins // 2
+    width = 2.0**exponent / half
+    k = torch.arange(-half, half, dtype=torch.float64)
+    top = torch.nextafter(torch.tensor(2.0**exponent), torch.tensor(0.0))
+    x = torch.cat([k * width, k * width * (1 + 2**-20), (k + 1) * width * (1 - 2**-23)]).float()
+    return torch.cat([x.clamp(-top, top), torch.tensor([-0.0, 0.0, 1e-38, -1e-38, 1e-45])])
+
+
+@pytest.mark.parametrize("exponent", [-100, -20, 0, 3, 40, 100])
+@pytest.mark.parametrize("bins", [16, 2048])
+def test_bin_counts_are_exact_on_bin_edges(exponent, bins):
+    x = _edge_values(exponent, bins)
+    e = torch.tensor([exponent])
+    assert torch.equal(bin_counts(x[None], e, bins), _bincount_reference(x[None], e, bins))
+    nonneg = x[x >= 0][None]  # the one-pass path for a row with no negative value
+    assert torch.equal(bin_counts(nonneg, e, bins, nonnegative=True), _bincount_reference(nonneg, e, bins))
+    rows = torch.stack([x, -x.flip(0), x * 0.5])  # several rows, each with its own offset
+    e3 = torch.full((3,), exponent)
+    assert torch.equal(bin_counts(rows, e3, bins), _bincount_reference(rows, e3, bins))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_rows=st.sampled_from([1, 1, 3, 40]),
+    k=st.integers(1, 3000),
+    scale_exp=st.integers(-12, 12),
+    grow=st.integers(0, 2),
+    relu=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bin_counts_equal_bincount_of_bin_indices(n_rows, k, scale_exp, grow, relu, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_rows, k, generator=g) * 2.0**scale_exp
+    if relu:
+        x = torch.relu(x)
+    lo, hi = torch.aminmax(x, dim=1)
+    e = range_exponent(torch.maximum(-lo, hi)) + grow  # sometimes a range larger than the data's
+    expected = _bincount_reference(x, e, 256)
+    assert torch.equal(bin_counts(x, e, 256), expected)
+    if relu and n_rows == 1:
+        assert torch.equal(bin_counts(x, e, 256, nonnegative=True), expected)
+
+
+def test_observers_of_the_same_tensor_share_one_binning_exactly():
+    """A tensor seen by several observers (a residual block's input) is reduced and binned once;
+    each observer ends exactly where it would alone, and an in-place change is a new tensor."""
+    g = torch.Generator().manual_seed(5)
+    shared, second, alone = (PercentileObserver(PER_CHANNEL, bins=128) for _ in range(3))
+    for b in _growing_batches(4, 7):
+        shared(b)
+        second(b)
+        alone(b.clone())
+        b.mul_(3.0)  # same object, new values
+        second(b)
+        alone(b.clone())
+        shared(torch.randn(3, 50, generator=g))
+    for name in ("counts", "exponent", "min_val", "max_val"):
+        assert torch.equal(getattr(second, name), getattr(alone, name)), name

@@ -137,3 +137,66 @@ def test_all_zero_rows_and_constant_rows_are_handled():
 def test_num_candidates_is_validated():
     with pytest.raises(ValueError, match="num_candidates"):
         MSEObserver(INT8_ACTIVATION, name="act", num_candidates=0)
+
+
+def _scan(spec, counts, edges, candidates, best):
+    """Keep the first candidate ``(lo, hi)`` whose error is strictly below ``best``'s, in order."""
+    for lo, hi in candidates:
+        err = expected_sq_error(counts, edges, lo, hi, spec)
+        if err.item() < best[2].item():
+            best = (lo, hi, err)
+    return best
+
+
+def _loop_search(obs: MSEObserver) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search as a plain loop over candidates, one ``expected_sq_error`` each (per row, in
+    order, strict improvement): what the vectorised search must reproduce exactly."""
+    counts, edges = obs._occupied_histogram(slice(None))  # the bins the search scores (all rows)
+    lo0 = obs.min_val.double().clamp_max(0.0)
+    hi0 = obs.max_val.double().clamp_min(0.0)
+    if obs.spec.symmetric:
+        hi0 = torch.maximum(-lo0, hi0)
+        lo0 = -hi0
+    out_lo, out_hi = [], []
+    for r in range(len(lo0)):
+        c, e, lo, hi = counts[r : r + 1], edges[r : r + 1], lo0[r : r + 1], hi0[r : r + 1]
+        best = (lo, hi, torch.tensor([float("inf")], dtype=torch.float64))
+        best = _scan(obs.spec, c, e, [(lo * q, hi * q) for q in obs.ratios()], best)
+        if not obs.spec.symmetric:
+            best = _scan(obs.spec, c, e, [(lo * q, best[1]) for q in obs.ratios()], best)
+            best = _scan(obs.spec, c, e, [(best[0], hi * q) for q in obs.ratios()], best)
+        out_lo.append(best[0])
+        out_hi.append(best[1])
+    return torch.cat(out_lo).float(), torch.cat(out_hi).float()
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["relu", "gelu", "student_t", "negative", "skewed"],
+)
+@pytest.mark.parametrize("spec", [UINT4_AFFINE, INT8_ACTIVATION, QuantSpec(bits=8, signed=False, symmetric=False,
+                                                                          granularity="channel", axis=1)],
+                         ids=["u4-affine", "i8-sym", "u8-affine-per-channel"])
+def test_vectorised_search_equals_the_candidate_loop_exactly(data, spec):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3000, 3))
+    x = {
+        "relu": np.maximum(x, 0),
+        "gelu": x * 0.5 * (1 + np.tanh(0.79788 * (x + 0.044715 * x**3))),
+        "student_t": rng.standard_t(2.0, (3000, 3)),
+        "negative": -np.abs(x),
+        "skewed": np.where(x < 0, 0.1 * x, x**3),
+    }[data]
+    obs = _observe(spec, torch.from_numpy(x.astype(np.float32)), bins=256, num_candidates=30)
+    lo, hi = obs.compute_range()
+    ref_lo, ref_hi = _loop_search(obs)
+    assert torch.equal(lo.flatten(), ref_lo) and torch.equal(hi.flatten(), ref_hi)
+
+
+def test_floor_from_frac_is_floor():
+    from lowbit.observers.mse import _floor
+
+    x = torch.cat([torch.randn(5000, dtype=torch.float64) * 300, torch.arange(-5, 6, dtype=torch.float64),
+                   torch.tensor([-0.0, 0.0, -0.5, 0.5, -1e-300, 2.0**52 - 0.5, -(2.0**52) + 0.5])])
+    assert torch.equal(_floor(x), torch.floor(x))
+    assert torch.equal(torch.signbit(_floor(x)), torch.signbit(torch.floor(x)))

@@ -102,12 +102,31 @@ def _emit_clip(g, x, p: QParams, axis: int | None, rank: int):
     return g.op("Min", x, _const(g, _broadcast(hi, axis, rank), f"{p.name}_clip_max"))
 
 
+def _fake_quantize_per_tensor(x: torch.Tensor, p: QParams) -> torch.Tensor:
+    """``fake_quantize(x, p.scale, p.zero_point, p.spec)`` bit for bit, per tensor, in 4-5 in-place passes.
+
+    The simulation computes ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``.  On the integers
+    ``round(x / s)`` that is ``clamp(round(x / s), qmin - z, qmax - z) * s`` exactly (saturated
+    values land on the same bound), except that a ``-0.0`` code comes out ``+0.0`` there
+    (``-0.0 + z - z``); adding ``0.0`` last does the same.  A symmetric grid has no zero-point
+    in the simulation (so no sign change either).  Export only needs this as the traced value;
+    it is computed once per quantized activation of the example batch.
+    """
+    z = 0 if p.spec.symmetric else int(p.zero_point_i32)
+    t = torch.div(x, p.scale).round_().clamp_(p.spec.qmin - z, p.spec.qmax - z).mul_(p.scale)
+    return t if p.spec.symmetric else t.add_(0.0)
+
+
 class _QDQ(torch.autograd.Function):
     """Static fake-quant of an activation: QuantizeLinear -> DequantizeLinear."""
 
     @staticmethod
     def forward(ctx, x, p: QParams, axis: int | None, rank: int):
         with _quiet_trace():
+            if axis is None and x.dtype == torch.float32 and p.scale.dim() == 0 and (
+                not p.spec.symmetric or not bool(p.zero_point.any())  # else fake_quantize raises
+            ):
+                return _fake_quantize_per_tensor(x, p)
             return fake_quantize(x, p.scale, p.zero_point_i32, p.spec, name=p.name)
 
     @staticmethod

@@ -92,19 +92,39 @@ def _check_opset(opset: int) -> None:
 
 
 def _trace(model, args, input_names, output_names, dynamic_batch, opset) -> onnx.ModelProto:
-    """Run the TorchScript exporter (``model`` already in export mode); returns the raw ModelProto."""
-    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
+    """Run the TorchScript exporter (``model`` already in export mode); returns the raw ModelProto.
+
+    ``output_names`` may be None (default names): the outputs are counted on the traced forward
+    itself (a forward hook fills the name list and the dynamic axes before the exporter reads
+    them, after tracing), so export runs the model once.
+    """
+    given = output_names
+    # The exporter uses this list only after the trace has filled it in (before, it only checks
+    # the dynamic axes' keys against it, and looks for a TorchScript graph when it is empty).
+    names: list[str] = ["output"]
+    dynamic_axes = {name: {0: "batch"} for name in input_names} if dynamic_batch else None
+
+    def name_outputs(module, inputs, out) -> None:
+        names[:] = _io_names(given, _count_outputs(out), "output")
+        if dynamic_axes is not None:
+            dynamic_axes.update({name: {0: "batch"} for name in names})
+
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # The TorchScript exporter is chosen deliberately (see the module docstring); its
-        # deprecation notices (raised at our call and inside torch.onnx) are not the user's concern.
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        torch.onnx.export(
-            model, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
-            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-            training=torch.onnx.TrainingMode.EVAL,
-        )
+    hook = model.register_forward_hook(name_outputs)
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is chosen deliberately (see the module docstring); its
+            # deprecation notices (raised at our call and inside torch.onnx) are not the user's concern.
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                    category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            torch.onnx.export(
+                model, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+                output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                training=torch.onnx.TrainingMode.EVAL,
+            )
+    finally:
+        hook.remove()
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -191,8 +211,6 @@ def export_onnx(
         # Export mode first: it validates every quantizer before anything runs (a forward
         # with a quantizer still calibrating would change its observer).
         with torch.no_grad(), export_mode(qmodel):
-            n_outputs = _count_outputs(qmodel(*args))
-            output_names = _io_names(output_names, n_outputs, "output")
             model = _trace(qmodel, args, input_names, output_names, dynamic_batch, opset)
     finally:
         qmodel.train(was_training)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -38,6 +40,55 @@ def _updating_state() -> Iterator[None]:
     """
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+class _RecentTensors(threading.local):
+    """Per thread: statistics of the last few tensors observed, shared by the observers that see
+    the same tensor (a residual block's input feeds a Conv and the add; one input feeds the Q, K
+    and V projections), so each batch is reduced and binned once per spec, not once per observer.
+
+    Entries hold the tensor by weak reference (no activation outlives its batch because of this)
+    and its version counter (an in-place change makes it another tensor here)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[weakref.ref, int, tuple, dict]] = []
+
+
+_RECENT = _RecentTensors()
+_RECENT_SIZE = 8
+
+
+def _batch_memo(x: torch.Tensor, key: tuple) -> dict:
+    """A dict shared by every observer that sees this very tensor, unchanged, under ``key``
+    (the rows layout: spec and device); empty the first time."""
+    try:
+        version = x._version
+    except RuntimeError:  # an inference tensor: no version counter, so nothing to match safely
+        return {}
+    entries = _RECENT.entries
+    for ref, seen_version, seen_key, memo in entries:
+        if ref() is x and seen_version == version and seen_key == key:
+            return memo
+    memo: dict = {}
+    try:
+        ref = weakref.ref(x)
+    except TypeError:
+        return memo
+    entries.append((ref, version, key, memo))
+    del entries[:-_RECENT_SIZE]
+    return memo
+
+
+def _row_ranges(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(min, max)`` of [n_rows, k] (NaN propagates), as ``torch.aminmax(rows, dim=1)``.
+
+    ``aminmax`` along a dimension runs several times slower than a whole-tensor ``aminmax`` or
+    than ``amin`` and ``amax`` (two vectorised passes); the values are the same.
+    """
+    if rows.shape[0] == 1:
+        lo, hi = torch.aminmax(rows.reshape(-1))
+        return lo.reshape(1), hi.reshape(1)
+    return rows.amin(1), rows.amax(1)
 
 
 class Observer(torch.nn.Module, abc.ABC):
@@ -70,6 +121,8 @@ class Observer(torch.nn.Module, abc.ABC):
         # empty for per-tensor specs), and how many batches have been folded in.
         self.register_buffer("param_shape", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
+        # During _update: statistics of this batch shared with other observers of the same tensor.
+        self._memo: dict | None = None
 
     # -- subclass interface ----------------------------------------------------------
     def _add_state(self, name: str, dtype: torch.dtype) -> None:
@@ -109,12 +162,21 @@ class Observer(torch.nn.Module, abc.ABC):
         """
         with _updating_state():
             rows, shape = self._rows(x)
-            # One pass gives the row ranges every observer needs; NaN / Inf propagate into
-            # them, so checking these few values replaces a full isfinite pass over x.
-            lo, hi = torch.aminmax(rows, dim=1)
-            if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-                check_finite(x, self.name)  # raises, counting the NaN / Inf
-            self._update(rows, not self.has_data, lo, hi)
+            memo = _batch_memo(x, (self.spec, rows.device))
+            if "range" in memo:  # another observer with this spec just saw this very tensor
+                lo, hi = (t.clone() for t in memo["range"])
+            else:
+                # One pass gives the row ranges every observer needs; NaN / Inf propagate into
+                # them, so checking these few values replaces a full isfinite pass over x.
+                lo, hi = _row_ranges(rows)
+                if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                    check_finite(x, self.name)  # raises, counting the NaN / Inf
+                memo["range"] = (lo.clone(), hi.clone())
+            self._memo = memo
+            try:
+                self._update(rows, not self.has_data, lo, hi)
+            finally:
+                self._memo = None
             if not self.has_data:
                 self.param_shape = torch.tensor(shape, dtype=torch.int64, device=self.num_batches.device)
             self.num_batches += 1

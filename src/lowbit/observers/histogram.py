@@ -70,6 +70,65 @@ def bin_indices(rows: torch.Tensor, exponent: torch.Tensor, bins: int) -> torch.
     return torch.floor(rows.double() * inv_width[:, None]).to(index_dtype) + half
 
 
+# torch.histc counts in the input's dtype: float32 counts are exact up to 2**24 per call.
+_HISTC_CHUNK = 1 << 24
+# Bins of all rows together (row r's at r * bins); up to this many the float32 bin arithmetic
+# below is exact.
+_HISTC_MAX_BINS = 1 << 20
+
+
+def _histc_counts(values: torch.Tensor, n_bins: int, left: float, right: float) -> torch.Tensor:
+    """int64 ``torch.histc(values, n_bins, left, right)``, exact at any size (chunked)."""
+    flat = values.reshape(-1)
+    counts = torch.zeros(n_bins, dtype=torch.int64, device=values.device)
+    for start in range(0, flat.numel(), _HISTC_CHUNK):
+        counts += torch.histc(flat[start : start + _HISTC_CHUNK], n_bins, left, right).to(torch.int64)
+    return counts
+
+
+def bin_counts(
+    rows: torch.Tensor, exponent: torch.Tensor, bins: int, nonnegative: bool = False
+) -> torch.Tensor:
+    """Counts of ``bin_indices(rows, exponent, bins)`` per row: int64 [n_rows, bins].
+
+    Built with ``torch.histc`` (multithreaded; one pass) in float32 arithmetic that is exact here.
+    histc puts ``x`` in bin ``trunc((x - left) * n / (right - left))``:
+
+    * one row of values ``>= 0`` (a ReLU's output): histc over ``[0, R)`` with ``bins/2`` bins
+      computes ``trunc(x * 2**(log2(bins/2) - e))`` with power-of-two scalings only (exact; a
+      result that underflows is below 1 anyway), which is ``floor`` for ``x >= 0``.  One pass.
+    * otherwise: ``v = floor(x * 2**shift)`` as in ``bin_indices`` (exact), plus ``r * bins`` for
+      row r (exact integers), then histc with unit bins centred on the integers: ``v - left`` is
+      a half-integer below ``2**21``, and the product's rounding moves it by far less than the
+      0.5 that separates it from a bin edge.  Three passes.
+
+    Other cases (very small ranges, very many rows) use ``bin_indices`` and ``bincount``.
+
+    Args:
+        rows: float32 [n_rows, k] with ``|x| < 2**exponent`` row-wise.
+        exponent: int64 [n_rows].
+        bins: even number of bins, a power of two.
+        nonnegative: the caller knows every value is ``>= 0`` (``-0.0`` included).
+    """
+    n_rows = rows.shape[0]
+    half = bins // 2
+    total = n_rows * bins
+    shift = (half.bit_length() - 1) - exponent
+    if nonnegative and n_rows == 1 and -100 <= int(exponent[0]) <= 100:
+        counts = torch.zeros(1, bins, dtype=torch.int64, device=rows.device)
+        counts[0, half:] = _histc_counts(rows, half, 0.0, float(2.0 ** int(exponent[0])))
+        return counts
+    if total > _HISTC_MAX_BINS or not bool((shift >= 0).all()):
+        idx = bin_indices(rows, exponent, bins)
+        flat = (idx + torch.arange(n_rows, device=idx.device, dtype=idx.dtype)[:, None] * bins).flatten()
+        return torch.bincount(flat, minlength=total).view(n_rows, bins)
+    inv_width = torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), shift)
+    v = torch.mul(rows, inv_width[:, None]).floor_()  # integers in [-half, half), exact
+    if n_rows > 1:
+        v.add_(torch.arange(n_rows, device=v.device, dtype=torch.float32)[:, None] * bins)
+    return _histc_counts(v, total, -half - 0.5, total - half - 0.5).view(n_rows, bins)
+
+
 def coarsen(counts: torch.Tensor, exponent: torch.Tensor, new_exponent: torch.Tensor) -> torch.Tensor:
     """Counts of [n_rows, bins] at range ``2**exponent`` re-binned at ``2**new_exponent`` (exactly).
 
@@ -154,19 +213,23 @@ class HistogramObserver(Observer):
         return {"bins": self.bins}
 
     def _update(self, rows: torch.Tensor, first: bool, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        batch_exp = range_exponent(torch.maximum(-lo, hi))
-        n_rows = rows.shape[0]
+        # The batch is binned at its own range, then coarsened to the state's (exact: see the
+        # module docstring), so observers of the same tensor share one binning (self._memo).
+        memo = self._memo if self._memo is not None else {}
+        key = ("bins", self.bins)
+        if key not in memo:
+            batch_exp = range_exponent(torch.maximum(-lo, hi))
+            nonnegative = bool((lo >= 0).all())
+            memo[key] = (batch_exp, bin_counts(rows, batch_exp, self.bins, nonnegative))
+        batch_exp, batch_counts = memo[key]
         if first:
-            self.counts = torch.zeros(n_rows, self.bins, dtype=torch.int64, device=rows.device)
-            self.exponent, self.min_val, self.max_val = batch_exp, lo, hi
-        else:
-            self._rescale(torch.maximum(self.exponent, batch_exp))
-            self.min_val = torch.minimum(self.min_val, lo)
-            self.max_val = torch.maximum(self.max_val, hi)
-        idx = bin_indices(rows, self.exponent, self.bins)
-        # One bincount over all rows: row r's bins live at [r * bins, (r + 1) * bins).
-        flat = (idx + torch.arange(n_rows, device=idx.device, dtype=idx.dtype)[:, None] * self.bins).flatten()
-        self.counts += torch.bincount(flat, minlength=n_rows * self.bins).view(n_rows, self.bins)
+            self.counts = batch_counts.clone()
+            self.exponent, self.min_val, self.max_val = batch_exp.clone(), lo, hi
+            return
+        self._rescale(torch.maximum(self.exponent, batch_exp))
+        self.min_val = torch.minimum(self.min_val, lo)
+        self.max_val = torch.maximum(self.max_val, hi)
+        self.counts += coarsen(batch_counts, batch_exp, self.exponent)
 
     def _merge_state(self, other: Observer) -> None:
         device = self.counts.device

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +9,22 @@ import torch
 from ..numerics import QuantSpec, compute_qparams
 from .histogram import HistogramObserver, row_chunks
 
-RangeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# float64 elements per work array of the candidate search: candidates are scored in slices of
+# this size, so the ~20 elementwise passes of each run in cache (256 KiB), and on one thread
+# (torch parallelises elementwise ops above 32768 elements; on arrays this small, waking
+# threads costs more than it saves, and far more on a busy machine).
+_WORK_ELEMENTS = 1 << 15
+
+
+def _floor(y: torch.Tensor) -> torch.Tensor:
+    """``torch.floor(y)``, exactly, from ``frac`` (``y - trunc(y)``, exact in floating point).
+
+    torch runs floor / round across threads from 2049 elements on, other elementwise ops from
+    32769: on the search's small arrays that is a thread wake-up per call (a scheduler time
+    slice, when the machine is busy) for no gain.
+    """
+    f = torch.frac(y)
+    return torch.sub(y, f).sub_((f < 0).to(y.dtype))  # trunc(y), minus 1 where y < trunc(y)
 
 
 def _sq_error_antiderivative(t: torch.Tensor, lo_code: torch.Tensor, hi_code: torch.Tensor) -> torch.Tensor:
@@ -26,7 +40,7 @@ def _sq_error_antiderivative(t: torch.Tensor, lo_code: torch.Tensor, hi_code: to
     inside = torch.clamp(t, lo_code - 0.5, hi_code + 0.5)
     excess = t.sub_(inside)  # > 0 above the grid, < 0 below it, 0 inside
     inside.add_(0.5)
-    periods = torch.floor(inside)
+    periods = _floor(inside)
     offset = inside.sub_(periods).sub_(0.5)  # distance to the nearest code, in [-0.5, 0.5)
     g = periods.div_(12.0).add_(offset.pow_(3).div_(3.0))
     # Integral of (s - hi_code)**2 from hi_code + 0.5 up to t (mirrored below the grid).
@@ -43,13 +57,20 @@ def _bin_weights(counts: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 def _mean_sq_error(
     weights: torch.Tensor, edges: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, name: str
 ) -> torch.Tensor:
-    """``expected_sq_error`` with the candidate-independent ``_bin_weights`` precomputed."""
+    """``expected_sq_error`` with the candidate-independent ``_bin_weights`` precomputed.
+
+    ``lo`` / ``hi`` are [n_rows] (one range per row) or [n_rows, k] (``k`` candidate ranges
+    per row, scored at once); the result has their shape.  Each candidate's error is computed
+    by the same elementwise operations and the same per-row sum whichever way it is batched.
+    """
     scale, zero_point = compute_qparams(lo.float(), hi.float(), spec, name)
-    step = scale.double()[:, None]  # [n_rows, 1]
-    z = zero_point.double()[:, None]
+    step = scale.double().unsqueeze(-1)  # [n_rows, (k,) 1]
+    z = zero_point.double().unsqueeze(-1)
+    if lo.dim() == 2:
+        edges, weights = edges.unsqueeze(1), weights.unsqueeze(1)
     g = _sq_error_antiderivative(edges / step, spec.qmin - z, spec.qmax - z)
     # Mean error over bin [a, b] = step**2 * (G(b/step) - G(a/step)) / ((b - a) / step).
-    return step.squeeze(1) ** 3 * ((g[:, 1:] - g[:, :-1]) * weights).sum(1)
+    return step.squeeze(-1) ** 3 * ((g[..., 1:] - g[..., :-1]) * weights).sum(-1)
 
 
 def expected_sq_error(
@@ -99,7 +120,8 @@ class MSEObserver(HistogramObserver):
     skewed range (e.g. a GELU output: a short negative side, a long positive tail)
     keep one end and clip the other, at ``3 * num_candidates`` evaluations rather
     than ``num_candidates**2`` for a full 2-D grid.  See ``expected_sq_error`` for
-    how a candidate is scored.  The loop runs over candidates; rows are vectorised.
+    how a candidate is scored.  Each pass scores all its candidates at once (rows and candidates
+    vectorised); the choice is the one a loop over the candidates in order would make.
 
     Args:
         spec: the grid (a ``QuantSpec`` or preset name).
@@ -148,34 +170,65 @@ class MSEObserver(HistogramObserver):
         """Best ``(lo, hi)`` (float64) for a chunk of rows, starting from the full range ``(lo, hi)``."""
         counts, edges = self._occupied_histogram(rows)
         weights = _bin_weights(counts, edges)
+        ratios = torch.tensor(self.ratios(), dtype=torch.float64, device=lo.device)
 
-        def error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return _mean_sq_error(weights, edges, a, b, self.spec, self.name)
+        def error(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+            """Errors [n, k] of the candidates ``(a, b)`` ([n, k]); rows not in ``keep`` are skipped (inf)."""
+            if keep is None:
+                return self._candidate_errors(weights, edges, a, b)
+            err = torch.full(a.shape, float("inf"), dtype=torch.float64, device=a.device)
+            err[keep] = self._candidate_errors(weights[keep], edges[keep], a[keep], b[keep])
+            return err
 
         best = (lo, hi, torch.full_like(lo, float("inf")))
-        best = self._search(error, lambda r: (lo * r, hi * r), best)
+        scaled_lo, scaled_hi = lo[:, None] * ratios, hi[:, None] * ratios  # [n, k]: the same products as lo * r
+        best = self._pick(error(scaled_lo, scaled_hi), scaled_lo, scaled_hi, best)
         if not self.spec.symmetric:
-            fixed_hi = best[1]
-            best = self._search(error, lambda r: (lo * r, fixed_hi), best)
-            fixed_lo = best[0]
-            best = self._search(error, lambda r: (fixed_lo, hi * r), best)
+            # A row with lo == 0 (e.g. a ReLU output) gets nothing new from either refinement: pass 2
+            # would retry its current best k times, pass 3 the candidates of pass 1 (same errors, so
+            # never strictly better).  Likewise pass 3 for hi == 0.  Skipping them is exact.
+            two_sided = (lo != 0) & (hi != 0)
+            if bool(two_sided.any()):
+                keep = None if bool(two_sided.all()) else two_sided
+                fixed_hi = best[1][:, None].expand_as(scaled_lo)
+                best = self._pick(error(scaled_lo, fixed_hi, keep), scaled_lo, fixed_hi, best)
+                fixed_lo = best[0][:, None].expand_as(scaled_hi)
+                best = self._pick(error(fixed_lo, scaled_hi, keep), fixed_lo, scaled_hi, best)
         return best[0], best[1]
 
-    def _search(
-        self,
-        error: RangeFn,
-        candidate: Callable[[float], tuple[torch.Tensor, torch.Tensor]],
+    def _candidate_errors(
+        self, weights: torch.Tensor, edges: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> torch.Tensor:
+        """``_mean_sq_error`` of [n, k] candidate ranges, in slices of candidates that fit in cache."""
+        n, k = lo.shape
+        per_slice = max(1, _WORK_ELEMENTS // max(1, n * edges.shape[1]))
+        if per_slice >= k:
+            return _mean_sq_error(weights, edges, lo, hi, self.spec, self.name)
+        return torch.cat(
+            [
+                _mean_sq_error(weights, edges, lo[:, i : i + per_slice], hi[:, i : i + per_slice], self.spec, self.name)
+                for i in range(0, k, per_slice)
+            ],
+            dim=1,
+        )
+
+    @staticmethod
+    def _pick(
+        err: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
         best: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One pass over the ratios; per row, keep the first candidate with the lowest error."""
+        """One pass over the candidates [n, k]: per row, the first one with the lowest error replaces
+        ``best`` if strictly better (what a loop over the candidates in order would keep)."""
         best_lo, best_hi, best_err = best
-        for r in self.ratios():
-            lo, hi = candidate(r)
-            err = error(lo, hi)
-            better = err < best_err
-            best_lo = torch.where(better, lo, best_lo)
-            best_hi = torch.where(better, hi, best_hi)
-            best_err = torch.where(better, err, best_err)
+        err = torch.nan_to_num(err, nan=float("inf"))  # a NaN error never wins, as `<` would say
+        k = err.argmin(1, keepdim=True)  # the first minimum
+        pass_err = err.gather(1, k).squeeze(1)
+        better = pass_err < best_err
+        best_lo = torch.where(better, lo.gather(1, k).squeeze(1), best_lo)
+        best_hi = torch.where(better, hi.gather(1, k).squeeze(1), best_hi)
+        best_err = torch.where(better, pass_err, best_err)
         return best_lo, best_hi, best_err
 
     def _occupied_histogram(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
