@@ -39,7 +39,8 @@ def run_model(model: nn.Module, batch) -> object:
     return model(batch)
 
 
-def _quantizers(model: nn.Module):
+def quantizers_by_role(model: nn.Module):
+    """(module, role, Quantizer) for every quantizer in ``model``, in module order."""
     for _, module in model.named_modules():
         if has_quantizers(module):
             for role, q in module.quantizers():
@@ -55,21 +56,32 @@ def calibrate(model: nn.Module, calib_data: Iterable, *, progress: bool = True) 
     """
     activation = []
     weights = []
-    for module, role, q in _quantizers(model):
+    for module, role, q in quantizers_by_role(model):
         if q.mode == "dynamic" or q.observer is None:
             continue
-        q.observer.reset()
         if role == "weight":
+            q.observer.reset()
             q.observer(module.weight)
             q.freeze()
             weights.append((module, q))
         else:
-            q.mode = "calibrating"
             activation.append(q)
+    return calibrate_activations(model, activation, calib_data, progress=progress, weights=weights)
 
+
+def calibrate_activations(model: nn.Module, activation: list[Quantizer], calib_data: Iterable, *,
+                          progress: bool = True, weights: list[tuple[nn.Module, Quantizer]] = ()
+                          ) -> tuple[int, list[str]]:
+    """Observe the ``activation`` quantizers over ``calib_data`` and freeze them; those that saw
+    no data are disabled (their tensor stays float), logged and returned by name, with the number
+    of batches.  ``weights``: frozen (layer, weight quantizer) pairs whose fake-quantized weight is
+    computed once for the whole pass."""
+    for q in activation:
+        q.observer.reset()
+        q.mode = "calibrating"
     n_batches = 0
     if activation:
-        with _fixed_weights(weights):
+        with _fixed_weights(list(weights)):
             n_batches = _feed(model, calib_data, progress)
 
     uncalibrated = []
@@ -254,5 +266,5 @@ def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, SwapR
 
 def iter_quantizers(model: nn.Module) -> Iterable[tuple[str, Quantizer]]:
     """(name, quantizer) for every quantizer in ``model``."""
-    for _, _, q in _quantizers(model):
+    for _, _, q in quantizers_by_role(model):
         yield q.name, q

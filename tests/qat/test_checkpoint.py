@@ -14,13 +14,7 @@ from lowbit.nn.conv_bn import QuantConvBn2d
 from lowbit.nn.quantizer import Quantizer
 from lowbit.qat import QATSchedule, fit, freeze_bn, load_checkpoint, prepare_qat, save_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

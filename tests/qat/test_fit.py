@@ -10,14 +10,7 @@ from lowbit.nn.quantizer import Quantizer
 from lowbit.qat import QATSchedule, distillation_loss, fit, load_checkpoint, prepare_qat
 from lowbit.qat.fit import _default_optimizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DigitsCNN(nn.Module):

@@ -13,13 +13,7 @@ from lowbit.nn.quantizer import Quantizer
 from lowbit.qat import Monitor, fit, prepare_qat
 from lowbit.qat.monitor import bit_widths, quantizer_scales, weight_errors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

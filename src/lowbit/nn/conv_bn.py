@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import QuantConv2d, _QuantMixin
+from .modules import QuantConv2d, _QuantMixin, adopt
 
 
 def _per_channel(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -52,14 +52,7 @@ class ConvBn2d(nn.Conv2d):
         if bn.num_features != conv.out_channels or bn.running_var is None:
             raise ValueError(f"BatchNorm2d({bn.num_features}, track_running_stats={bn.running_var is not None}) "
                              f"cannot fold into a conv with {conv.out_channels} outputs")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for key, value in conv.__dict__.items():
-            if key not in fused.__dict__ or key == "training":
-                fused.__dict__[key] = value
-        fused._parameters = dict(conv._parameters)
-        fused._buffers = dict(conv._buffers)
-        fused._modules = dict(conv._modules)
+        fused = adopt(cls, conv)
         fused.bn = bn
         return fused
 
@@ -129,17 +122,12 @@ class QuantConvBn2d(_QuantMixin, ConvBn2d):
     def to_quant_conv(self) -> QuantConv2d:
         """The equivalent QuantConv2d with BatchNorm folded in (running statistics), sharing
         this layer's quantizers: what export and PTQ tools understand."""
-        conv = QuantConv2d.__new__(QuantConv2d)
-        nn.Module.__init__(conv)
-        for key, value in self.__dict__.items():
-            if key not in conv.__dict__ or key == "training":
-                conv.__dict__[key] = value
+        conv = adopt(QuantConv2d, self)
         conv.__dict__.pop("bn_frozen", None)
         conv.__dict__.pop("bn_sync", None)
         conv._parameters = {"weight": nn.Parameter(self._folded_weight().detach().clone()),
                             "bias": nn.Parameter(self._folded_bias().detach().clone())}
-        conv._buffers = dict(self._buffers)
-        conv._modules = {k: v for k, v in self._modules.items() if k != "bn"}
+        del conv._modules["bn"]
         return conv
 
 

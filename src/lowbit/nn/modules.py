@@ -47,6 +47,20 @@ class TensorQuant:
         )
 
 
+def adopt(cls: type[nn.Module], module: nn.Module) -> nn.Module:
+    """A new ``cls`` that shares ``module``'s attributes, parameters, buffers and children (not
+    copied), with fresh hook and state dicts of its own: how a layer changes type in place."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for key, value in module.__dict__.items():
+        if key not in new.__dict__ or key == "training":
+            new.__dict__[key] = value
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
 class _QuantMixin:
     """Shared plumbing: quantizer attributes and the inverse swap."""
 
@@ -112,14 +126,7 @@ class _QuantMixin:
     @classmethod
     def from_float(cls, module, *, name, weight=None, input=None, output=None):
         """Wrap ``module`` (its parameters are shared, not copied; hooks are not carried over)."""
-        qmod = cls.__new__(cls)
-        nn.Module.__init__(qmod)  # fresh hook and state dicts of its own
-        for key, value in module.__dict__.items():
-            if key not in qmod.__dict__ or key == "training":
-                qmod.__dict__[key] = value
-        qmod._parameters = dict(module._parameters)
-        qmod._buffers = dict(module._buffers)
-        qmod._modules = dict(module._modules)
+        qmod = adopt(cls, module)
         qmod._init_quantizers(name, weight, input, output)
         return qmod
 

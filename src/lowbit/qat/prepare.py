@@ -31,7 +31,7 @@ from ..nn.swap import SwapReport
 from ..numerics import compute_qparams, tensor_minmax
 from ..observers import make_observer
 from ..passes._graph import find_chains, set_submodule
-from ..ptq import _feed, insert_graph_quantizers, swap_layers
+from ..ptq import calibrate_activations, insert_graph_quantizers, quantizers_by_role, swap_layers
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ def _weight_source(module: nn.Module) -> torch.Tensor:
     if isinstance(module, QuantConvBn2d):
         return module.quantized_weight_source()
     return module.weight
-
-
-def quantizers_by_role(model: nn.Module):
-    """(module, role, Quantizer) for every quantizer in ``model``, in module order."""
-    for module in model.modules():
-        if has_quantizers(module):
-            for role, q in module.quantizers():
-                yield module, role, q
 
 
 def fuse_conv_bn(model: nn.Module) -> list[str]:
@@ -152,16 +144,7 @@ def _init_activations(model: nn.Module, calib_data: Iterable | None, learn: Lear
     acts = [q for _, role, q in quantizers_by_role(model) if role != "weight" and q.mode != "dynamic"]
     n_batches = 0
     if calib_data is not None and acts:
-        for q in acts:
-            q.observer.reset()
-            q.mode = "calibrating"
-        n_batches = _feed(model, calib_data, progress)
-        for q in acts:
-            if q.observer.has_data:
-                q.freeze()
-            else:
-                q.mode = "disabled"
-                log.warning("%s saw no calibration data; this tensor stays float", q.name)
+        n_batches, _ = calibrate_activations(model, acts, calib_data, progress=progress)
     for q in acts:
         if q.mode == "disabled":
             continue
