@@ -46,8 +46,8 @@ def run(*, calib: int, n_eval: int, config: str, out: Path, threads, batches, ru
                             fp32_onnx=out / "mobilenet_v2.fp32.onnx", threads=threads, batch_sizes=batches,
                             latency_runs=runs)
     text = "\n\n".join([
-        f"MobileNetV2 (torchvision ImageNet weights), config {config}, {calib} calibration photos, "
-        f"{n_eval} held-out evaluation photos; quantize {quant_s:.1f} s, export {export_s:.1f} s",
+        (f"MobileNetV2 (torchvision ImageNet weights), config {config}, {calib} calibration photos, "
+        f"{n_eval} held-out evaluation photos; quantize {quant_s:.1f} s, export {export_s:.1f} s"),
         str(report),
         str(kernels),
     ])

@@ -81,16 +81,15 @@ class QuantSpec:
                 raise ValueError(f"QuantSpec: granularity={self.granularity!r} needs an integer axis")
         if self.granularity == "channel" and self.group_size is not None:
             raise ValueError("QuantSpec: group_size is only for granularity='group'")
-        if self.granularity == "group":
-            if (
-                self.group_size is None
-                or isinstance(self.group_size, bool)
-                or not isinstance(self.group_size, int)
-                or self.group_size < 1
-            ):
-                raise ValueError(
-                    f"QuantSpec: granularity='group' needs a positive integer group_size, got {self.group_size!r}"
-                )
+        if self.granularity == "group" and (
+            self.group_size is None
+            or isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size < 1
+        ):
+            raise ValueError(
+                f"QuantSpec: granularity='group' needs a positive integer group_size, got {self.group_size!r}"
+            )
 
     # -- the integer grid ---------------------------------------------------------
     @property

@@ -11,6 +11,13 @@ Data:
     scikit-image and scikit-learn, preprocessed for ImageNet models.
   * ``english_sentences``: prose sentences from standard-library docstrings.
 
+Labelled tasks (for QAT and benchmarks; import from their modules):
+  * ``lowbit.zoo.digits.DigitsTask``: scikit-learn's digits, upscaled and distorted.
+  * ``lowbit.zoo.photo_patches.PhotoPatchTask``: which bundled photo a patch was cut from
+    (test patches from a part of each photo never used in training).
+  * ``lowbit.zoo.docstring_topics.topic_sentences``: which part of the standard library a
+    docstring sentence comes from (six topics).
+
 Optional packages (scikit-image, scikit-learn, transformers, the weight packages) are
 imported only when a loader needs them; a missing one raises an error naming the
 install command.  ``pip install -e '.[zoo]'`` installs all but the MobileNetV2 weights,
