@@ -72,6 +72,7 @@ ROUNDS = 10  # latency runs are split into this many interleaved rounds (blocks 
 EVAL_BATCH = 32
 CALIB_BATCH = 16
 SEQ_LEN = 64  # MiniLM inputs are padded to this many word pieces (the sentences have 6-40 words)
+SMOOTHQUANT_ALPHA = 0.8  # MiniLM: lowbit w8a8 with SmoothQuant at this migration strength (tests/e2e uses it too)
 CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
 
 log = logging.getLogger("bench_ptq")
@@ -95,6 +96,7 @@ class Workload:
     latency_only: bool = False
     nncf_options: dict = field(default_factory=dict)
     ort_variants: tuple[tuple[str, dict], ...] = (("", {}),)  # (row suffix, extra quantize_static kwargs)
+    smoothquant: float | None = None  # also run lowbit w8a8 with quantize(..., smoothquant=alpha)
 
     def args(self, batch: dict) -> tuple[torch.Tensor, ...]:
         return tuple(batch[n] for n in self.input_names)
@@ -185,6 +187,7 @@ def _minilm(args) -> Workload:
         embedding=True,
         nncf_options=nncf_options,
         ort_variants=(("", {}), (", MatMul only", {"op_types_to_quantize": ["MatMul"]})),
+        smoothquant=SMOOTHQUANT_ALPHA,
     )
 
 
@@ -229,14 +232,16 @@ def default_observer() -> str:
     return lowbit.CONFIGS["w8a8"].default.input.observer
 
 
-def run_lowbit(w: Workload, observer: str | None, out: Path) -> Method:
+def run_lowbit(w: Workload, observer: str | None, out: Path, smoothquant: float | None = None) -> Method:
     config = lowbit.CONFIGS["w8a8"]
     name = f"lowbit w8a8 (default: {default_observer()})"
     if observer is not None:
         config, name = config.with_observer(observer), f"lowbit w8a8, {observer} calibrator"
+    if smoothquant is not None:
+        name += f" + SmoothQuant {smoothquant:g}"
     calib = [w.args(b) for b in w.calib]
     start = time.perf_counter()
-    qmodel = lowbit.quantize(w.model, calib, config, progress=False)
+    qmodel = lowbit.quantize(w.model, calib, config, progress=False, smoothquant=smoothquant)
     export_lowbit(w, qmodel, out)
     return Method(name, out, time.perf_counter() - start)
 
@@ -414,6 +419,8 @@ def bench_model(w: Workload, args, tmp: Path) -> dict:
         best, search = search_calibrator(w, methods[-1], tmp, args.calibrators)
         if best is not None:
             methods.append(best)
+    if w.smoothquant is not None:
+        methods.append(run_lowbit(w, None, tmp / "lowbit_smooth.onnx", smoothquant=w.smoothquant))
     ready = [m for m in methods if m.path is not None]
 
     ref = ort_outputs(w, fp32.path, w.evals)

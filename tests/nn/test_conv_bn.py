@@ -122,3 +122,18 @@ def test_bad_pairs_are_refused():
         ConvBn2d.from_pair(conv, nn.BatchNorm1d(8))
     with pytest.raises(ValueError, match="8 outputs"):
         ConvBn2d.from_pair(conv, nn.BatchNorm2d(5))
+
+
+def test_channel_division_gradients_match_autograd():
+    """The hand-written backward of the training-time un-scaling (y / factor per channel)."""
+    from lowbit.nn.conv_bn import _DivideChannels
+
+    torch.manual_seed(0)
+    y = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    factor = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(_DivideChannels.apply, (y, factor))
+    grad = torch.randn(3, 5, 4, 4, dtype=torch.float64)
+    mine = torch.autograd.grad(_DivideChannels.apply(y, factor), (y, factor), grad)
+    ref = torch.autograd.grad(y / factor.reshape(1, -1, 1, 1), (y, factor), grad)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -31,6 +31,31 @@ def _per_channel(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
+class _DivideChannels(torch.autograd.Function):
+    """``y / factor`` with one factor per channel (dim 1 of NCHW), differentiable in both.
+
+    Autograd's own division spends three full-size temporaries on the factor's gradient
+    (``-grad * y / factor**2``); here it is one product, reduced:
+    ``d/d factor = -sum(grad * out) / factor`` over the batch and spatial positions.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        out = y / _per_channel(factor, y.dim(), 1)
+        ctx.save_for_backward(out, factor)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, factor = ctx.saved_tensors
+        grad_y = grad / _per_channel(factor, grad.dim(), 1) if ctx.needs_input_grad[0] else None
+        grad_factor = None
+        if ctx.needs_input_grad[1]:
+            dims = [d for d in range(grad.dim()) if d != 1]
+            grad_factor = -(grad * out).sum(dims) / factor
+        return grad_y, grad_factor
+
+
 class ConvBn2d(nn.Conv2d):
     """A Conv2d and the BatchNorm2d that follows it (``self.bn``), in float.
 
@@ -99,7 +124,7 @@ class QuantConvBn2d(_QuantMixin, ConvBn2d):
         x = self._quant_input(x)
         w = self._quant_weight()
         if self.training and not self.bn_frozen:
-            y = self._conv_forward(x, w, None) / _per_channel(self._fold_factor(), 4, 1)
+            y = _DivideChannels.apply(self._conv_forward(x, w, None), self._fold_factor())
             if self.bias is not None:
                 y = y + _per_channel(self.bias, 4, 1)
             bn = self.bn

@@ -95,6 +95,17 @@ def dequantize(
     return (out * s.float()).reshape(q.shape)
 
 
+def _inside_mask(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1.0 where the clamp left the code alone (``q == t``), else 0.0, written over ``t``.
+
+    A float mask, not a bool one: on CPU, writing a comparison straight into a float tensor and
+    multiplying by it are each several times faster than making a bool tensor and then
+    multiplying by it (or ``torch.where`` on it), which converts it element by element.  Reusing
+    ``t``'s memory saves one allocation of the tensor's size (large ones cost page faults).
+    """
+    return torch.eq(q, t, out=t)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Quantize-dequantize; gradient 1 where the code did not saturate, else 0."""
 
@@ -104,7 +115,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         if z is not None:
             t.add_(z)
         q = t.clamp(qmin, qmax)
-        ctx.save_for_backward(q == t)  # inside the clipping range
+        ctx.save_for_backward(_inside_mask(q, t))
         if z is not None:
             q.sub_(z)
         return q.mul_(s)
@@ -124,7 +135,8 @@ class _FakeQuantLSQ(torch.autograd.Function):
         d x_hat / d s = (q - z) - v * inside   (round(v) - v inside, qmin - z / qmax - z outside);
         d x_hat / d z = -s outside the range, 0 inside.
     Scale and zero-point gradients are summed over the elements each parameter
-    covers and multiplied by ``grad_scale``.
+    covers and multiplied by ``grad_scale``.  The forward pass keeps only the mask and
+    ``d x_hat / d s`` (one fused ``addcmul``), so the backward pass is a few products.
     """
 
     @staticmethod
@@ -135,24 +147,29 @@ class _FakeQuantLSQ(torch.autograd.Function):
         if zr is not None:
             t.add_(zr)
         q = t.clamp(qmin, qmax)
-        inside = q == t
+        inside = _inside_mask(q, t)
         if zr is not None:
-            q.sub_(zr)
-        ctx.save_for_backward(v, q, inside, s, z)
+            q.sub_(zr)  # q - z from here on
+        ds = torch.addcmul(q, v, inside, value=-1.0, out=v) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(inside, ds, s)
         ctx.grad_scale = grad_scale
-        return q * s
+        ctx.has_z = z is not None
+        return q.mul_(s)
 
     @staticmethod
     def backward(ctx, grad):
-        v, q_minus_z, inside, s, z = ctx.saved_tensors
+        inside, ds, s = ctx.saved_tensors
         g = ctx.grad_scale
         grad_x = grad * inside
         grad_s = None
         if ctx.needs_input_grad[1]:
-            grad_s = (grad * (q_minus_z - v * inside)).sum_to_size(s.shape) * g
+            if s.numel() == 1:  # one dot product, no full-size temporary
+                grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(s.shape) * g
+            else:
+                grad_s = (grad * ds).sum_to_size(s.shape) * g
         grad_z = None
-        if z is not None and ctx.needs_input_grad[2]:
-            grad_z = (grad * ~inside * -s).sum_to_size(z.shape) * g
+        if ctx.has_z and ctx.needs_input_grad[2]:
+            grad_z = (grad - grad_x).sum_to_size(s.shape) * (-s * g)
         return grad_x, grad_s, grad_z, None, None, None
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..numerics import QuantSpec, check_finite, compute_qparams, get_spec, rows_view
+from ..numerics import QuantSpec, check_finite, compute_qparams, get_spec, row_ranges, rows_view
 
 # Bumped when the meaning of the saved buffers changes.
 STATE_VERSION = 1
@@ -77,18 +77,6 @@ def _batch_memo(x: torch.Tensor, key: tuple) -> dict:
     entries.append((ref, version, key, memo))
     del entries[:-_RECENT_SIZE]
     return memo
-
-
-def _row_ranges(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(min, max)`` of [n_rows, k] (NaN propagates), as ``torch.aminmax(rows, dim=1)``.
-
-    ``aminmax`` along a dimension runs several times slower than a whole-tensor ``aminmax`` or
-    than ``amin`` and ``amax`` (two vectorised passes); the values are the same.
-    """
-    if rows.shape[0] == 1:
-        lo, hi = torch.aminmax(rows.reshape(-1))
-        return lo.reshape(1), hi.reshape(1)
-    return rows.amin(1), rows.amax(1)
 
 
 class Observer(torch.nn.Module, abc.ABC):
@@ -168,7 +156,7 @@ class Observer(torch.nn.Module, abc.ABC):
             else:
                 # One pass gives the row ranges every observer needs; NaN / Inf propagate into
                 # them, so checking these few values replaces a full isfinite pass over x.
-                lo, hi = _row_ranges(rows)
+                lo, hi = row_ranges(rows)
                 if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
                     check_finite(x, self.name)  # raises, counting the NaN / Inf
                 memo["range"] = (lo.clone(), hi.clone())

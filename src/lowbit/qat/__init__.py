@@ -2,6 +2,7 @@
 
     qmodel = lowbit.prepare_qat(model, "w4a8", calib_data=batches)   # learned scales (LSQ) by default
     sched = lowbit.qat.QATSchedule(qmodel, freeze_bn_after=1000)
+    opt = torch.optim.AdamW(lowbit.qat.param_groups(qmodel, lr=1e-4))  # no decay on learned ranges
     ... your training loop, calling sched.step() after each optimizer step ...
     # or the reference loop: checkpoints, resume, distillation, NaN guard, TensorBoard
     lowbit.qat.fit(qmodel, train_batches, F.cross_entropy, epochs=3, schedule=sched, teacher=model,
@@ -28,6 +29,7 @@ from .distributed import (
 )
 from .fit import FitResult, fit
 from .monitor import Monitor
+from .optim import param_groups
 from .prepare import QATSummary, convert, fuse_conv_bn, prepare_qat
 from .schedule import QATSchedule, freeze_bn, freeze_observers
 
@@ -47,6 +49,7 @@ __all__ = [
     "freeze_observers",
     "fuse_conv_bn",
     "load_checkpoint",
+    "param_groups",
     "prepare_ddp",
     "prepare_qat",
     "replica_mismatches",

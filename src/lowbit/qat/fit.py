@@ -3,8 +3,8 @@
 Your own loop works as well (``prepare_qat`` returns a plain ``nn.Module``); this one adds
 what a QAT fine-tune usually needs and is tedious to get right:
 
-* a fine-tuning default optimizer: AdamW at lr 1e-4, no weight decay on quantizer
-  scales / zero-points (decay would pull every range towards zero), biases or norms;
+* a fine-tuning default optimizer: AdamW at lr 1e-4 over ``param_groups`` (no weight decay
+  on quantizer scales / zero-points, biases or norms; zero-points at a rate in grid units);
 * optional distillation from the FP32 model (KL on the logits, mixed with the task loss);
 * ``QATSchedule.step()`` after every optimizer step;
 * checkpoints that resume bit-identically: the data order of an epoch depends only on
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nn.quantizer import Quantizer
 from ..ptq import run_model
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .distill import distillation_loss
+from .optim import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,9 @@ class FitResult:
 
 
 def _default_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices / kernels only (not on quantizer
-    parameters, biases or norms).  Parameters a schedule has frozen are included: they
-    train once their stage comes."""
-    quant = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if id(p) in quant or p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    """AdamW over ``param_groups``: decay on weight matrices / kernels only, learned scales at
+    ``lr``, LSQ+ zero-points at the matching rate in integer units."""
+    return torch.optim.AdamW(param_groups(model, lr, weight_decay=weight_decay), lr=lr)
 
 
 def _logits(out) -> torch.Tensor:
