@@ -182,6 +182,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class CNNSettings:
+    widths: tuple = (16, 32, 64)
     fp32_epochs: int = 30
     fp32_lr: float = 1e-2
     qat_epochs: int = 8
@@ -243,7 +244,7 @@ def cnn_seed(seed: int, s: CNNSettings, tmp: Path) -> dict:
     t0 = time.perf_counter()
     task = PhotoPatchTask(size=32, seed=seed)
     torch.manual_seed(seed)
-    fp32 = dscnn()
+    fp32 = dscnn(s.widths)
     train_s = train_images(fp32, task, s.fp32_epochs, s.fp32_lr, seed, batch=s.batch)
     res: dict = {"seed": seed, "n_test": len(task.test_y), "n_train": task.n_train,
                  "params": sum(p.numel() for p in fp32.parameters()), "fp32_train_s": train_s}
@@ -387,8 +388,9 @@ def run_cnn(args, tmp: Path) -> tuple[str, dict]:
         (f"Task (`lowbit.zoo.photo_patches`): which of the 17 photos bundled with scikit-image / scikit-learn "
         f"a square patch (32-96 px, resized to 32x32) was cut from; training patches (a bank of "
         f"{t['n_train']}, random flips) come from the left 70 % of each photo, the {t['n_test']} test "
-        f"patches from the right 30 %, so no test pixel is seen in training. Model: `dscnn()` in this "
-        f"file, {t['params']} parameters (3x3 stride-2 stem, depthwise-separable blocks 16→32→64→64, "
+        f"patches from the right 30 %, so no test pixel is seen in training. Model: `dscnn({s.widths})` in this "
+        f"file, {t['params']} parameters (3x3 stride-2 stem, depthwise-separable blocks "
+        f"{'→'.join(map(str, (*s.widths, s.widths[-1])))}, "
         f"BatchNorm + ReLU after every conv, linear head). FP32: {s.fp32_epochs} epochs AdamW (lr "
         f"{s.fp32_lr}, cosine). PTQ calibrates on {s.n_calib} fresh training-region patches; the 'best of "
         f"6' row picks among activation observers {'/'.join(s.ptq_observers)} × (plain, cross-layer "

@@ -299,3 +299,52 @@ def test_get_config():
         assert name in message
     with pytest.raises(ValueError, match="presets"):
         get_config(None)
+
+
+# -- position patterns: "@first" / "@last" ---------------------------------------------------
+def _cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_bind_names_the_first_and_last_compute_layers():
+    cfg = QuantConfig(rules=(Rule(pattern="@first", layer=W_INT8), Rule(pattern="@last", layer=None)), default=W_INT4)
+    model = _cnn()
+    bound = cfg.bind(model)
+    assert [r.pattern for r in bound.rules] == ["0", "6"]
+    assert bound.resolve("0", model[0])[0] == W_INT8
+    assert bound.resolve("2", model[2])[0] == W_INT4
+    assert bound.resolve("6", model[6])[0] is None
+    # unbound, the position rules match nothing; the recipe keeps the position, not the names
+    assert cfg.resolve("0", model[0])[0] == W_INT4
+    assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert W8A8.bind(model) is W8A8  # no position rules: nothing to do
+
+
+def test_bind_escapes_glob_characters_and_handles_one_layer_and_no_layer_models():
+    cfg = QuantConfig(rules=(Rule(pattern="@first", layer=W_INT8),), default=W_INT4)
+    odd = nn.Module()
+    odd.add_module("a[1]", nn.Linear(2, 2))
+    odd.add_module("a1", nn.Linear(2, 2))
+    bound = cfg.bind(odd)
+    assert bound.resolve("a[1]", odd.get_submodule("a[1]"))[0] == W_INT8
+    assert bound.resolve("a1", odd.a1)[0] == W_INT4
+    assert cfg.bind(nn.Linear(2, 2)).resolve("", nn.Linear(2, 2))[0] == W_INT8
+    assert cfg.bind(nn.ReLU()).rules == ()
+
+
+def test_4bit_presets_keep_the_first_and_last_layers_at_8_bits():
+    import torch
+
+    import lowbit
+
+    for name in ("w4a8", "w4a4"):
+        qmodel = lowbit.quantize(_cnn(), [torch.rand(2, 3, 8, 8)], name, progress=False)
+        bits = {n: (m.weight_quantizer.spec.bits, m.input_quantizer.spec.bits)
+                for n, m in qmodel.named_modules() if hasattr(m, "weight_quantizer")}
+        act = 8 if name == "w4a8" else 4
+        assert bits == {"0": (8, 8), "2": (4, act), "6": (8, 8)}, name
+        # a user's rule still wins over the preset's position rules
+        float_head = get_config(name).with_rules(Rule(pattern="6", layer=None))
+        qmodel = lowbit.quantize(_cnn(), [torch.rand(2, 3, 8, 8)], float_head, progress=False)
+        assert type(qmodel.get_submodule("6")) is nn.Linear

@@ -6,6 +6,14 @@ qualified name (``"encoder.layer.*.attention.*"``) or on its type
 first matching rule wins; a layer no rule matches gets ``default``.  Presets are
 named constants; ``CONFIGS`` is derived from them.
 
+Two position patterns name layers by place rather than name: ``"@first"`` and ``"@last"``
+are the model's first and last compute layer (Linear / Conv, in module registration order;
+embeddings are not counted).  ``QuantConfig.bind(model)`` turns them into exact names just
+before layers are swapped, so a recipe keeps the position, not one model's layer names.
+The 4-bit presets use them to keep the first and last layers at 8 bits, the usual protocol
+for low-bit networks (Esser et al. 2020, LSQ): the input image and the logits are where
+4 bits cost the most.
+
     cfg = W8A8.with_rules(Rule(pattern="classifier.*", layer=None))   # keep the head in float
 """
 
@@ -54,6 +62,8 @@ class Rule:
             raise ValueError("Rule.pattern must be a non-empty glob string")
 
     def matches(self, name: str, module: nn.Module) -> bool:
+        if self.pattern in POSITIONS:  # unbound: QuantConfig.bind(model) names the layer
+            return False
         if self.pattern.startswith("type:"):
             wanted = self.pattern[len("type:"):]
             return any(fnmatch.fnmatchcase(cls.__name__, wanted) for cls in type(module).__mro__)
@@ -81,6 +91,25 @@ class QuantConfig:
             if rule.matches(name, module):
                 return rule.layer, f"rule {rule.pattern!r}"
         return self.default, "default"
+
+    def bind(self, model: nn.Module) -> QuantConfig:
+        """A copy in which the position patterns ``"@first"`` / ``"@last"`` are the exact names of
+        ``model``'s first / last compute layer (Linear, Conv1d, Conv2d in module order; the model
+        itself when it is one such layer).  Unchanged when no rule uses them."""
+        if not any(r.pattern in POSITIONS for r in self.rules):
+            return self
+        names = [name for name, m in model.named_modules() if isinstance(m, _COMPUTE_LAYERS)]
+        where = {"@first": names[0] if names else None, "@last": names[-1] if names else None}
+        rules = []
+        for rule in self.rules:
+            if rule.pattern in POSITIONS:
+                name = where[rule.pattern]
+                if name is None:
+                    continue  # no compute layer: nothing to name
+                # (the model itself, named "": a one-layer model, which "*" matches and nothing else)
+                rule = dataclasses.replace(rule, pattern=_escape_glob(name) if name else "*")
+            rules.append(rule)
+        return dataclasses.replace(self, rules=tuple(rules))
 
     def with_rules(self, *rules: Rule) -> QuantConfig:
         """A copy with ``rules`` taking precedence over the existing ones."""
@@ -118,6 +147,15 @@ class QuantConfig:
         _check_fields(cls, data)
         rules = tuple(_rule_from_dict(r) for r in data.pop("rules", ()))
         return cls(rules=rules, default=_layer_from_dict(data.pop("default", None)), **data)
+
+
+POSITIONS = ("@first", "@last")
+_COMPUTE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _escape_glob(name: str) -> str:
+    """``name`` as a glob that matches exactly it (``[``, ``*`` and ``?`` bracketed)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
 
 
 def _check_fields(cls, data: Mapping) -> None:
@@ -183,24 +221,27 @@ W8 = _config(QuantConfig(name="w8", rules=(_EMBEDDING_W8,), default=LayerQuant(w
 """Weight-only INT8 per channel; activations stay float."""
 
 _INT4_W = TensorQuant(spec=INT4_WEIGHT, observer="mse")
+# The first and last compute layers stay at 8 bits in the 4-bit presets (see the module docstring).
+_ENDS_W8A8 = (Rule(pattern="@first", layer=W8A8.default), Rule(pattern="@last", layer=W8A8.default))
 
 W4A8 = _config(QuantConfig(
     name="w4a8",
-    rules=(_EMBEDDING_W8,),
+    rules=(_EMBEDDING_W8, *_ENDS_W8A8),
     default=LayerQuant(weight=_INT4_W, input=TensorQuant(spec=UINT8_ACTIVATION, observer="mse")),
 ))
-"""int4 per-channel weights (range by MSE), uint8 per-tensor activations: the usual QAT target
-(``lowbit.prepare_qat``).  Exports as int8 containers holding int4 values, so ONNX Runtime runs
-it on its int8 kernels with the 4-bit grid's accuracy."""
+"""int4 per-channel weights (range by MSE), uint8 per-tensor activations, first and last layers
+int8: the usual QAT target (``lowbit.prepare_qat``).  Exports as int8 containers holding int4
+values, so ONNX Runtime runs it on its int8 kernels with the 4-bit grid's accuracy."""
 
 W4A4 = _config(QuantConfig(
     name="w4a4",
-    rules=(_EMBEDDING_W8,),
+    rules=(_EMBEDDING_W8, *_ENDS_W8A8),
     default=LayerQuant(weight=_INT4_W, input=TensorQuant(spec=UINT4_ACTIVATION, observer="mse")),
 ))
-"""int4 per-channel weights and uint4 per-tensor activations: aggressive, for QAT.  ONNX Runtime
-has no 4-bit activation kernels: export clips to the 4-bit range before each QuantizeLinear,
-which keeps the numbers exact but leaves the clipped layers in float there."""
+"""int4 per-channel weights and uint4 per-tensor activations, first and last layers W8A8:
+aggressive, for QAT.  ONNX Runtime has no 4-bit activation kernels: export clips to the 4-bit
+range before each QuantizeLinear, which keeps the numbers exact but leaves the clipped layers
+in float there."""
 
 CONFIGS: Mapping[str, QuantConfig] = MappingProxyType(_CONFIGS)
 """Preset configs by name."""

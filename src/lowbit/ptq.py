@@ -256,6 +256,7 @@ def insert_graph_quantizers(model: nn.Module, config: QuantConfig, *, inplace: b
 
 def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, SwapReport]:
     """Swap every layer the config quantizes (the model itself, if it is one layer)."""
+    config = config.bind(model)  # "@first" / "@last" -> this model's layer names
     model, report = swap_root(model, config.resolve)
     if report is None:
         report = swap_modules(model, config.resolve)

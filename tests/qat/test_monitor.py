@@ -74,13 +74,16 @@ def test_fit_writes_loss_lr_metric_scales_errors_and_bit_widths(tmp_path):
     fc_hist = acc.Histograms("quant_error/fc.weight")
     assert [h.step for h in fc_hist] == [3, 6] and fc_hist[-1].histogram_value.num == qmodel.fc.weight.numel()
 
-    # bit-widths: int4 weights, everything else float
-    n_int4 = sum(m.weight.numel() for m in (qmodel.features[0], qmodel.features[3], qmodel.fc))
+    # bit-widths: int4 weights, the first and last layers int8 (the w4a8 preset), the rest float
+    n_int4 = qmodel.features[3].weight.numel()
+    n_int8 = qmodel.features[0].weight.numel() + qmodel.fc.weight.numel()
     assert acc.Scalars("model/params/int4")[0].value == n_int4
-    n_float = sum(p.numel() for p in qmodel.parameters()) - n_int4
+    assert acc.Scalars("model/params/int8")[0].value == n_int8
+    n_float = sum(p.numel() for p in qmodel.parameters()) - n_int4 - n_int8
     assert acc.Scalars("model/params/float32")[0].value == n_float
     text = acc.Tensors("model/bit_widths/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert f"| int4 | {n_int4:,} |" in text and "mean bits per parameter" in text
+    assert f"| int4 | {n_int4:,} |" in text and f"| int8 | {n_int8:,} |" in text
+    assert "mean bits per parameter" in text
 
 
 def test_weight_errors_stay_within_half_a_step_and_change_no_state():
