@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -55,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _machine
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -618,24 +617,8 @@ def model_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
 def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        **{p: _version(p) for p in ("torch", "onnxruntime", "onnx", "nncf", "transformers")},
-        "lowbit": lowbit.__version__,
-    }
+    return _machine.machine(("torch", "onnxruntime", "onnx", "nncf", "transformers"))
 
 
 def header(argv: list[str], info: dict) -> str:

@@ -38,13 +38,11 @@ import argparse
 import contextlib
 import copy
 import datetime
-import importlib.metadata
 import itertools
 import json
 import logging
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -56,6 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import _machine
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -72,21 +71,8 @@ ALIASES = {"digits": "cnn"}
 
 
 # -- shared helpers --------------------------------------------------------------------------------
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
 def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            **{p: _version(p) for p in ("torch", "onnxruntime", "onnx", "transformers", "scikit-learn")},
-            "lowbit": lowbit.__version__}
+    return _machine.machine(("torch", "onnxruntime", "onnx", "transformers", "scikit-learn"))
 
 
 def machine_line(info: dict) -> str:

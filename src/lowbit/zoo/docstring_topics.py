@@ -17,12 +17,10 @@ Example::
 from __future__ import annotations
 
 import functools
-import importlib
 import random
-import warnings
 from types import MappingProxyType
 
-from .sentences import _docstrings, _sentences
+from .sentences import module_sentences
 
 TOPICS = MappingProxyType({
     "email": ("email.message", "email.utils", "mailbox", "smtplib", "imaplib", "poplib"),
@@ -44,21 +42,7 @@ TOPICS = MappingProxyType({
 def topic_pool() -> tuple[tuple[str, ...], ...]:
     """Per topic (in ``TOPICS`` order), its sentences, deduplicated and sorted; sentences that
     occur under two topics are removed from both."""
-    found: list[set[str]] = []
-    for modules in TOPICS.values():
-        sentences: set[str] = set()
-        for name in modules:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                try:
-                    module = importlib.import_module(name)
-                except ImportError:
-                    continue
-                docs = _docstrings(module)
-            for doc in docs:
-                if isinstance(doc, str):
-                    sentences.update(_sentences(doc))
-        found.append(sentences)
+    found = [set().union(*(module_sentences(name) for name in modules)) for modules in TOPICS.values()]
     shared = {s for i, a in enumerate(found) for b in found[i + 1:] for s in a & b}
     return tuple(tuple(sorted(s - shared)) for s in found)
 

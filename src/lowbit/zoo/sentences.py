@@ -92,6 +92,25 @@ def _sentences(doc: str) -> list[str]:
     return out
 
 
+def module_sentences(name: str) -> set[str]:
+    """The prose sentences of the docstrings of standard-library module ``name`` (and of what it
+    defines); empty when the module is not importable on this Python version."""
+    # Touching deprecated names (typing.io, typing.re) warns; the docstrings are still fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a module dropped from this Python version: the pool just shrinks
+            log.debug("stdlib module %s not importable here; skipped", name)
+            return set()
+        docs = _docstrings(module)
+    found: set[str] = set()
+    for doc in docs:
+        if isinstance(doc, str):  # a class may shadow __doc__ with a slot descriptor
+            found.update(_sentences(doc))
+    return found
+
+
 @functools.lru_cache(maxsize=1)
 def sentence_pool() -> tuple[str, ...]:
     """Every prose sentence found in ``STDLIB_MODULES``, deduplicated and sorted.
@@ -99,20 +118,7 @@ def sentence_pool() -> tuple[str, ...]:
     Returns:
         A tuple of sentences (a few thousand on CPython 3.11).
     """
-    found: set[str] = set()
-    for name in STDLIB_MODULES:
-        # Touching deprecated names (typing.io, typing.re) warns; the docstrings are still fine.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                module = importlib.import_module(name)
-            except ImportError:  # a module dropped from this Python version: the pool just shrinks
-                log.debug("stdlib module %s not importable here; skipped", name)
-                continue
-            docs = _docstrings(module)
-        for doc in docs:
-            if isinstance(doc, str):  # a class may shadow __doc__ with a slot descriptor
-                found.update(_sentences(doc))
+    found: set[str] = set().union(*(module_sentences(name) for name in STDLIB_MODULES))
     log.info("found %d stdlib docstring sentences on Python %s", len(found), sys.version.split()[0])
     return tuple(sorted(found))
 
