@@ -217,6 +217,14 @@ def train_images(model: nn.Module, task, epochs: int, lr: float, seed: int, *, b
     return time.perf_counter() - start
 
 
+def learned_zero_points(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LSQ+ zero-points of ``model`` as the forward pass uses them (rounded, on the grid)."""
+    from lowbit.nn.quantizer import Quantizer
+
+    return {q.name: torch.round(q.zero_point.detach()).clamp(q.spec.qmin, q.spec.qmax)
+            for q in model.modules() if isinstance(q, Quantizer) and q.learn == "lsq+"}
+
+
 def ort_parity(sim_logits: torch.Tensor, ort_logits: torch.Tensor, y: torch.Tensor) -> dict:
     return {"ort_acc": accuracy(ort_logits, y),
             "agreement": float((sim_logits.argmax(1) == ort_logits.argmax(1)).float().mean()),
@@ -277,8 +285,10 @@ def cnn_seed(seed: int, s: CNNSettings, tmp: Path) -> dict:
         for label, learn, kd in variants:
             torch.manual_seed(seed)
             qmodel = lowbit.prepare_qat(fp32, cfg_name, calib, learn=learn, progress=False)
+            zp_before = learned_zero_points(qmodel)
             secs = train_images(qmodel, task, s.qat_epochs, s.qat_lr, seed + 100, batch=s.batch,
                                 qparam_lr=s.qparam_lr, qat=True, teacher=fp32 if kd else None)
+            zp_after = learned_zero_points(qmodel)
             sim = convert(qmodel)
             sim_logits = predict(sim, task.test_x)
             path = tmp / f"cnn_{cfg_name}_{label}_{seed}.onnx"
@@ -288,6 +298,9 @@ def cnn_seed(seed: int, s: CNNSettings, tmp: Path) -> dict:
                      **ort_parity(sim_logits, ort_logits, task.test_y)}
             if label == "lsq":
                 entry["int_kernels"] = kernel_share(path)
+            if zp_before:  # LSQ+: how many learned zero-points moved by a whole grid step
+                entry["zero_points_moved"] = [sum(not torch.equal(zp_before[k], zp_after[k]) for k in zp_before),
+                                              len(zp_before)]
             r["qat"][label] = entry
             log.info("cnn seed %d %s QAT %s: %.1f%% (ORT %.1f%%, agreement %.4f; %.0f s)", seed, cfg_name,
                      label, 100 * entry["acc"], 100 * entry["ort_acc"], entry["agreement"], secs)
@@ -329,6 +342,12 @@ def cnn_markdown(runs: list[dict], s: CNNSettings) -> str:
         out.append(heading + "\n\n" + table(
             ["method", "accuracy", "Δ vs FP32 (pts)", "per seed", "ORT accuracy", "sim/ORT top-1 agreement (min)",
              "sim/ORT max abs logit diff"], rows))
+        moved = [r[cfg]["qat"].get("lsq+", {}).get("zero_points_moved") for r in runs]
+        if all(moved):
+            out.append("LSQ+ zero-points that moved by at least one grid step during QAT: "
+                       + "; ".join(f"seed {r['seed']}: {m[0]} of {m[1]}" for r, m in zip(runs, moved, strict=True))
+                       + " (after a ReLU a range starts at 0 and only clipping at its top pulls the offset; "
+                       "LSQ+ is meant for activations that go negative, such as Swish or GELU outputs).")
         picks = "; ".join(f"seed {r['seed']}: {r[cfg]['ptq_selected_recipe']} (oracle best on test "
                           f"{pct(r[cfg]['ptq_oracle'])})" for r in runs)
         out.append(f"PTQ recipe chosen on the selection set: {picks}.")

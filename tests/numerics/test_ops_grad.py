@@ -284,3 +284,14 @@ def test_lsq_gradient_flows_through_a_reparametrised_scale():
 )
 def test_lsq_grad_scale_formula(spec, shape, n):
     assert lsq_grad_scale(torch.empty(shape), spec) == pytest.approx(1 / math.sqrt(n * spec.qmax))
+
+
+def test_lsq_plus_zero_point_off_the_grid_is_clamped_as_export_stores_it():
+    """A learned zero-point that drifted below qmin quantizes as qmin, which is what
+    Quantizer.qparams_for (and so export) uses: training and the exported file agree."""
+    x = torch.tensor([0.0, 0.5, 2.0])
+    s = torch.tensor(0.1, requires_grad=True)
+    drifted = fake_quantize(x, s, torch.tensor(-3.2, requires_grad=True), UINT8_ACTIVATION, learned=True)
+    on_grid = fake_quantize(x, s.detach(), torch.tensor(0, dtype=torch.int32), UINT8_ACTIVATION)
+    torch.testing.assert_close(drifted.detach(), on_grid)
+    assert float(drifted[0]) == 0.0  # zero stays exactly representable

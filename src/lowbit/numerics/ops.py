@@ -129,7 +129,7 @@ class _FakeQuantSTE(torch.autograd.Function):
 class _FakeQuantLSQ(torch.autograd.Function):
     """Learned step size (Esser et al. 2020) and, with a float zero-point, LSQ+.
 
-    Forward as ``_FakeQuantSTE`` with ``z`` rounded.  With ``v = x / s`` and
+    Forward as ``_FakeQuantSTE`` with ``z`` rounded (and clamped to the grid).  With ``v = x / s`` and
     ``q = clamp(round(v) + z, qmin, qmax)``:
         d x_hat / d x = 1 inside the range, 0 outside (STE);
         d x_hat / d s = (q - z) - v * inside   (round(v) - v inside, qmin - z / qmax - z outside);
@@ -142,7 +142,8 @@ class _FakeQuantLSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax, grad_scale):
         v = torch.div(x, s)
-        zr = None if z is None else torch.round(z)
+        # A learned zero-point is rounded and kept on the grid, as export stores it (qparams_for).
+        zr = None if z is None else torch.round(z).clamp_(qmin, qmax)
         t = torch.round(v)
         if zr is not None:
             t.add_(zr)
