@@ -479,12 +479,38 @@ def walltime_model(w: Workload, repeats: int, tmp: Path) -> dict:
             n = names[(k + r) % len(names)]  # rotate who goes first
             times[n].append(runs[n]().quant_s)
     medians = {n: statistics.median(t) for n, t in times.items()}
-    out = {"model": w.name, "times_s": times, "median_s": medians, "ratios": {}}
+    out = {"model": w.name, "times_s": times, "median_s": medians, "ratios": {},
+           "calibration_forward_s": calibration_forward(w, fp32, repeats)}
     for ort in (n for n in names if n.startswith("ORT")):
         for mine in (n for n in names if n.startswith("lowbit")):
             out["ratios"][(mine, ort)] = (medians[mine] / medians[ort],
                                           medians[mine] / (medians[ort] + medians["FP32 export"]))
     return out
+
+
+def calibration_forward(w: Workload, fp32: Path, repeats: int) -> dict[str, float]:
+    """Median seconds to run the calibration inputs through the float model once: in PyTorch
+    (eager, what lowbit's calibration runs) and in ONNX Runtime (the FP32 file, what ORT's
+    calibration runs), with torch's thread count for both."""
+    session = OrtModel(fp32, threads=torch.get_num_threads())
+
+    def torch_pass() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for b in w.calib:
+                w.model(*w.args(b))
+        return time.perf_counter() - start
+
+    def ort_pass() -> float:
+        start = time.perf_counter()
+        for b in w.calib:
+            session.run(w.feeds(b))
+        return time.perf_counter() - start
+
+    torch_pass(), ort_pass()  # warm-up
+    n = max(3, repeats)
+    return {"pytorch": statistics.median(torch_pass() for _ in range(n)),
+            "onnxruntime": statistics.median(ort_pass() for _ in range(n))}
 
 
 def walltime_main(args, argv: list[str]) -> None:
@@ -506,6 +532,10 @@ def walltime_main(args, argv: list[str]) -> None:
         r["ratios"] = [{"lowbit": m, "ort": o, "ratio": a, "ratio_with_fp32_export": b}
                        for (m, o), (a, b) in r["ratios"].items()]
         results.append(r)
+    print(f"\nOne pass of the {args.n_calib} calibration inputs through the float model, median s "
+          f"({torch.get_num_threads()} threads): " + "; ".join(
+              f"{r['model']}: PyTorch eager {r['calibration_forward_s']['pytorch']:.2f}, ONNX Runtime "
+              f"{r['calibration_forward_s']['onnxruntime']:.2f}" for r in results))
     if args.json:
         args.json.write_text(json.dumps({"argv": argv, "machine": machine(), "walltime": results}, indent=2))
 
