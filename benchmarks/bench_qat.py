@@ -460,10 +460,10 @@ class MiniLMSettings:
     fp32_epochs: int = 4
     fp32_lr: float = 5e-5
     head_lr: float = 1e-3
-    qat_epochs: int = 2
-    qat_lr: float = 2e-5
+    qat_epochs: int = 4
+    qat_lr: float = 3e-5
     qat_head_lr: float = 1e-4
-    qparam_lr: float = 1e-4
+    qparam_lr: float = 1e-3
     n_calib: int = 64
     configs: tuple = ("w4a8", "w4a4")
     ptq_observers: tuple = ("mse",)
