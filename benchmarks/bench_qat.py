@@ -184,6 +184,24 @@ class CNNSettings:
     distill: bool = False  # True adds a "lsq + distillation from FP32" QAT row
 
 
+def train_step(model: nn.Module, inputs: tuple, y: torch.Tensor, opt, sched, qsched: QATSchedule | None,
+               teacher: nn.Module | None) -> None:
+    """One step of the user's loop: cross-entropy (mixed half and half with distillation from
+    ``teacher`` when given), optimizer and lr-schedule step, then ``QATSchedule.step()``."""
+    logits = model(*inputs)
+    loss = F.cross_entropy(logits, y)
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(*inputs)
+        loss = 0.5 * loss + 0.5 * distillation_loss(logits, t_logits, temperature=2.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if qsched is not None:
+        qsched.step()
+
+
 def train_images(model: nn.Module, task, epochs: int, lr: float, seed: int, *, batch: int,
                  qparam_lr: float | None = None, qat: bool = False, teacher: nn.Module | None = None) -> float:
     """The user's own loop: AdamW, cosine decay, fresh distortions every batch.  For a QAT model
@@ -201,18 +219,7 @@ def train_images(model: nn.Module, task, epochs: int, lr: float, seed: int, *, b
         model.train()
         for index in torch.randperm(task.n_train, generator=gen).split(batch):
             x, y = task.train_batch(index, gen)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                loss = 0.5 * loss + 0.5 * distillation_loss(logits, t_logits, temperature=2.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if qsched is not None:
-                qsched.step()
+            train_step(model, (x,), y, opt, sched, qsched, teacher)
     model.eval()
     return time.perf_counter() - start
 
@@ -512,19 +519,7 @@ def train_text(model: nn.Module, tokenizer, texts: list[str], labels: torch.Tens
         model.train()
         for index in torch.randperm(len(texts), generator=gen).split(s.batch):
             inputs = _tokenize(tokenizer, [texts[i] for i in index], s.seq_len, fixed=False)
-            y = labels[index]
-            logits = model(*inputs)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(*inputs)
-                loss = 0.5 * loss + 0.5 * distillation_loss(logits, t_logits, temperature=2.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if qsched is not None:
-                qsched.step()
+            train_step(model, inputs, labels[index], opt, sched, qsched, teacher)
     model.eval()
     return time.perf_counter() - start
 
