@@ -848,7 +848,7 @@ def run_speed(args, tmp: Path) -> tuple[str, dict]:
 
     from lowbit.zoo import resnet18
 
-    reps, warmup = (2, 1) if args.quick else (12, 2)
+    reps, warmup = (2, 1) if args.quick else (24, 2)
     size, batch = (64, 4) if args.quick else (112, 16)
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
