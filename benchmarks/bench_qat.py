@@ -232,6 +232,21 @@ def learned_zero_points(model: nn.Module) -> dict[str, torch.Tensor]:
             for q in model.modules() if isinstance(q, Quantizer) and q.learn == "lsq+"}
 
 
+ACCURACY_COLUMNS = ("method", "accuracy", "Δ vs FP32 (pts)", "per seed", "ORT accuracy",
+                    "sim/ORT top-1 agreement (min)", "sim/ORT max abs logit diff")
+
+
+def accuracy_row(name: str, accs: Sequence[float], fp32: Sequence[float], ort: Sequence[dict] | None = None) -> list[str]:
+    """One row of an accuracy table (``ACCURACY_COLUMNS``): mean ± std over seeds, the change vs FP32
+    per seed, and, for an exported model, its ORT accuracy and parity with the simulation."""
+    delta = [a - f for a, f in zip(accs, fp32, strict=True)]
+    cells = [name, mean_std(accs), mean_std(delta), " / ".join(pct(a) for a in accs)]
+    if ort is None:
+        return [*cells, "", "", ""]
+    return [*cells, mean_std([o["ort_acc"] for o in ort]), f"{min(o['agreement'] for o in ort):.4f}",
+            f"{max(o['max_abs_diff'] for o in ort):.1e}"]
+
+
 def ort_parity(sim_logits: torch.Tensor, ort_logits: torch.Tensor, y: torch.Tensor) -> dict:
     return {"ort_acc": accuracy(ort_logits, y),
             "agreement": float((sim_logits.argmax(1) == ort_logits.argmax(1)).float().mean()),
@@ -323,18 +338,10 @@ def cnn_markdown(runs: list[dict], s: CNNSettings) -> str:
     fp32 = [r["fp32"] for r in runs]
     out = []
     for cfg in s.configs:
-        rows = []
+        rows: list[list[str]] = []
 
         def row(name, accs, ort=None, rows=rows):
-            delta = [a - f for a, f in zip(accs, fp32, strict=True)]
-            cells = [name, mean_std(accs), mean_std(delta, digits=1), " / ".join(pct(a) for a in accs)]
-            if ort is None:
-                cells += ["", "", ""]
-            else:
-                cells += [mean_std([o["ort_acc"] for o in ort]),
-                          f"{min(o['agreement'] for o in ort):.4f}",
-                          f"{max(o['max_abs_diff'] for o in ort):.1e}"]
-            rows.append(cells)
+            rows.append(accuracy_row(name, accs, fp32, ort))
 
         row("FP32", fp32)
         row(f"FP32 fine-tuned {s.qat_epochs} more epochs (control)", [r["fp32_ft"] for r in runs])
@@ -346,9 +353,7 @@ def cnn_markdown(runs: list[dict], s: CNNSettings) -> str:
             entries = [r[cfg]["qat"][label] for r in runs]
             row(name, [e["acc"] for e in entries], entries)
         heading = f"**{cfg.upper()}** (seeds {', '.join(map(str, seeds))}; test accuracy in %)"
-        out.append(heading + "\n\n" + table(
-            ["method", "accuracy", "Δ vs FP32 (pts)", "per seed", "ORT accuracy", "sim/ORT top-1 agreement (min)",
-             "sim/ORT max abs logit diff"], rows))
+        out.append(heading + "\n\n" + table(ACCURACY_COLUMNS, rows))
         moved = [r[cfg]["qat"].get("lsq+", {}).get("zero_points_moved") for r in runs]
         if all(moved):
             out.append("LSQ+ zero-points that moved by at least one grid step during QAT: "
@@ -604,15 +609,10 @@ def run_minilm(args, tmp: Path) -> tuple[str, dict]:
     fp32 = [r["fp32"] for r in runs]
     out = []
     for cfg in s.configs:
-        rows = []
+        rows: list[list[str]] = []
 
         def row(name, accs, ort=None, rows=rows):
-            delta = [a - f for a, f in zip(accs, fp32, strict=True)]
-            cells = [name, mean_std(accs), mean_std(delta), " / ".join(pct(a) for a in accs)]
-            cells += (["", "", ""] if ort is None else
-                      [mean_std([o["ort_acc"] for o in ort]), f"{min(o['agreement'] for o in ort):.4f}",
-                       f"{max(o['max_abs_diff'] for o in ort):.1e}"])
-            rows.append(cells)
+            rows.append(accuracy_row(name, accs, fp32, ort))
 
         row("FP32 (fine-tuned end to end)", fp32)
         row(f"FP32 fine-tuned {s.qat_epochs} more epochs (control)", [r["fp32_ft"] for r in runs])
@@ -623,8 +623,7 @@ def run_minilm(args, tmp: Path) -> tuple[str, dict]:
         qat = [r[cfg]["qat"] for r in runs]
         row("QAT learn='lsq'" + (" + distillation from FP32" if s.distill else ""), [q["acc"] for q in qat], qat)
         out.append(f"**{cfg.upper()}** (seeds {', '.join(str(r['seed']) for r in runs)}; test accuracy in %)\n\n"
-                   + table(["method", "accuracy", "Δ vs FP32 (pts)", "per seed", "ORT accuracy",
-                            "sim/ORT top-1 agreement (min)", "sim/ORT max abs logit diff"], rows))
+                   + table(ACCURACY_COLUMNS, rows))
         f = statistics.fmean(fp32)
         p = max(statistics.fmean(r[cfg]["ptq"][o] for r in runs) for o in s.ptq_observers)
         q = statistics.fmean(x["acc"] for x in qat)

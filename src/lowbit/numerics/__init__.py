@@ -1,7 +1,7 @@
 """Layer 1: quantization numerics as pure functions (ONNX QuantizeLinear semantics)."""
 
 from .ops import dequantize, fake_quantize, lsq_grad_scale, quantize
-from .qparams import check_finite, compute_qparams, row_ranges, rows_view, tensor_minmax
+from .qparams import check_finite, compute_qparams, finite_row_ranges, row_ranges, rows_view, tensor_minmax
 from .spec import (
     INT4_WEIGHT,
     INT4_WEIGHT_G128,
@@ -33,6 +33,7 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "fake_quantize",
+    "finite_row_ranges",
     "get_spec",
     "lsq_grad_scale",
     "quantize",

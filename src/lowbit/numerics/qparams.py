@@ -81,6 +81,19 @@ def row_ranges(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.amin(1), rows.amax(1)
 
 
+def finite_row_ranges(rows: torch.Tensor, x: torch.Tensor, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_ranges(rows)``, checked finite: NaN and Inf propagate into the ranges, so checking
+    these few values replaces a full ``isfinite`` pass over ``x`` (the tensor ``rows`` views).
+
+    Raises:
+        ValueError: ``x`` holds NaN / Inf (counted, naming ``name``).
+    """
+    lo, hi = row_ranges(rows)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        check_finite(x, name)  # raises, counting the NaN / Inf
+    return lo, hi
+
+
 def tensor_minmax(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` per scale of ``spec``, in ``spec.param_shape(x.shape)``.
 
@@ -90,10 +103,7 @@ def tensor_minmax(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tup
     if x.numel() == 0:
         raise ValueError(f"{name}: cannot take the range of an empty tensor")
     rows, param_shape = rows_view(x.detach(), spec, name)
-    lo, hi = row_ranges(rows)
-    # NaN and Inf propagate into the ranges: checking these few values replaces a full pass over x.
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        check_finite(x, name)  # raises, counting the NaN / Inf
+    lo, hi = finite_row_ranges(rows, x, name)
     return lo.float().reshape(param_shape), hi.float().reshape(param_shape)
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..numerics import QuantSpec, check_finite, compute_qparams, get_spec, row_ranges, rows_view
+from ..numerics import QuantSpec, compute_qparams, finite_row_ranges, get_spec, rows_view
 
 # Bumped when the meaning of the saved buffers changes.
 STATE_VERSION = 1
@@ -154,11 +154,8 @@ class Observer(torch.nn.Module, abc.ABC):
             if "range" in memo:  # another observer with this spec just saw this very tensor
                 lo, hi = (t.clone() for t in memo["range"])
             else:
-                # One pass gives the row ranges every observer needs; NaN / Inf propagate into
-                # them, so checking these few values replaces a full isfinite pass over x.
-                lo, hi = row_ranges(rows)
-                if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-                    check_finite(x, self.name)  # raises, counting the NaN / Inf
+                # One pass gives the row ranges every observer needs (and the finiteness check).
+                lo, hi = finite_row_ranges(rows, x, self.name)
                 memo["range"] = (lo.clone(), hi.clone())
             self._memo = memo
             try:

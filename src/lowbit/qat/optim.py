@@ -19,7 +19,6 @@ Three kinds of parameters train in a QAT model and want different treatment:
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..nn.quantizer import Quantizer
@@ -64,8 +63,7 @@ def param_groups(
                 continue
             quantizer_params.add(id(p))
             if name == "zero_point":
-                with torch.no_grad():
-                    own_lr = zero_point_lr or scale_lr / float(module.scale.detach().abs().mean().clamp_min(1e-12))
+                own_lr = zero_point_lr or scale_lr / float(module.scale.detach().abs().mean().clamp_min(1e-12))
                 zero_points.append({"params": [p], "weight_decay": 0.0, "lr": own_lr})
             else:
                 scales.append(p)
