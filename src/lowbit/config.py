@@ -132,6 +132,25 @@ class QuantConfig:
         rules = tuple(dataclasses.replace(r, layer=change(r.layer)) for r in self.rules)
         return dataclasses.replace(self, rules=rules, default=change(self.default))
 
+    def for_target(self, target) -> QuantConfig:
+        """A copy whose weight grids fit ``target`` (a ``lowbit.targets.Target``): a signed weight
+        wider than ``target.max_weight_bits`` on a layer whose input is quantized (an integer
+        kernel) gets that many bits.  Weight-only layers (float kernels) keep theirs.  Idempotent;
+        unchanged for targets that take 8-bit weights."""
+
+        def change(layer: LayerQuant | None) -> LayerQuant | None:
+            if layer is None or layer.weight is None or layer.input is None:
+                return layer
+            spec = layer.weight.spec
+            if not spec.signed or spec.bits <= target.max_weight_bits:
+                return layer
+            weight = dataclasses.replace(layer.weight, spec=dataclasses.replace(spec, bits=target.max_weight_bits))
+            return dataclasses.replace(layer, weight=weight)
+
+        rules = tuple(dataclasses.replace(r, layer=change(r.layer)) for r in self.rules)
+        adapted = dataclasses.replace(self, rules=rules, default=change(self.default))
+        return self if adapted == self else adapted
+
     # -- recipe files -------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": "lowbit.QuantConfig", "version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}

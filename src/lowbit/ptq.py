@@ -15,6 +15,7 @@ from .config import QuantConfig, get_config
 from .nn.modules import has_quantizers
 from .nn.quantizer import Quantizer
 from .nn.swap import SwapReport, swap_modules, swap_root
+from .targets import Target, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class QuantSummary:
     calibration_batches: int
     uncalibrated: list[str]  # quantizers that saw no data and were disabled (tensor stays float)
     smoothing: object | None = None  # lowbit.passes.SmoothReport when quantize(smoothquant=...) ran
+    target: str = "x86-vnni"  # the integer target (lowbit.targets) the model was quantized for
 
 
 def run_model(model: nn.Module, batch) -> object:
@@ -166,6 +168,7 @@ def quantize(
     quantize_adds: bool = True,
     bias_correction: bool = False,
     smoothquant: float | None = None,
+    target: str | Target = "auto",
     progress: bool = True,
     inplace: bool = False,
 ) -> nn.Module:
@@ -193,6 +196,11 @@ def quantize(
             explicitly (one float Mul per smoothed input in ONNX): see
             ``lowbit.passes.smooth_quant``.  Lifts BERT-style static W8A8 (MiniLM: 0.993 ->
             0.998 embedding cosine).  Reads ``calib_data`` once more.
+        target: the CPU arithmetic the exported file will run on (``lowbit.targets``):
+            ``"auto"`` (this machine's CPU), ``"x86-vnni"``, ``"x86-avx2"`` (exact on any
+            x86, VNNI or not), ``"x86-avx2-w7"``, ``"x86-avx2-u8u8"``, ``"arm64"``.  The
+            simulation quantizes as that target computes (e.g. 7-bit weights for
+            ``x86-avx2-w7``); recorded as ``lowbit_summary.target`` and followed by export.
         progress: show a progress bar over calibration batches.
         inplace: modify ``model`` itself instead of a deep copy.
 
@@ -205,7 +213,8 @@ def quantize(
     """
     from . import passes
 
-    config = get_config(config)
+    target = resolve_target(target)
+    config = get_config(config).for_target(target)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     if fold_bn:
@@ -227,7 +236,7 @@ def quantize(
     if bias_correction:
         passes.correct_bias(None, qmodel, calib_data)
     qmodel.lowbit_summary = QuantSummary(config=config, layers=report, calibration_batches=n_batches,
-                                         uncalibrated=uncalibrated, smoothing=smoothing)
+                                         uncalibrated=uncalibrated, smoothing=smoothing, target=target.name)
     return qmodel
 
 

@@ -124,3 +124,50 @@ def dynamic_to_matmul_integer(g: Graph) -> int:
         g.replace_node(node, new)
         rewritten += 1
     return rewritten
+
+
+_WEIGHT_CONSUMERS = frozenset({"Conv", "Gemm", "MatMul", "ConvTranspose"})
+
+
+def _shift_to_uint8(g: Graph, node: onnx.NodeProto, value: int, zero_point: int | None) -> None:
+    """``node.input[value]`` (int8 codes) and ``node.input[zero_point]`` (int8, or absent: 0) as
+    uint8 codes + 128: the same real values, ``(q + 128) - (zp + 128) == q - zp``."""
+    codes = g.const(node.input[value])
+    g.own_const(node, value, (codes.astype(np.int16) + 128).astype(np.uint8))
+    if zero_point is None:
+        return
+    if len(node.input) <= zero_point or not node.input[zero_point]:
+        while len(node.input) < zero_point:
+            node.input.append("")
+        zp = np.zeros((), np.int8)
+        node.input.append(g.add_const(f"{node.input[value]}_zero_point", (zp.astype(np.int16) + 128).astype(np.uint8)))
+        return
+    zp = g.const(node.input[zero_point])
+    g.own_const(node, zero_point, (zp.astype(np.int16) + 128).astype(np.uint8))
+
+
+def weights_to_uint8(g: Graph) -> int:
+    """int8 weights of Conv / Gemm / MatMul / MatMulInteger -> uint8 with the zero point moved by 128.
+
+    The ``x86-avx2-u8u8`` target (``lowbit.targets``): on x86 CPUs without VNNI, ONNX Runtime
+    runs u8 x u8 matmuls with products widened to int16 and summed in int32 (exact), where its
+    u8 x s8 kernels saturate int16 pair sums.  The dequantized values are unchanged.
+    Returns the number of weights converted."""
+    converted = 0
+    for node in g.nodes():
+        if node.op_type == "MatMulInteger" and g.is_const(node.input[1]) and g.const(node.input[1]).dtype == np.int8:
+            if len(node.input) > 3 and node.input[3] and not g.is_const(node.input[3]):
+                continue
+            _shift_to_uint8(g, node, 1, 3)
+            converted += 1
+        elif node.op_type == "DequantizeLinear" and g.is_const(node.input[0]) \
+                and g.const(node.input[0]).dtype == np.int8:
+            users = g.consumers(node.output[0])
+            if not users or not all(u.op_type in _WEIGHT_CONSUMERS and list(u.input).index(node.output[0]) == 1
+                                    for u in users):
+                continue
+            if len(node.input) > 2 and node.input[2] and not g.is_const(node.input[2]):
+                continue
+            _shift_to_uint8(g, node, 0, 2)
+            converted += 1
+    return converted

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..qat.prepare import convert, is_qat_model
+from ..targets import Target, resolve_target
 from . import _bn_fold, _ort_layout, _passes
 from ._graph import Graph
 from ._patch import export_mode
@@ -128,7 +129,7 @@ def _trace(model, args, input_names, output_names, dynamic_batch, opset) -> onnx
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _postprocess(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+def _postprocess(model: onnx.ModelProto, opset: int, target: Target) -> onnx.ModelProto:
     """Apply the graph passes (``_passes``, ``_bn_fold``, ``_ort_layout``) in place; returns ``model``."""
     g = Graph(model)
     _passes.lift_constants(g)
@@ -140,6 +141,7 @@ def _postprocess(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         "Q copied before data movement": _ort_layout.propagate_q_backward(g),
         "merged duplicate Q/DQ (after copies)": _passes.dedupe_qdq(g),
         "dynamic matmuls -> MatMulInteger": _ort_layout.dynamic_to_matmul_integer(g),
+        "uint8 weights": _ort_layout.weights_to_uint8(g) if target.weight_layout == "u8" else 0,
     }
     g.prune()
     g.commit()
@@ -173,6 +175,7 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
+    target: str | Target | None = None,
 ) -> onnx.ModelProto:
     """Export a quantized model to ONNX in QDQ format, runnable by ONNX Runtime's integer kernels.
 
@@ -187,6 +190,10 @@ def export_onnx(
             ``output``, or ``input_0``... for several).
         dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
         opset: ONNX opset, 13..20.
+        target: the integer target (``lowbit.targets``) whose weight layout to write; None (the
+            default) follows the model (``qmodel.lowbit_summary.target``, set by ``quantize``
+            and ``prepare_qat``).  Recorded in the file's metadata as ``lowbit.target``, so
+            runtimes can warn when the file meets a CPU it was not made for.
 
     Returns:
         The ModelProto that was written (checked with ``onnx.checker``).
@@ -201,6 +208,7 @@ def export_onnx(
         >>> print(inspect_onnx("model.int8.onnx"))   # which kernels ORT runs
     """
     _check_opset(opset)
+    target = model_target(qmodel) if target is None else resolve_target(target)
     args = _as_args(example_inputs)
     input_names = _io_names(input_names, len(args), "input")
     if is_qat_model(qmodel):  # fold BatchNorms, fix learned / observed ranges: on a copy
@@ -214,7 +222,8 @@ def export_onnx(
             model = _trace(qmodel, args, input_names, output_names, dynamic_batch, opset)
     finally:
         qmodel.train(was_training)
-    _postprocess(model, opset)
+    _postprocess(model, opset, target)
+    onnx.helper.set_model_props(model, {TARGET_METADATA: target.name})
     if model.ByteSize() >= _PROTOBUF_LIMIT:
         raise ValueError(f"the exported model is {model.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB limit; "
                          "external-data export is not supported yet -- export a smaller model or submodule")
@@ -223,6 +232,16 @@ def export_onnx(
     log.info("exported %s (%d nodes, %d initializers)", os.fspath(path), len(model.graph.node),
              len(model.graph.initializer))
     return model
+
+
+TARGET_METADATA = "lowbit.target"  # ONNX metadata_props key: the target the file was made for
+
+
+def model_target(qmodel: nn.Module) -> Target:
+    """The target a lowbit model was quantized for (``x86-vnni`` for a model without a summary:
+    int8 weights, as export wrote them before targets existed)."""
+    summary = getattr(qmodel, "lowbit_summary", None)
+    return resolve_target(getattr(summary, "target", None) or "x86-vnni")
 
 
 def _count_outputs(out) -> int:

@@ -32,6 +32,7 @@ from ..numerics import compute_qparams, tensor_minmax
 from ..observers import make_observer
 from ..passes._graph import find_chains, set_submodule
 from ..ptq import calibrate_activations, insert_graph_quantizers, quantizers_by_role, swap_layers
+from ..targets import Target, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class QATSummary:
     learn: Learn
     conv_bn: list[str]  # convs trained together with their BatchNorm (folded at export)
     calibration_batches: int
+    target: str = "x86-vnni"  # the integer target (lowbit.targets) the model is trained for
 
 
 def _weight_source(module: nn.Module) -> torch.Tensor:
@@ -175,6 +177,7 @@ def prepare_qat(
     learn: Learn = "lsq",
     fold_bn: bool = True,
     quantize_adds: bool = True,
+    target: str | Target = "auto",
     progress: bool = True,
     inplace: bool = False,
 ) -> nn.Module:
@@ -192,6 +195,8 @@ def prepare_qat(
             quantized (Krishnamoorthi 2018); the BatchNorm folds away at export.
         quantize_adds: quantize residual adds and average-pool inputs, as PTQ does
             (needs a model torch.fx can trace; otherwise skipped, logged).
+        target: the CPU arithmetic the exported model will run on, as for
+            ``lowbit.quantize`` (``"auto"``: this machine's CPU); training sees its weight grid.
         progress: progress bar over calibration batches.
         inplace: change ``model`` itself (only where no graph pass rewrites it).
 
@@ -206,7 +211,8 @@ def prepare_qat(
     """
     if learn not in _LEARN:
         raise ValueError(f"learn must be one of {_LEARN}, got {learn!r}")
-    config = get_config(config)
+    target = resolve_target(target)
+    config = get_config(config).for_target(target)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()  # BatchNorm keeps its running statistics while ranges are set up
     if quantize_adds:
@@ -221,7 +227,7 @@ def prepare_qat(
     tie_learned(shared_input_groups(qmodel))
     qmodel.train()
     qmodel.lowbit_summary = QATSummary(config=config, layers=report, learn=learn, conv_bn=fused,
-                                       calibration_batches=n_batches)
+                                       calibration_batches=n_batches, target=target.name)
     return qmodel
 
 
