@@ -201,6 +201,14 @@ def resolve_target(target: str | Target | None = "auto") -> Target:
     return _TARGETS[name]
 
 
+TARGET_METADATA = "lowbit.target"
+"""The ONNX metadata_props key under which export records the target a file was made for."""
+
+
+class TargetMismatchWarning(UserWarning):
+    """An exported file runs on a CPU whose integer arithmetic differs from its target's."""
+
+
 def running_mismatch(target_name: str | None, cpu: CpuInfo | None = None) -> str | None:
     """A warning, or None: what goes wrong running a file made for ``target_name`` on ``cpu``
     (default: this machine).  Only the one case that changes numbers is reported: a file with
@@ -224,7 +232,9 @@ __all__ = [
     "X86_AVX2_U8U8",
     "X86_AVX2_W7",
     "X86_VNNI",
+    "TARGET_METADATA",
     "CpuInfo",
+    "TargetMismatchWarning",
     "Target",
     "cpu_info",
     "detect_target",

@@ -211,3 +211,92 @@ def qlinear_global_average_pool(codes: torch.Tensor, in_scale: torch.Tensor, in_
     acc = codes.double().sum(spatial, keepdim=True) - float(in_zp * image)
     multiplier = in_scale.float() / (out_scale.float() * torch.tensor(float(image)))
     return requantize(acc, multiplier, out_zp, qmin, qmax)
+
+
+# -- x86 without VNNI: vpmaddubsw -------------------------------------------------------------
+# ORT's u8 x s8 kernels on AVX2 (and AVX-512 without VNNI) multiply the raw uint8 activation
+# codes by the raw int8 weight codes and add adjacent products along K in pairs, saturating
+# each pair to int16 (vpmaddubsw), before the int32 sums (vpmaddwd with ones) and the
+# zero-point corrections.  The pairs are (0, 1), (2, 3) ... of the K order the kernel packs
+# (``conv_k_order``); an odd K is padded with a zero weight.  Everything else is exact, so
+# the accumulator is the exact one plus, for each pair that saturates, clamp(s) - s.
+_INT16_MIN, _INT16_MAX = -(2**15), 2**15 - 1
+
+
+def saturating_pairs(weight: torch.Tensor, a_min: int, a_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, pair) indices of the weight pairs whose int16 sum can saturate for activation codes in
+    ``[a_min, a_max]`` (``a_min >= 0``); ``weight`` (M, K) raw int8 codes in the kernel's K order."""
+    w = weight.double()
+    if w.shape[1] % 2:
+        w = F.pad(w, (0, 1))
+    pos, neg = w.clamp(min=0), w.clamp(max=0)
+    top = (pos * a_max + neg * a_min).reshape(w.shape[0], -1, 2).sum(-1)  # the largest pair sum
+    bottom = (neg * a_max + pos * a_min).reshape(w.shape[0], -1, 2).sum(-1)  # the smallest
+    rows, pairs = torch.nonzero((top > _INT16_MAX) | (bottom < _INT16_MIN), as_tuple=True)
+    return rows, pairs
+
+
+def pair_saturation(xa: torch.Tensor, xb: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``sat16(xa * wa + xb * wb) - (xa * wa + xb * wb)``: what saturation removes from the int32 sum
+    (float64; all terms are exact integers)."""
+    s = xa.double() * wa.double() + xb.double() * wb.double()
+    return s.clamp(_INT16_MIN, _INT16_MAX) - s
+
+
+def gemm_saturation(codes: torch.Tensor, weight: torch.Tensor, a_min: int, a_max: int) -> torch.Tensor | None:
+    """The correction to QGemm's exact accumulator (N, M) under vpmaddubsw, or None when no pair of
+    ``weight`` (M, K) can saturate.  ``codes`` (N, K) raw activation codes."""
+    rows, pairs = saturating_pairs(weight, a_min, a_max)
+    if rows.numel() == 0:
+        return None
+    x = F.pad(codes, (0, codes.shape[1] % 2)).double()
+    w = F.pad(weight, (0, weight.shape[1] % 2)).double()
+    corr = pair_saturation(x[:, 2 * pairs], x[:, 2 * pairs + 1], w[rows, 2 * pairs], w[rows, 2 * pairs + 1])
+    return torch.zeros(codes.shape[0], weight.shape[0], dtype=torch.float64).index_add_(1, rows, corr)
+
+
+def conv_k_order(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight of a conv as the GEMM ORT's NHWC QLinearConv runs per group: (M, K) with K in
+    (kernel tap, input channel of the group) order, and for each K position the row of torch's
+    unfolded input (``F.unfold`` order: channel, then tap) it multiplies."""
+    m, cg = weight.shape[:2]
+    taps = weight[0, 0].numel()
+    w = weight.reshape(m, cg, taps).transpose(1, 2).reshape(m, taps * cg)  # (M, taps * Cg): tap-major
+    channel = torch.arange(cg).repeat(taps)  # K position -> channel within the group
+    tap = torch.arange(taps).repeat_interleave(cg)
+    group = torch.arange(m) // (m // groups)  # output channel -> group
+    unfold_row = (group[:, None] * cg + channel[None, :]) * taps + tap[None, :]  # (M, K)
+    return w, unfold_row
+
+
+def conv_saturation(codes: torch.Tensor, in_zp: int, weight: torch.Tensor, conv: dict, a_min: int, a_max: int,
+                    chunk: int = 8) -> torch.Tensor | None:
+    """The correction to QLinearConv's exact accumulator (N, M, *out) under vpmaddubsw, or None when
+    no pair can saturate.  2-D convs; padding holds the input zero point, as ORT pads."""
+    if codes.dim() == 3:  # Conv1d as a conv over (1, L)
+        conv = {**conv, "stride": (1, *conv["stride"]), "dilation": (1, *conv["dilation"]),
+                "padding": conv["padding"] if isinstance(conv["padding"], str) else (0, *conv["padding"])}
+        out = conv_saturation(codes.unsqueeze(2), in_zp, weight.unsqueeze(2), conv, a_min, a_max, chunk)
+        return None if out is None else out.squeeze(2)
+    w, unfold_row = conv_k_order(weight, conv["groups"])
+    rows, pairs = saturating_pairs(w, a_min, a_max)
+    if rows.numel() == 0:
+        return None
+    if w.shape[1] % 2:
+        w = F.pad(w, (0, 1))
+        unfold_row = F.pad(unfold_row, (0, 1), value=-1)  # the zero-weight pad: any row will do
+    wa, wb = w[rows, 2 * pairs].double(), w[rows, 2 * pairs + 1].double()
+    ra, rb = unfold_row[rows, 2 * pairs].clamp(min=0), unfold_row[rows, 2 * pairs + 1].clamp(min=0)
+    kernel = tuple(weight.shape[2:])
+    pads = _pads(conv["padding"], kernel, conv["dilation"])
+    x = F.pad(codes.double(), [p for pair in reversed(pads) for p in pair], value=float(in_zp))
+    parts = []
+    for start in range(0, x.shape[0], chunk):  # unfolded inputs are taps x larger than the input
+        cols = F.unfold(x[start:start + chunk], kernel, dilation=conv["dilation"], stride=conv["stride"])
+        corr = pair_saturation(cols[:, ra], cols[:, rb], wa[:, None], wb[:, None])  # (n, P, L)
+        parts.append(torch.zeros(cols.shape[0], w.shape[0], cols.shape[2], dtype=torch.float64)
+                     .index_add_(1, rows, corr))
+    out = torch.cat(parts)
+    sizes = [(x.shape[2 + i] - conv["dilation"][i] * (k - 1) - 1) // conv["stride"][i] + 1
+             for i, k in enumerate(kernel)]
+    return out.reshape(out.shape[0], out.shape[1], *sizes)

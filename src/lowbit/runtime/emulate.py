@@ -41,6 +41,8 @@ import torch
 from torch import fx, nn
 
 from ..export._patch import _bias_params, _weight_params, check_exportable
+from ..export.onnx_export import model_target
+from ..targets import cpu_info
 from ..passes._graph import try_trace
 from . import _ort_kernels as K
 from ._ort_graph import (
@@ -70,7 +72,8 @@ class _Codes:
 class _IntLayer(nn.Module):
     """The integer constants of one QuantConv / QuantLinear, as ``lowbit.export`` writes them."""
 
-    def __init__(self, layer: nn.Module, where: str, kind: str, out_grid: Grid | None) -> None:
+    def __init__(self, layer: nn.Module, where: str, kind: str, out_grid: Grid | None, *,
+                 saturating: bool = False) -> None:
         super().__init__()
         self.where, self.kind, self.out_grid = where, kind, out_grid
         self.in_grid = activation_grid(layer.input_quantizer, where)
@@ -107,18 +110,27 @@ class _IntLayer(nn.Module):
                 raise EmulationError(f"{where}: padding_mode={layer.padding_mode!r}; ORT pads with the zero point")
             self.conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
                          "groups": layer.groups}
+        # vpmaddubsw pairs (x86 without VNNI, int8 weights); ORT's depthwise kernel widens to
+        # int16 products and sums in int32, so it is exact on every x86 CPU.
+        depthwise = kind == CONV and layer.groups == layer.in_channels == layer.out_channels
+        self.saturating = saturating and not depthwise
 
     def forward(self, x: _Codes) -> torch.Tensor | _Codes:
         g = self.in_grid
         if self.kind == CONV:
             acc = K.conv_accumulate(x.codes, g.zero_point, self.weight, self.weight_zp, self.bias, self.conv,
                                     self.bound, self.where)
+            lost = K.conv_saturation(x.codes, g.zero_point, self.weight, self.conv, g.qmin, g.qmax) \
+                if self.saturating else None
         else:
             if x.codes.dim() != 2:
                 raise EmulationError(f"{self.where}: Linear on a {x.codes.dim()}-D input exports as MatMul (+ Add), "
                                      "whose ORT kernels are not emulated; only 2-D inputs (Gemm -> QGemm) are")
             acc = K.gemm_accumulate(x.codes, g.zero_point, self.weight, self.weight_zp.reshape(-1), self.bias,
                                     self.bound, self.where)
+            lost = K.gemm_saturation(x.codes, self.weight, g.qmin, g.qmax) if self.saturating else None
+        if lost is not None:
+            acc = acc.double() + lost
         multiplier = self.multiplier.float()  # float32 even after a .to(torch.float64)
         if self.out_grid is None:
             return acc.to(torch.float32) * multiplier
@@ -160,8 +172,11 @@ class OrtEmulation(nn.Module):
     constants (integer sums run in float64 wherever float32 could round).
     """
 
-    def __init__(self, qmodel: nn.Module) -> None:
+    def __init__(self, qmodel: nn.Module, *, cpu: str = "auto") -> None:
         super().__init__()
+        self.cpu = _arithmetic(cpu)
+        self.target = model_target(qmodel).name
+        saturating = self.cpu == "x86-avx2" and model_target(qmodel).weight_layout == "s8"
         gm, why = (qmodel, "") if isinstance(qmodel, fx.GraphModule) else try_trace(qmodel)
         if gm is None:
             raise EmulationError(f"{type(qmodel).__name__} cannot be traced by torch.fx ({why}); integer "
@@ -174,7 +189,8 @@ class OrtEmulation(nn.Module):
             for node in gm.graph.nodes:
                 kind, module = self._plan.kinds[node.name]
                 if kind in (CONV, GEMM):
-                    self.layers[node.name] = _IntLayer(module, str(node.target), kind, self._plan.out_grid[node.name])
+                    self.layers[node.name] = _IntLayer(module, str(node.target), kind, self._plan.out_grid[node.name],
+                                                         saturating=saturating)
         self._grids = {n.name: self._input_grids(n, modules) for n in gm.graph.nodes
                        if self._plan.kinds[n.name][0] in (ADD, STUB)}
 
@@ -265,7 +281,23 @@ class OrtEmulation(nn.Module):
         return f"ORT CPU integer kernels: {counts}"
 
 
-def emulate_ort(qmodel: nn.Module) -> OrtEmulation:
+def _arithmetic(cpu: str) -> str:
+    """``"x86-vnni"`` (exact u8 x s8 sums) or ``"x86-avx2"`` (vpmaddubsw pairs) for ``cpu``."""
+    if cpu == "auto":
+        info = cpu_info()
+        if info.is_x86 and info.flags:
+            return "x86-vnni" if info.has_vnni else "x86-avx2"
+        raise EmulationError(f"the integer arithmetic of this CPU ({info.describe()}) is not modelled; pass "
+                             "cpu='x86-vnni' or cpu='x86-avx2' to emulate an x86 CPU")
+    if cpu not in _ARITHMETIC:
+        raise EmulationError(f"cpu must be 'auto' or one of {', '.join(_ARITHMETIC)}, got {cpu!r}")
+    return cpu
+
+
+_ARITHMETIC = ("x86-vnni", "x86-avx2")
+
+
+def emulate_ort(qmodel: nn.Module, *, cpu: str = "auto") -> OrtEmulation:
     """A module that computes, bit for bit, what ONNX Runtime computes for ``export_onnx(qmodel)``.
 
     Args:
@@ -285,7 +317,7 @@ def emulate_ort(qmodel: nn.Module) -> OrtEmulation:
         >>> logits = emulated(images)          # ORT's logits, computed in PyTorch
         >>> emulated.kernel_counts()           # Counter({'QLinearConv': 52, 'QLinearAdd': 10, ...})
     """
-    return OrtEmulation(qmodel)
+    return OrtEmulation(qmodel, cpu=cpu)
 
 
 __all__ = ["EmulationError", "OrtEmulation", "emulate_ort"]

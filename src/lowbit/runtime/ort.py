@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..targets import TARGET_METADATA, TargetMismatchWarning, running_mismatch
 
 
 class OrtModel:
@@ -45,6 +48,10 @@ class OrtModel:
         self.threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.target = self.session.get_modelmeta().custom_metadata_map.get(TARGET_METADATA)
+        problem = running_mismatch(self.target)
+        if problem is not None:
+            warnings.warn(f"{self.path.name}: {problem}", TargetMismatchWarning, stacklevel=2)
 
     def feeds(self, *args, **kwargs) -> dict[str, np.ndarray]:
         """Map positional / keyword torch inputs to ORT's named numpy feeds."""
