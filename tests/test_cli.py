@@ -1,4 +1,5 @@
-"""The `lowbit` command line: quantize and qat write artifacts and a recipe; export and qat --recipe replay it."""
+"""The `lowbit` command line, in process: quantize and qat write artifacts and a recipe; export and qat --recipe
+replay it; user errors are one line on stderr with exit status 2."""
 
 import json
 
@@ -91,11 +92,113 @@ def test_bench_times_onnx_files(tmp_path, capsys):
     assert len(rows) == 4
 
 
-def test_bad_factory_is_a_clear_error():
-    with pytest.raises(SystemExit, match="module:function"):
-        cli.main(["quantize", "not_a_factory", "--data", "tests.test_cli:tiny_data"])
-    with pytest.raises(SystemExit, match="cannot load"):
-        cli.main(["quantize", "tests.test_cli:missing", "--data", "tests.test_cli:tiny_data"])
+def _user_error(argv, capsys) -> str:
+    """Run ``lowbit argv`` expecting a user error: exit status 2 and one ``error:`` line on stderr."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_factory_is_a_clear_error(capsys):
+    line = _user_error(["quantize", "not_a_factory", "--data", "tests.test_cli:tiny_data"], capsys)
+    assert "neither a folder nor module:function" in line
+    line = _user_error(["quantize", "./no/such/folder", "--data", "tests.test_cli:tiny_data"], capsys)
+    assert line == "error: model folder ./no/such/folder does not exist"
+    line = _user_error(["quantize", "tests.test_cli:tiny_cnnn", "--data", "tests.test_cli:tiny_data"], capsys)
+    assert "has no 'tiny_cnnn'; did you mean tiny_cnn" in line
+    line = _user_error(["quantize", "no_such_module:net", "--data", "tests.test_cli:tiny_data"], capsys)
+    assert "cannot import module 'no_such_module'" in line and "current folder" in line
+    line = _user_error(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli"], capsys)
+    assert "--data 'tests.test_cli' is not of the form module:function" in line
+
+
+def test_unknown_preset_and_lowbit_value_errors_are_one_line(capsys, tmp_path):
+    line = _user_error(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data",
+                        "--config", "w9a9", "--out", str(tmp_path)], capsys)
+    assert "--config 'w9a9' is neither a preset (w8a8" in line
+    # a ValueError raised by lowbit's own checks (here: a batch larger than the data) is a user error too
+    line = _user_error(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data",
+                        "--batch", "64", "--out", str(tmp_path), "--quiet"], capsys)
+    assert "batch_sizes [64] exceed the 4 rows" in line
+    with pytest.raises(ValueError, match="exceed"):  # --debug: the exception itself, with its traceback
+        cli.main(["--debug", "quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data",
+                  "--batch", "64", "--out", str(tmp_path), "--quiet"])
+
+
+def test_missing_or_bad_onnx_files_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "notes.onnx").write_text("not a model")
+    (tmp_path / "x.onnx").write_text("x\n")  # parses as an empty protobuf message
+    assert "x.onnx is not an ONNX model (no graph outputs)" in _user_error(["inspect", str(tmp_path / "x.onnx")],
+                                                                          capsys)
+    assert "ONNX file" in _user_error(["inspect", str(tmp_path / "missing.onnx")], capsys)
+    assert "is not an ONNX model" in _user_error(["bench", str(tmp_path / "notes.onnx")], capsys)
+    assert "is a folder" in _user_error(["bench", str(tmp_path)], capsys)
+    assert "no config.json" in _user_error(["quantize", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    (tmp_path / "file").write_text("")
+    assert "is a file; give a folder" in _user_error(["quantize", "tests.test_cli:tiny_cnn", "--data",
+                                                      "tests.test_cli:tiny_data", "--out", str(tmp_path / "file")],
+                                                     capsys)
+
+
+def test_recipe_that_does_not_parse_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "recipe.json"
+    bad.write_text('{\n  "format": "lowbit.recipe",\n  "version": 1\n  "model": "x:y"\n}\n')
+    line = _user_error(["export", str(bad), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert line == f"error: {bad}:4:3: invalid JSON: Expecting ',' delimiter"
+    config = tmp_path / "config.json"
+    config.write_text("{]")
+    line = _user_error(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data",
+                        "--config", str(config)], capsys)
+    assert line.startswith(f"error: {config}:1:2: invalid JSON")
+    line = _user_error(["export", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert "missing.json does not exist" in line
+
+
+def test_unknown_recipe_and_config_fields_are_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data", "--out", str(out),
+                     "--quiet", "--latency-runs", "1"]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    for where, edit in [("top", {"modle": "x:y"}), ("options", {"options": {"progress": False, "smoothquant": 0.5,
+                                                                            "alpha": 1}})]:
+        path = tmp_path / f"{where}.json"
+        path.write_text(json.dumps({**recipe, **edit}))
+        line = _user_error(["export", str(path), "--out", str(tmp_path / "m.onnx")], capsys)
+        assert f"error: {path}" in line and "unknown field(s) ['" in line and ("modle" in line or "alpha" in line)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**recipe["config"], "granularty": "tensor"}))
+    line = _user_error(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data",
+                        "--config", str(config)], capsys)
+    assert line.startswith(f"error: {config}: QuantConfig: unknown field(s) ['granularty']")
+    # a whole recipe.json is accepted as --config: its config is reused
+    assert cli.main(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data", "--config",
+                     str(out / "recipe.json"), "--out", str(tmp_path / "again"), "--quiet", "--latency-runs", "1"]) == 0
+
+
+def test_output_folders_are_created_and_the_resolved_target_recorded(tmp_path):
+    from lowbit.targets import resolve_target
+
+    out = tmp_path / "a" / "b" / "run"
+    assert cli.main(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data", "--out", str(out),
+                     "--quiet", "--latency-runs", "1"]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["target"] == resolve_target("auto").name != "auto"
+    onnx_path = tmp_path / "new" / "folder" / "m.onnx"
+    assert cli.main(["export", str(out / "recipe.json"), "--out", str(onnx_path)]) == 0
+    assert onnx_path.read_bytes() == (out / "model.int8.onnx").read_bytes()
+
+
+def test_target_option_is_recorded_and_followed(tmp_path):
+    import onnx
+
+    out = tmp_path / "run"
+    assert cli.main(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data", "--target",
+                     "x86-avx2", "--out", str(out), "--quiet", "--latency-runs", "1"]) == 0
+    assert json.loads((out / "recipe.json").read_text())["target"] == "x86-avx2-u8u8"  # the alias, resolved
+    props = {p.key: p.value for p in onnx.load(str(out / "model.int8.onnx")).metadata_props}
+    assert props["lowbit.target"] == "x86-avx2-u8u8"
 
 
 def qat_data():
@@ -162,12 +265,11 @@ def test_qat_run_again_resumes_from_its_checkpoint(tmp_path, capsys):
     assert not torch.equal(first["fc.weight"], _tensors(tmp_path / "qat_model.pt")["fc.weight"])
 
 
-def test_qat_bad_data_or_recipe_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"must return \(train_batches, calib_batches"):
-        cli.main(["qat", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:qat_data_bad", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="needs a model"):
-        cli.main(["qat", "--out", str(tmp_path)])
+def test_qat_bad_data_or_recipe_is_a_clear_error(tmp_path, capsys):
+    line = _user_error(["qat", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:qat_data_bad",
+                        "--out", str(tmp_path)], capsys)
+    assert "must return (train_batches, calib_batches" in line
+    assert "needs a model" in _user_error(["qat", "--out", str(tmp_path)], capsys)
     quantize_recipe = tmp_path / "recipe.json"
     quantize_recipe.write_text(json.dumps({"format": "lowbit.recipe", "version": 1, "model": "x:y"}))
-    with pytest.raises(SystemExit, match="is a quantize recipe, not a qat one"):
-        cli.main(["qat", "--recipe", str(quantize_recipe)])
+    assert "is a quantize recipe, not a qat one" in _user_error(["qat", "--recipe", str(quantize_recipe)], capsys)

@@ -397,3 +397,22 @@ def test_quantize_adds_routes_residual_adds_through_quant_add():
 
 def test_public_entry_point_is_ptq_quantize():
     assert lowbit.quantize is quantize
+
+
+def test_a_model_on_the_meta_device_is_refused_before_any_work():
+    with torch.device("meta"):
+        model = MLP()
+    with pytest.raises(ValueError, match=r"quantize: the model has no data \(fc1.weight is on the meta device.*to_empty"):
+        quantize(model, _batches(1, 4, 16), "w8a8", progress=False)
+
+
+def test_a_single_calibration_tensor_is_one_batch():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(8, 16)
+    qmodel = quantize(model, x, "w8a8", progress=False)
+    assert qmodel.lowbit_summary.calibration_batches == 1
+    same = quantize(model, [x], "w8a8", progress=False)
+    assert qmodel.lowbit_summary.options == same.lowbit_summary.options
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), same(x))

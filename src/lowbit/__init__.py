@@ -6,6 +6,7 @@
     lowbit.export_onnx(qmodel, "model.int8.onnx", example_inputs)        # Q/DQ ONNX for ONNX Runtime
     print(lowbit.inspect_onnx("model.int8.onnx"))                        # which kernels run in integers
     print(lowbit.compare(model, qmodel, inputs=batch, onnx="model.int8.onnx"))   # accuracy / size / latency
+    lowbit.save(qmodel, "runs/w8a8"); qmodel = lowbit.load(model, "runs/w8a8")   # rebuild on a fresh model
 """
 
 from . import numerics, observers, qat
@@ -13,6 +14,7 @@ from .config import CONFIGS, LayerQuant, QuantConfig, Rule
 from .export import export_onnx, inspect_onnx
 from .nn.modules import TensorQuant
 from .numerics import QuantSpec
+from .persist import load, save
 from .ptq import quantize
 from .qat import prepare_qat
 from .report import compare
@@ -29,9 +31,11 @@ __all__ = [
     "compare",
     "export_onnx",
     "inspect_onnx",
+    "load",
     "numerics",
     "observers",
     "prepare_qat",
     "qat",
     "quantize",
+    "save",
 ]

@@ -77,8 +77,16 @@ class QuantConfig:
     name: str = "custom"
     rules: tuple[Rule, ...] = ()
     default: LayerQuant | None = None
+    # Widest signed weight grid for layers on u8 x s8 integer kernels (None: no limit).  Set by
+    # ``for_target`` for CPUs whose kernels saturate (x86 without VNNI, ``x86-avx2-w7``); layers
+    # with float inputs (weight-only) and depthwise convs (ORT's depthwise kernel sums in int32
+    # on every x86 CPU) keep their width.
+    max_weight_bits: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_weight_bits is not None and (isinstance(self.max_weight_bits, bool) or self.max_weight_bits
+                                                 not in range(2, 9)):
+            raise ValueError(f"QuantConfig.max_weight_bits must be None or 2..8, got {self.max_weight_bits!r}")
         if not isinstance(self.rules, tuple):
             object.__setattr__(self, "rules", tuple(self.rules))
         for rule in self.rules:
@@ -89,8 +97,18 @@ class QuantConfig:
         """The LayerQuant for ``module`` (None = float) and what decided it."""
         for rule in self.rules:
             if rule.matches(name, module):
-                return rule.layer, f"rule {rule.pattern!r}"
-        return self.default, "default"
+                return self._cap(rule.layer, module), f"rule {rule.pattern!r}"
+        return self._cap(self.default, module), "default"
+
+    def _cap(self, layer: LayerQuant | None, module: nn.Module) -> LayerQuant | None:
+        """``layer`` with its weight limited to ``max_weight_bits`` where that applies."""
+        if self.max_weight_bits is None or layer is None or layer.weight is None or layer.input is None:
+            return layer
+        spec = layer.weight.spec
+        if not spec.signed or spec.bits <= self.max_weight_bits or _is_depthwise(module):
+            return layer
+        weight = dataclasses.replace(layer.weight, spec=dataclasses.replace(spec, bits=self.max_weight_bits))
+        return dataclasses.replace(layer, weight=weight)
 
     def bind(self, model: nn.Module) -> QuantConfig:
         """A copy in which the position patterns ``"@first"`` / ``"@last"`` are the exact names of
@@ -133,23 +151,12 @@ class QuantConfig:
         return dataclasses.replace(self, rules=rules, default=change(self.default))
 
     def for_target(self, target) -> QuantConfig:
-        """A copy whose weight grids fit ``target`` (a ``lowbit.targets.Target``): a signed weight
-        wider than ``target.max_weight_bits`` on a layer whose input is quantized (an integer
-        kernel) gets that many bits.  Weight-only layers (float kernels) keep theirs.  Idempotent;
-        unchanged for targets that take 8-bit weights."""
-
-        def change(layer: LayerQuant | None) -> LayerQuant | None:
-            if layer is None or layer.weight is None or layer.input is None:
-                return layer
-            spec = layer.weight.spec
-            if not spec.signed or spec.bits <= target.max_weight_bits:
-                return layer
-            weight = dataclasses.replace(layer.weight, spec=dataclasses.replace(spec, bits=target.max_weight_bits))
-            return dataclasses.replace(layer, weight=weight)
-
-        rules = tuple(dataclasses.replace(r, layer=change(r.layer)) for r in self.rules)
-        adapted = dataclasses.replace(self, rules=rules, default=change(self.default))
-        return self if adapted == self else adapted
+        """A copy whose weight grids fit ``target`` (a ``lowbit.targets.Target``): signed weights of
+        layers that run as u8 x s8 integer matmuls get at most ``target.max_weight_bits`` bits
+        (``max_weight_bits``, applied by ``resolve``).  Unchanged for targets that take 8 bits."""
+        if target.max_weight_bits >= 8 or self.max_weight_bits == target.max_weight_bits:
+            return self
+        return dataclasses.replace(self, max_weight_bits=target.max_weight_bits)
 
     # -- recipe files -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -170,6 +177,11 @@ class QuantConfig:
 
 POSITIONS = ("@first", "@last")
 _COMPUTE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    """One input channel per output channel: ONNX Runtime runs it on its depthwise kernel."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels == module.out_channels
 
 
 def _escape_glob(name: str) -> str:

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,25 @@ class QuantSummary:
     uncalibrated: list[str]  # quantizers that saw no data and were disabled (tensor stays float)
     smoothing: object | None = None  # lowbit.passes.SmoothReport when quantize(smoothquant=...) ran
     target: str = "x86-vnni"  # the integer target (lowbit.targets) the model was quantized for
+    # quantize's structural options (fold_bn, equalize, ...), which lowbit.load replays
+    options: dict = field(default_factory=dict)
+
+
+def check_has_data(model: nn.Module, verb: str) -> None:
+    """Raise before any work when ``model`` holds tensors on the meta device (no values)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ValueError(
+                f"{verb}: the model has no data ({name} is on the meta device, shapes without values); "
+                "load real weights first, e.g. model.to_empty(device='cpu') then "
+                "model.load_state_dict(torch.load(path, weights_only=True))"
+            )
+
+
+def as_batches(calib_data):
+    """Calibration data as an iterable of batches: a single tensor is ONE batch (iterating it
+    would give its rows)."""
+    return [calib_data] if isinstance(calib_data, torch.Tensor) else calib_data
 
 
 def run_model(model: nn.Module, batch) -> object:
@@ -177,8 +196,9 @@ def quantize(
     Args:
         model: float model; untouched unless ``inplace``.
         calib_data: iterable of model inputs (tensors, tuples of args or dicts of
-            kwargs; a DataLoader works).  Needed when the config has static
-            activation quantizers; must be re-iterable for ``bias_correction``.
+            kwargs; a DataLoader works), or a single tensor, taken as ONE batch.  Needed
+            when the config has static activation quantizers; must be re-iterable for
+            ``bias_correction``.
         config: a preset name (``"w8a8"``, ``"w8a8-dynamic"``, ``"w8"``) or a QuantConfig.
         fold_bn: fold eval-mode BatchNorm into the preceding Conv/Linear first.
         equalize: cross-layer equalization (Nagel et al. 2019) before quantizing.
@@ -206,15 +226,24 @@ def quantize(
 
     Returns:
         The quantized model (fake-quant simulation in PyTorch) with
-        ``lowbit_summary`` describing what was quantized and what stayed float.
+        ``lowbit_summary`` describing what was quantized and what stayed float
+        (``lowbit.save`` writes it, ``lowbit.load`` rebuilds it).
+
+    Raises:
+        ValueError: the model is on the meta device (no weights), no or empty calibration
+            data for static activations, bad data (named by batch and tensor).
 
     Example:
         >>> qmodel = quantize(model, [torch.randn(8, 3, 224, 224)], "w8a8")
     """
     from . import passes
 
+    check_has_data(model, "quantize")
+    calib_data = as_batches(calib_data)
     target = resolve_target(target)
     config = get_config(config).for_target(target)
+    options = {"fold_bn": fold_bn, "equalize": equalize, "equalize_relu6": equalize_relu6,
+               "quantize_adds": quantize_adds, "bias_correction": bias_correction, "smoothquant": smoothquant}
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     if fold_bn:
@@ -236,7 +265,8 @@ def quantize(
     if bias_correction:
         passes.correct_bias(None, qmodel, calib_data)
     qmodel.lowbit_summary = QuantSummary(config=config, layers=report, calibration_batches=n_batches,
-                                         uncalibrated=uncalibrated, smoothing=smoothing, target=target.name)
+                                         uncalibrated=uncalibrated, smoothing=smoothing, target=target.name,
+                                         options=options)
     return qmodel
 
 
@@ -264,11 +294,17 @@ def insert_graph_quantizers(model: nn.Module, config: QuantConfig, *, inplace: b
 
 
 def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, SwapReport]:
-    """Swap every layer the config quantizes (the model itself, if it is one layer)."""
+    """Swap every layer the config quantizes (the model itself, if it is one layer), and give each
+    quantized Conv that feeds a float activation (SiLU, GELU ...) an output quantizer, so ONNX
+    Runtime runs it in integers (``lowbit.passes.activations``; ``report.float_kernels`` lists
+    the quantized convs it will still run in float)."""
+    from .passes.activations import quantize_activation_inputs
+
     config = config.bind(model)  # "@first" / "@last" -> this model's layer names
     model, report = swap_root(model, config.resolve)
     if report is None:
         report = swap_modules(model, config.resolve)
+        quantize_activation_inputs(model, config, report)
     if not report.quantized:
         log.warning("no layer was quantized: the config matched none of the model's Linear/Conv/Embedding layers")
     return model, report

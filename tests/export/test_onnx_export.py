@@ -37,6 +37,7 @@ from lowbit.nn.modules import QuantAdd, TensorQuant
 from lowbit.nn.quantizer import Quantizer
 from lowbit.numerics import INT8_WEIGHT_PER_TENSOR, fake_quantize
 from lowbit.ptq import quantize
+from lowbit.targets import TARGETS
 
 
 class SmallCNN(nn.Module):
@@ -238,13 +239,19 @@ def test_biases_are_the_simulations_int32_codes(cnn, cnn_onnx):
                                                                       and not k.endswith("_scale"))]
 
 
+def _weight_type(model: onnx.ModelProto) -> int:
+    """INT8, or UINT8 where the file's target stores weights as uint8 (x86-avx2-u8u8)."""
+    target = TARGETS[{p.key: p.value for p in model.metadata_props}["lowbit.target"]]
+    return onnx.TensorProto.UINT8 if target.weight_layout == "u8" else onnx.TensorProto.INT8
+
+
 def test_weights_are_int8_initializers_with_per_channel_dq(cnn_onnx):
     model = onnx.load(cnn_onnx)
     inits = {t.name: t for t in model.graph.initializer}
     float_weights = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 1]
     assert float_weights == []
     weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                  and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+                  and inits[n.input[0]].data_type == _weight_type(model)]
     assert len(weight_dqs) == 5  # four convs and the linear
     for n in weight_dqs:
         assert len(inits[n.input[1]].dims) == 1  # one scale per output channel
@@ -264,6 +271,16 @@ def test_reexport_is_byte_identical(cnn, tmp_path):
     export_onnx(cnn, tmp_path / "a.onnx", x)
     export_onnx(cnn, tmp_path / "b.onnx", x)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_the_file_gets_the_umask_permissions_in_a_created_folder(cnn, tmp_path):
+    old = os.umask(0o022)
+    try:
+        export_onnx(cnn, tmp_path / "new" / "model.onnx", torch.randn(1, 3, 8, 8))
+    finally:
+        os.umask(old)
+    assert os.listdir(tmp_path / "new") == ["model.onnx"]
+    assert (tmp_path / "new" / "model.onnx").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
 
 
 class _Exploding(nn.Module):

@@ -27,6 +27,7 @@ from lowbit.export import export_onnx, inspect_onnx
 from lowbit.nn.modules import TensorQuant
 from lowbit.numerics import INT8_WEIGHT, INT8_WEIGHT_PER_TENSOR, QuantSpec
 from lowbit.ptq import quantize
+from lowbit.targets import TARGETS
 
 
 class MLP(nn.Module):
@@ -141,7 +142,8 @@ def test_dynamic_weight_quantizer_exports_int8_constants(tmp_path):
     qmodel.up.weight_quantizer.mode = "dynamic"  # as during QAT: range taken from the weight itself
     path = _export(qmodel, tmp_path, (4, 6, 32))
     inits = {t.name: t for t in onnx.load(path).graph.initializer}
-    assert inits["up.weight_quantized"].data_type == onnx.TensorProto.INT8
+    layout = TARGETS[qmodel.lowbit_summary.target].weight_layout  # uint8 for x86-avx2-u8u8
+    assert inits["up.weight_quantized"].data_type == (onnx.TensorProto.UINT8 if layout == "u8" else onnx.TensorProto.INT8)
     # The simulation keeps a bias float while its weight scale moves; the file does too.
     assert inits["up.bias"].data_type == onnx.TensorProto.FLOAT and "up.bias_quantized" not in inits
     assert inits["down.bias_quantized"].data_type == onnx.TensorProto.INT32

@@ -1,5 +1,6 @@
 """QAT checkpoints: a killed run resumes to the same bits; files are safe, atomic and checked."""
 
+import os
 import random
 
 import numpy as np
@@ -212,3 +213,53 @@ def test_writes_are_atomic_and_never_store_nan_weights(tmp_path, monkeypatch):
     assert path.read_bytes() == good
     with pytest.raises(TypeError, match="extra\\['fn'\\] is a builtin_function"):
         save_checkpoint(tmp_path / "x.pt", _prepared(), extra={"fn": print})
+
+
+def _flip(path, offset, n=64):
+    raw = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(b""), r"ck.pt is empty \(0 bytes\)"),
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"ck.pt is truncated or corrupted"),
+    (lambda p: _flip(p, p.stat().st_size // 2), r"ck.pt is corrupted: its content does not match the sha256"),
+    (lambda p: _flip(p, p.stat().st_size - 40, n=4), r"ck.pt is corrupted: its checksum trailer is missing"),
+    (lambda p: _flip(p, p.stat().st_size - 8, n=8), r"ck.pt is corrupted: its content does not match"),
+])
+def test_an_empty_truncated_or_corrupted_checkpoint_is_refused_with_its_name(tmp_path, damage, message):
+    path = save_checkpoint(tmp_path / "ck.pt", _prepared(), step=1)
+    damage(path)
+    with pytest.raises(ValueError, match=message + ".*(resume=False|--no-resume)"):
+        load_checkpoint(path, _prepared())
+
+
+def test_fit_does_not_resume_silently_from_a_corrupted_checkpoint(tmp_path):
+    setup = SETUPS["list-lsq"]
+    _run(setup, tmp_path)
+    _flip(tmp_path / "checkpoint.pt", 2000)  # 64 flipped bytes in the middle
+    with pytest.raises(ValueError, match="checkpoint.pt is corrupted"):
+        _run(setup, tmp_path)
+
+
+def test_version_1_checkpoints_without_a_checksum_still_load(tmp_path, caplog):
+    model = _prepared()
+    payload = torch.load(save_checkpoint(tmp_path / "new.pt", model, step=4), weights_only=True)
+    torch.save({**payload, "version": 1}, tmp_path / "old.pt")
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(tmp_path / "old.pt", _prepared()).step == 4
+    assert "without a checksum" in caplog.text
+    torch.save({**payload, "version": 2}, tmp_path / "stripped.pt")  # version 2 needs its trailer
+    with pytest.raises(ValueError, match="stripped.pt is corrupted: its checksum trailer is missing"):
+        load_checkpoint(tmp_path / "stripped.pt", _prepared())
+
+
+def test_checkpoints_get_the_umask_permissions_and_their_folder_is_created(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "runs" / "a" / "ck.pt", _prepared())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

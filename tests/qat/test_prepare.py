@@ -128,3 +128,18 @@ def test_bad_input():
         prepare_qat(small_cnn(), "w8a8", learn="adaround")
     with pytest.raises(ValueError, match="unknown config"):
         prepare_qat(small_cnn(), "w3a3")
+
+
+def test_meta_model_is_refused_and_a_single_calibration_tensor_is_one_batch(data):
+    with torch.device("meta"):
+        meta = small_cnn()
+    with pytest.raises(ValueError, match=r"prepare_qat: the model has no data \(.* is on the meta device"):
+        prepare_qat(meta, "w4a8", progress=False)
+    x, _ = data
+    one = prepare_qat(small_cnn(), "w4a8", x[:16], progress=False)
+    listed = prepare_qat(small_cnn(), "w4a8", [x[:16]], progress=False)
+    assert one.lowbit_summary.calibration_batches == 1
+    assert one.lowbit_summary.options == {"fold_bn": True, "quantize_adds": True}
+    one.eval(), listed.eval()
+    with torch.no_grad():
+        assert torch.equal(one(x), listed(x))

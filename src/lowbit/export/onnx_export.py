@@ -25,7 +25,11 @@ groups into integer kernels):
 * an embedding gathers rows of its int8 table, then dequantizes only those rows
   (the table stays int8 in memory and only ``batch x tokens`` rows are converted,
   instead of the whole ``vocab x dim`` table on every run);
-* a BatchNorm left after a quantized Conv is folded into the weight scale.
+* a BatchNorm left after a quantized Conv is folded into the weight scale;
+* a conv with an output quantizer (one that feeds SiLU, GELU ...: ``lowbit.passes.activations``)
+  ends in its own Q -> DQ, so ORT runs it as QLinearConv; SiLU / GELU on that DQ are written
+  as ORT's ``QuickGelu`` / ``Gelu`` (com.microsoft), the fusions ORT cannot make behind a DQ
+  (``_activations``).
 
 The TorchScript exporter (``dynamo=False``) is used because an autograd
 Function's ``symbolic`` maps each quantizer to Q/DQ directly and leaves the
@@ -40,18 +44,19 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import onnx
 import torch
 from torch import nn
 
+from .._files import write_atomic
 from ..qat.prepare import convert, is_qat_model
-from ..targets import Target, resolve_target
-from . import _bn_fold, _ort_layout, _passes
+from ..targets import TARGET_METADATA, Target, resolve_target
+from . import _activations, _bn_fold, _ort_layout, _passes
 from ._graph import Graph
+from ._inputs import DynamicAxes, ExportInputs, prepare_inputs
 from ._patch import export_mode
 
 log = logging.getLogger(__name__)
@@ -62,17 +67,6 @@ DEFAULT_OPSET = 19
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 MAX_OPSET = 20  # the TorchScript exporter's ceiling in torch 2.x
 _PROTOBUF_LIMIT = 2**31  # bytes: a ModelProto larger than this cannot be serialized
-
-
-def _as_args(example_inputs) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise ValueError(
-        f"example_inputs must be a tensor or a tuple of tensors (the model's positional inputs), got "
-        f"{type(example_inputs).__name__}"
-    )
 
 
 def _io_names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
@@ -92,23 +86,29 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def _trace(model, args, input_names, output_names, dynamic_batch, opset) -> onnx.ModelProto:
-    """Run the TorchScript exporter (``model`` already in export mode); returns the raw ModelProto.
+def _trace(inputs: ExportInputs, output_names, dynamic_batch, dynamic_axes, opset) -> onnx.ModelProto:
+    """Run the TorchScript exporter (the model already in export mode); returns the raw ModelProto.
 
-    ``output_names`` may be None (default names): the outputs are counted on the traced forward
-    itself (a forward hook fills the name list and the dynamic axes before the exporter reads
-    them, after tracing), so export runs the model once.
+    ``output_names`` may be None (default names: ``output``..., or the keys of a mapping output
+    under a ``KeywordAdapter``): the outputs are counted on the traced forward itself (a forward
+    hook fills the name list and the dynamic axes before the exporter reads them, after
+    tracing), so export runs the model once.  Outputs get axis 0 ``batch`` when
+    ``dynamic_batch``, or what ``dynamic_axes`` gives for their name.
     """
-    given = output_names
+    given, model = output_names, inputs.module
     # The exporter uses this list only after the trace has filled it in (before, it only checks
     # the dynamic axes' keys against it, and looks for a TorchScript graph when it is empty).
     names: list[str] = ["output"]
-    dynamic_axes = {name: {0: "batch"} for name in input_names} if dynamic_batch else None
+    axes = dict(inputs.axes)
 
-    def name_outputs(module, inputs, out) -> None:
-        names[:] = _io_names(given, _count_outputs(out), "output")
-        if dynamic_axes is not None:
-            dynamic_axes.update({name: {0: "batch"} for name in names})
+    def name_outputs(module, args, out) -> None:
+        names[:] = _io_names(given or getattr(module, "output_keys", None), _count_outputs(out), "output")
+        axes.update({name: {0: "batch"} for name in names if dynamic_batch})
+        axes.update({name: v for name, v in (dynamic_axes or {}).items() if name in names})
+        unknown = set(dynamic_axes or {}) - set(names) - set(inputs.names)
+        if unknown:
+            raise ValueError(f"dynamic_axes names {sorted(unknown)}, which are neither inputs {inputs.names} "
+                             f"nor outputs {names}")
 
     buffer = io.BytesIO()
     hook = model.register_forward_hook(name_outputs)
@@ -120,8 +120,8 @@ def _trace(model, args, input_names, output_names, dynamic_batch, opset) -> onnx
                                     category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
             torch.onnx.export(
-                model, args, buffer, dynamo=False, opset_version=opset, input_names=input_names,
-                output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                model, inputs.args, buffer, dynamo=False, opset_version=opset, input_names=inputs.names,
+                output_names=names, dynamic_axes=axes or None, do_constant_folding=True,
                 training=torch.onnx.TrainingMode.EVAL,
             )
     finally:
@@ -129,7 +129,7 @@ def _trace(model, args, input_names, output_names, dynamic_batch, opset) -> onnx
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _postprocess(model: onnx.ModelProto, opset: int, target: Target) -> onnx.ModelProto:
+def _postprocess(model: onnx.ModelProto, opset: int, target: Target | None = None) -> onnx.ModelProto:
     """Apply the graph passes (``_passes``, ``_bn_fold``, ``_ort_layout``) in place; returns ``model``."""
     g = Graph(model)
     _passes.lift_constants(g)
@@ -140,8 +140,9 @@ def _postprocess(model: onnx.ModelProto, opset: int, target: Target) -> onnx.Mod
         "merged duplicate Q/DQ": _passes.dedupe_qdq(g),
         "Q copied before data movement": _ort_layout.propagate_q_backward(g),
         "merged duplicate Q/DQ (after copies)": _passes.dedupe_qdq(g),
+        "SiLU / GELU after a DQ -> QuickGelu / Gelu": _activations.fuse_dq_activations(g),
         "dynamic matmuls -> MatMulInteger": _ort_layout.dynamic_to_matmul_integer(g),
-        "uint8 weights": _ort_layout.weights_to_uint8(g) if target.weight_layout == "u8" else 0,
+        "uint8 weights": _ort_layout.weights_to_uint8(g) if target and target.weight_layout == "u8" else 0,
     }
     g.prune()
     g.commit()
@@ -151,29 +152,20 @@ def _postprocess(model: onnx.ModelProto, opset: int, target: Target) -> onnx.Mod
 
 
 def _write_atomic(data: bytes, path: str) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place (its folder
+    created, the umask's permissions: ``lowbit._files.write_atomic``)."""
+    write_atomic(path, data)
 
 
 def export_onnx(
     qmodel: nn.Module,
     path: str | os.PathLike,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: DynamicAxes | None = None,
     opset: int = DEFAULT_OPSET,
     target: str | Target | None = None,
 ) -> onnx.ModelProto:
@@ -185,10 +177,17 @@ def export_onnx(
             Exported in eval mode; its training flag is restored afterwards.
         path: the ``.onnx`` file to write.  Written atomically (temporary file in the
             same folder, then renamed); on any error no file and no temporary remain.
-        example_inputs: a tensor or tuple of tensors, the model's positional inputs.
+        example_inputs: a tensor or tuple of tensors, the model's positional inputs; or a
+            dict of keyword tensors (a tokenizer's output), passed as ``qmodel(**inputs)``:
+            the ONNX inputs are then named after its keys, in ``forward``'s order, and a
+            mapping output (Hugging Face ``ModelOutput``) gives the output names.
         input_names, output_names: graph input / output names (default ``input``,
-            ``output``, or ``input_0``... for several).
+            ``output``, or ``input_0``... for several; a dict's keys).
         dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
+            Dimension 1 of a 2-D integer input (token ids, masks) is symbolic too
+            (``sequence``), so the file takes any sequence length.
+        dynamic_axes: ``{input or output name: {axis: symbol}}`` (or a list of axes), as
+            ``torch.onnx.export`` takes it; replaces the default axes of the names given.
         opset: ONNX opset, 13..20.
         target: the integer target (``lowbit.targets``) whose weight layout to write; None (the
             default) follows the model (``qmodel.lowbit_summary.target``, set by ``quantize``
@@ -209,17 +208,17 @@ def export_onnx(
     """
     _check_opset(opset)
     target = model_target(qmodel) if target is None else resolve_target(target)
-    args = _as_args(example_inputs)
-    input_names = _io_names(input_names, len(args), "input")
     if is_qat_model(qmodel):  # fold BatchNorms, fix learned / observed ranges: on a copy
         qmodel = convert(qmodel)
+    inputs = prepare_inputs(qmodel, example_inputs, input_names=input_names, dynamic_batch=dynamic_batch,
+                            dynamic_axes=dynamic_axes)
     was_training = qmodel.training
     qmodel.eval()
     try:
         # Export mode first: it validates every quantizer before anything runs (a forward
         # with a quantizer still calibrating would change its observer).
         with torch.no_grad(), export_mode(qmodel):
-            model = _trace(qmodel, args, input_names, output_names, dynamic_batch, opset)
+            model = _trace(inputs, output_names, dynamic_batch, dynamic_axes, opset)
     finally:
         qmodel.train(was_training)
     _postprocess(model, opset, target)
@@ -234,14 +233,11 @@ def export_onnx(
     return model
 
 
-TARGET_METADATA = "lowbit.target"  # ONNX metadata_props key: the target the file was made for
-
-
 def model_target(qmodel: nn.Module) -> Target:
-    """The target a lowbit model was quantized for (``x86-vnni`` for a model without a summary:
-    int8 weights, as export wrote them before targets existed)."""
+    """The target a lowbit model was quantized for; for a model without one (quantizers set up
+    by hand), this machine's (``lowbit.targets.resolve_target("auto")``)."""
     summary = getattr(qmodel, "lowbit_summary", None)
-    return resolve_target(getattr(summary, "target", None) or "x86-vnni")
+    return resolve_target(getattr(summary, "target", None) or "auto")
 
 
 def _count_outputs(out) -> int:

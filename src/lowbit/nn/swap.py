@@ -23,9 +23,14 @@ class SwapReport:
     quantized: dict[str, str] = field(default_factory=dict)  # name -> "Linear: w int8 ... (rule ...)"
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed float
     unsupported: dict[str, str] = field(default_factory=dict)  # name -> type of a layer with weights we cannot quantize
+    # quantized layers ONNX Runtime still runs as float kernels (name -> why), e.g. a Conv whose
+    # output reaches no QuantizeLinear (lowbit.passes.activations)
+    float_kernels: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        out = [f"quantized {name}: {what}" for name, what in self.quantized.items()]
+        out = [f"quantized {name}: {what}" + (f" -- float kernel in ONNX Runtime: {self.float_kernels[name]}"
+                                              if name in self.float_kernels else "")
+               for name, what in self.quantized.items()]
         out += [f"float     {name}: {why}" for name, why in self.skipped.items()]
         out += [f"float     {name}: {kind} is not supported (left in float)" for name, kind in self.unsupported.items()]
         return out

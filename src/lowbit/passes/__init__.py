@@ -7,6 +7,8 @@
 * ``quantize_pool_inputs``: a ``QuantStub`` before average pools, so they run in integers (fx).
 * ``smooth_quant``: activation outliers moved into the weights (SmoothQuant); returns a ``SmoothReport``.
 * ``correct_bias``: after quantization, the mean output error of each layer removed from its bias.
+* ``quantize_activation_inputs``: after swapping, an output quantizer on each Conv that feeds SiLU,
+  GELU, Hardswish ... so ORT runs it as QLinearConv (``lowbit.ptq.swap_layers`` runs it).
 
 Each returns ``(model, names of what it changed)`` and edits in place (``quantize_residual_adds``
 returns a GraphModule sharing the model's layers).  The graph searches use torch.fx and fall
@@ -23,6 +25,7 @@ and ``QuantAdd`` are opaque to them, so running a pass twice, or in another orde
     qmodel, _ = correct_bias(None, qmodel, calib)
 """
 
+from .activations import quantize_activation_inputs
 from .bias_correction import correct_bias
 from .equalize import cross_layer_equalize
 from .fold_bn import fold_batchnorm
@@ -30,5 +33,5 @@ from .pool_inputs import quantize_pool_inputs
 from .residual_add import quantize_residual_adds
 from .smooth import SmoothReport, smooth_quant
 
-__all__ = ["SmoothReport", "correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_pool_inputs",
-           "quantize_residual_adds", "smooth_quant"]
+__all__ = ["SmoothReport", "correct_bias", "cross_layer_equalize", "fold_batchnorm", "quantize_activation_inputs",
+           "quantize_pool_inputs", "quantize_residual_adds", "smooth_quant"]

@@ -190,6 +190,32 @@ def _apply(model: nn.Module, todo: list, alpha: float, *, undo: list | None = No
     return done
 
 
+def insert_smoothed_inputs(model: nn.Module, groups: Iterable[Iterable[str]]) -> None:
+    """What ``smooth_quant(insert_scales=True)`` does to the module tree, without data: each
+    group's Linears wrapped in ``SmoothedInput`` modules sharing one ``inv_scale`` (ones, (C_in,)),
+    in place.  For ``lowbit.load``, whose saved tensors then overwrite weights and scales.
+
+    Args:
+        model: the float model (before layers are swapped).
+        groups: the Linear names of each group, as in ``SmoothReport.inserted[i].consumers``.
+
+    Example:
+        >>> insert_smoothed_inputs(model, [g.consumers for g in report.inserted])
+    """
+    for group in groups:
+        names = list(group)
+        linears = [model.get_submodule(name) for name in names]
+        for name, linear in zip(names, linears, strict=True):
+            if not isinstance(linear, nn.Linear) or linear.in_features != linears[0].in_features:
+                raise ValueError(f"{name} is a {type(linear).__name__}, not a Linear with "
+                                 f"{linears[0].in_features} inputs like {names[0]}: the model differs from "
+                                 "the one SmoothQuant ran on")
+        weight = linears[0].weight
+        inv_scale = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)  # shared by the group
+        for name, linear in zip(names, linears, strict=True):
+            set_submodule(model, name, SmoothedInput(linear, inv_scale))
+
+
 def smooth_quant(model: nn.Module, calib_data: Iterable, *, alpha: float = 0.8,
                  insert_scales: bool = False) -> SmoothReport:
     """SmoothQuant, in place: per input channel of each Linear, ``s_j = max|X_j|^alpha /

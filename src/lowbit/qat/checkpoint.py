@@ -8,7 +8,9 @@ generator) and a fingerprint of the model's structure and quantization config.
 
 The file holds tensors and plain Python values only, so ``torch.load(weights_only=True)``
 reads it (no code runs on load); it is written to a temporary file in the same folder and
-renamed over the old one, so a crash mid-write leaves the previous checkpoint intact.
+renamed over the old one, so a crash mid-write leaves the previous checkpoint intact.  A
+sha256 trailer follows the ``torch.save`` bytes (``torch.load`` ignores it): an empty,
+truncated or corrupted file is refused with its name instead of resuming from damaged state.
 
     save_checkpoint(run / "checkpoint.pt", qmodel, opt, sched, step=step, epoch=epoch, batch=i + 1)
     ...
@@ -18,14 +20,12 @@ renamed over the old one, so a crash mid-write leaves the previous checkpoint in
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import pickle
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,13 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import sha256_file, write_atomic
 from ..nn.conv_bn import QuantConvBn2d
 from ..nn.quantizer import Quantizer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "lowbit.qat_checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a sha256 trailer after the torch.save bytes (1: none, still read)
+_TRAILER_MAGIC = b"lowbit-sha256\0\0\0"  # 16 bytes, then the 32-byte digest of everything before
+_TRAILER = len(_TRAILER_MAGIC) + 32
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
@@ -147,29 +150,31 @@ def _first_nonfinite(state: dict, prefix: str) -> str | None:
     return None
 
 
+class _HashingWriter:
+    """A binary file that also hashes what is written to it (``torch.save`` writes sequentially)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename it over ``path``:
-    readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
+    readers see the old file or the new one, never half of one.  The file ends with a
+    checksum trailer (``read_checkpoint`` checks it; ``torch.load`` ignores it)."""
+
+    def write(f) -> None:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.write(_TRAILER_MAGIC + writer.sha.digest())
+
+    return write_atomic(path, write)
 
 
 def save_checkpoint(
@@ -239,19 +244,57 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
 
 
+_START_OVER = "delete it to start a new run (fit(resume=False), lowbit qat --no-resume), or put back a good copy"
+
+
+def _verify_trailer(path: Path) -> bool:
+    """Check the checksum trailer: True when it is there and matches, False when the file has
+    none (a version-1 checkpoint, or a damaged trailer); raises on a mismatch or an empty file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): the run that wrote it did not finish; {_START_OVER}")
+    if size <= _TRAILER:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - _TRAILER)
+        trailer = f.read(_TRAILER)
+    if not trailer.startswith(_TRAILER_MAGIC):
+        return False
+    if sha256_file(path, skip_last=_TRAILER) != trailer[len(_TRAILER_MAGIC):].hex():
+        raise ValueError(f"{path} is corrupted: its content does not match the sha256 written with it (the file "
+                         f"changed after it was saved: a disk or copy error, or an edit); {_START_OVER}")
+    return True
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The raw checkpoint dict, read with ``weights_only=True`` and its format checked."""
+    """The raw checkpoint dict, its checksum verified, read with ``weights_only=True`` and its
+    format checked.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an empty, truncated or corrupted file, or not a lowbit QAT checkpoint
+            (the message names the file).
+    """
     path = Path(path)
+    checked = _verify_trailer(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path} does not load safely with torch.load(weights_only=True): it holds "
                          f"more than tensors and plain values, so it is not a lowbit QAT checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # what torch.load raises on damaged zips
+        raise ValueError(f"{path} is truncated or corrupted and does not load ({type(exc).__name__}: {exc}); "
+                         f"{_START_OVER}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a lowbit QAT checkpoint (format {CHECKPOINT_FORMAT})")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint version {payload.get('version')!r}; this lowbit reads "
-                         f"version {CHECKPOINT_VERSION}")
+    version = payload.get("version")
+    if version not in (1, CHECKPOINT_VERSION):
+        raise ValueError(f"{path} has checkpoint version {version!r}; this lowbit reads versions 1 to "
+                         f"{CHECKPOINT_VERSION} (a newer lowbit wrote it? upgrade lowbit to resume it)")
+    if version >= 2 and not checked:
+        raise ValueError(f"{path} is corrupted: its checksum trailer is missing or damaged; {_START_OVER}")
+    if version == 1:
+        log.warning("%s is a version-1 checkpoint without a checksum: loaded unchecked", path)
     return payload
 
 

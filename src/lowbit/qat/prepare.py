@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -31,7 +31,14 @@ from ..nn.swap import SwapReport
 from ..numerics import compute_qparams, tensor_minmax
 from ..observers import make_observer
 from ..passes._graph import find_chains, set_submodule
-from ..ptq import calibrate_activations, insert_graph_quantizers, quantizers_by_role, swap_layers
+from ..ptq import (
+    as_batches,
+    calibrate_activations,
+    check_has_data,
+    insert_graph_quantizers,
+    quantizers_by_role,
+    swap_layers,
+)
 from ..targets import Target, resolve_target
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,8 @@ class QATSummary:
     conv_bn: list[str]  # convs trained together with their BatchNorm (folded at export)
     calibration_batches: int
     target: str = "x86-vnni"  # the integer target (lowbit.targets) the model is trained for
+    # prepare_qat's structural options (fold_bn, quantize_adds), which lowbit.load replays
+    options: dict = field(default_factory=dict)
 
 
 def _weight_source(module: nn.Module) -> torch.Tensor:
@@ -186,8 +195,9 @@ def prepare_qat(
     Args:
         model: float model (a copy is made unless ``inplace``).
         config: a preset name (``"w4a8"``, ``"w4a4"``, ``"w8a8"``...) or a QuantConfig.
-        calib_data: iterable of model inputs; when given, activation ranges start from
-            PTQ calibration (recommended for 4-bit activations).
+        calib_data: iterable of model inputs (or a single tensor, taken as ONE batch); when
+            given, activation ranges start from PTQ calibration (recommended for 4-bit
+            activations).
         learn: ``"lsq"`` learns each scale (per channel for weights), ``"lsq+"`` also the
             zero-points of affine grids, None keeps observer ranges (weights every step,
             activations by moving average until ``freeze_observers``).
@@ -204,6 +214,10 @@ def prepare_qat(
         The prepared model (``.lowbit_summary`` says what was quantized).  Build the
         optimizer after this call: learned scales are Parameters of the model.
 
+    Raises:
+        ValueError: the model is on the meta device (no weights), an unknown ``learn``, or
+            nothing the config quantizes.
+
     Example:
         >>> qmodel = lowbit.prepare_qat(model, "w4a8", calib_data=batches[:8])
         >>> opt = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
@@ -211,6 +225,8 @@ def prepare_qat(
     """
     if learn not in _LEARN:
         raise ValueError(f"learn must be one of {_LEARN}, got {learn!r}")
+    check_has_data(model, "prepare_qat")
+    calib_data = as_batches(calib_data)
     target = resolve_target(target)
     config = get_config(config).for_target(target)
     qmodel = model if inplace else copy.deepcopy(model)
@@ -227,7 +243,8 @@ def prepare_qat(
     tie_learned(shared_input_groups(qmodel))
     qmodel.train()
     qmodel.lowbit_summary = QATSummary(config=config, layers=report, learn=learn, conv_bn=fused,
-                                       calibration_batches=n_batches, target=target.name)
+                                       calibration_batches=n_batches, target=target.name,
+                                       options={"fold_bn": fold_bn, "quantize_adds": quantize_adds})
     return qmodel
 
 
@@ -249,6 +266,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             batch nor calibration data).
     """
     out = model if inplace else copy.deepcopy(model)
+    if out is not model and hasattr(model, "lowbit_summary"):  # (deepcopy of an fx GraphModule drops it)
+        out.lowbit_summary = copy.deepcopy(model.lowbit_summary)
     out.eval()
     for name, module in list(out.named_modules()):
         if isinstance(module, QuantConvBn2d):

@@ -27,11 +27,20 @@ from .fidelity import fidelity
 
 
 def _slice_batch(inputs, n: int):
+    """The first ``n`` rows of a tensor, a tuple of tensors or a dict of keyword tensors."""
     if isinstance(inputs, torch.Tensor):
         return inputs[:n]
     if isinstance(inputs, Mapping):
         return {k: v[:n] for k, v in inputs.items()}
     return tuple(v[:n] for v in inputs)
+
+
+def _batch_rows(inputs) -> int:
+    """Rows (dimension 0) of one batch of model inputs; the smallest, if its tensors disagree."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    return min(len(v) for v in values)
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -107,8 +116,10 @@ def compare(
             ``predict(batch) -> outputs`` runs one model; returns a float or a dict of
             floats.  Without it, fidelity to FP32 on ``inputs`` is reported (top-1
             agreement, KL and cosine for logits).
-        inputs: one batch of model inputs (tensor, tuple or dict), used for
-            fidelity and, sliced to each of ``batch_sizes``, for latency.
+        inputs: one batch of model inputs (tensor, tuple, or dict of keyword tensors such
+            as a tokenizer's output), used for fidelity and, sliced to each of
+            ``batch_sizes``, for latency.  A dict is fed to the ONNX files by name: export
+            them with the same dict (``export_onnx`` names the inputs after its keys).
         onnx: the exported quantized model; enables the ORT rows, latency and
             simulation-vs-ORT parity.
         fp32_onnx: the exported float model; exported to a temporary file when None.
@@ -121,6 +132,10 @@ def compare(
     Returns:
         A ``Comparison``; ``print(result)`` shows markdown tables.
     """
+    too_big = [b for b in batch_sizes if b > _batch_rows(inputs)]
+    if onnx is not None and too_big:
+        raise ValueError(f"compare: batch_sizes {too_big} exceed the {_batch_rows(inputs)} rows of inputs; "
+                         "pass a larger batch or smaller batch_sizes")
     report = Comparison()
     fp32_model.eval()
     qmodel.eval()
@@ -186,6 +201,7 @@ def _latency_grid(fp32_onnx, onnx, inputs, threads, batch_sizes, runs) -> list[d
         for b in batch_sizes:
             batch = _slice_batch(inputs, b)
             for name, m in models.items():
+                # a dict feeds the ONNX inputs by name; a tuple by position
                 feeds = m.feeds(*batch) if isinstance(batch, tuple) else m.feeds(batch)
                 stats = measure_latency(m, feeds, runs=runs, batch=b)
                 out.append({"model": name, **stats.to_dict()})

@@ -339,6 +339,9 @@ def _value(node: fx.Node, plan: Plan) -> Grid | str:
         raise EmulationError(f"{where}: quantized embeddings (Gather of int8 rows) are not emulated")
     if any(v != "python" for v in ins):
         what = type(module).__name__ if module is not None else getattr(node.target, "__name__", node.target)
+        if isinstance(ins[0], Grid) and isinstance(module, (nn.Sigmoid, nn.LeakyReLU)):
+            raise EmulationError(f"{where}: ORT runs this {what} on integer codes as QLinear{what.replace('ReLU', 'Relu')}, "
+                                 "a lookup table it fills with its own float function, which is not emulated")
         raise EmulationError(f"{where}: {what} runs in float in ORT (no integer kernel for it here), and float "
                              "kernels cannot be reproduced bit for bit")
     return "python"

@@ -1,0 +1,135 @@
+"""The ``lowbit`` argument parser: one sub-parser per command, a help string on every option."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._ptq import cmd_export, cmd_quantize
+from ._qat import cmd_qat
+from ._tools import cmd_bench, cmd_inspect
+
+MODEL_HELP = ("module:function returning an nn.Module (the module is looked up in the current folder first, "
+              "like python -m), or a Hugging Face model folder (loaded offline)")
+
+
+def _common_config(p: argparse.ArgumentParser, default: str, presets: str) -> None:
+    from ..observers import OBSERVERS
+    from ..targets import TARGET_NAMES
+
+    p.add_argument("--config", default=default,
+                   help=f"preset name ({presets}; default {default}), a QuantConfig .json, or a recipe.json "
+                        "whose config to reuse")
+    p.add_argument("--skip", nargs="*", default=[], metavar="GLOB", help="module-name globs to keep in float")
+    p.add_argument("--observer", choices=list(OBSERVERS),
+                   help="activation range estimator for calibration (default: the preset's)")
+    p.add_argument("--target", choices=TARGET_NAMES, default="auto",
+                   help="integer target the exported file runs on (default auto: this machine's CPU); the recipe "
+                        "records the resolved name, so it replays to the same bytes elsewhere")
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help="PTQ a model, export it and report accuracy / size / latency",
+                       description="Post-training quantization: calibrate, export OUT/fp32.onnx and "
+                                   "OUT/model.int8.onnx, write OUT/recipe.json and OUT/report.md / report.json.")
+    q.add_argument("model", help=MODEL_HELP)
+    q.add_argument("--data", metavar="MODULE:FUNCTION",
+                   help="returns an iterable of calibration inputs (tensors, tuples, or dicts of keyword tensors); "
+                        "default for a Hugging Face folder: 128 bundled English sentences, tokenized")
+    _common_config(q, "w8a8", "w8a8, w8a8-dynamic, w8, ...")
+    q.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="SmoothQuant migration strength before calibration (BERT-style models: 0.8)")
+    q.add_argument("--threads", nargs="+", type=int, default=[1], metavar="N",
+                   help="ONNX Runtime intra-op threads for the latency table (default 1)")
+    q.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",
+                   help="batch sizes for the latency table, at most the first calibration batch's (default 1)")
+    q.add_argument("--latency-runs", type=int, default=50, metavar="N", help="timed runs per latency cell")
+    q.add_argument("--out", default="runs/quantize", help="output folder, created if missing (default runs/quantize)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_quantize)
+
+
+def _add_qat_training(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--learn", choices=["lsq", "lsq+", "none"], default="lsq",
+                   help="learned scales (none: observed ranges; default lsq)")
+    t.add_argument("--no-fold-bn", action="store_true", help="train Conv and BatchNorm as separate layers")
+    t.add_argument("--epochs", type=int, default=1, help="passes over the training batches (default 1)")
+    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (fine-tuning: small; default 1e-4)")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, not applied to scales")
+    t.add_argument("--loss", default="cross_entropy", help="cross_entropy, mse, or module:function(output, target)")
+    t.add_argument("--distill", type=float, default=0.0, help="share of distillation from the FP32 model, 0..1")
+    t.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    t.add_argument("--freeze-bn-after", type=int, metavar="STEPS",
+                   help="optimizer steps before BatchNorm statistics freeze")
+    t.add_argument("--freeze-observers-after", type=int, metavar="STEPS",
+                   help="steps before observed ranges freeze (--learn none)")
+    t.add_argument("--max-grad-norm", type=float, help="clip the gradient norm")
+    t.add_argument("--seed", type=int, default=0, help="seed for the model factory, shuffling and dropout")
+
+
+def _add_qat(sub) -> None:
+    t = sub.add_parser("qat", help="quantization-aware training: prepare, fine-tune (resumable), save, export",
+                       description="Prepare a model for QAT, fine-tune it, write OUT/qat_model.pt and "
+                                   "OUT/recipe.json (and OUT/model.onnx with --onnx).  Running the same "
+                                   "command again resumes from OUT/checkpoints.")
+    t.add_argument("model", nargs="?", help=MODEL_HELP)
+    t.add_argument("--data", metavar="MODULE:FUNCTION",
+                   help="returns (train_batches, calib_batches[, eval_fn]) or a dict with keys train, calib, eval")
+    t.add_argument("--recipe", help="replay a qat recipe.json (the model, data and training options are then "
+                                    "taken from it)")
+    _common_config(t, "w4a8", "w4a8, w4a4, w8a8, ...")
+    _add_qat_training(t)
+    t.add_argument("--checkpoint-dir", help="where the resumable checkpoint lives (default OUT/checkpoints)")
+    t.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
+                   help="optimizer steps between checkpoints (default 200)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--log-dir", help="TensorBoard folder for loss / metric curves")
+    t.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx")
+    t.add_argument("--out", default="runs/qat", help="output folder, created if missing (default runs/qat)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_qat)
+
+
+def _add_tools(sub) -> None:
+    e = sub.add_parser("export", help="replay a recipe.json (quantize or qat) and export the model to ONNX",
+                       description="Run a recipe again (a qat recipe trains again: same recipe, same weights) "
+                                   "and export the quantized model.")
+    e.add_argument("recipe", help="a recipe.json written by lowbit quantize or lowbit qat")
+    e.add_argument("--out", required=True, help="the .onnx file to write (its folder is created if missing)")
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="ONNX Runtime latency of one or more .onnx files",
+                       description="Time ONNX Runtime on made-up inputs: symbolic dimension 0 is the batch, "
+                                   "other symbolic dimensions (sequence length) are --seq-len.")
+    b.add_argument("models", nargs="+", metavar="MODEL.onnx", help="ONNX files to time")
+    b.add_argument("--threads", nargs="+", type=int, default=[1], metavar="N", help="intra-op threads (default 1)")
+    b.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="batch sizes (default 1)")
+    b.add_argument("--seq-len", type=int, default=128, help="size of symbolic non-batch dimensions (default 128)")
+    b.add_argument("--runs", type=int, default=50, help="timed runs per cell, after 10 warm-up runs (default 50)")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("inspect", help="which kernels ONNX Runtime runs in integers and which stay float",
+                       description="Print the kernel table of ORT's optimized graph (lowbit.inspect_onnx), the "
+                                   "graph inputs and the target the file was made for.")
+    i.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to inspect")
+    i.add_argument("--level", choices=["basic", "extended", "all"], default="all",
+                   help="ORT graph optimization level (default all, what an InferenceSession uses)")
+    i.set_defaults(func=cmd_inspect)
+
+
+def build_parser(description: str, version: str) -> argparse.ArgumentParser:
+    """The ``lowbit`` parser; ``description`` is the usage text shown by ``lowbit --help``."""
+    parser = argparse.ArgumentParser(prog="lowbit", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lowbit {version}", help="print the version")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each layer got")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quantize(sub)
+    _add_qat(sub)
+    _add_tools(sub)
+    for command in sub.choices.values():  # also accepted after the command: lowbit quantize ... --debug
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log what each layer got")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
+    return parser

@@ -1,0 +1,111 @@
+"""``lowbit quantize`` (PTQ, export, report) and ``lowbit export`` (replay a recipe)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ._common import (
+    RECIPE_FORMAT,
+    RECIPE_VERSION,
+    UserError,
+    check_fields,
+    config_from_dict,
+    first_batch,
+    load_data,
+    load_model,
+    output_folder,
+    read_json,
+    read_recipe,
+    write_json,
+)
+
+QUANTIZE_OPTIONS = ("progress", "smoothquant")  # recipe "options": keyword arguments of lowbit.quantize
+# A recipe written before targets existed was quantized, and exported, with int8 weights.
+LEGACY_TARGET = "x86-vnni"
+
+
+def resolve_config(args):
+    """``--config`` (a preset, a QuantConfig .json or a recipe.json) with ``--skip`` / ``--observer`` applied."""
+    from ..config import CONFIGS, get_config
+
+    if args.config.endswith(".json"):
+        data = read_json(args.config, "--config")
+        if isinstance(data, dict) and data.get("format") == RECIPE_FORMAT:  # a whole recipe: take its config
+            data = data.get("config")
+        config = config_from_dict(data, args.config)
+    elif args.config in CONFIGS:
+        config = get_config(args.config)
+    else:
+        raise UserError(f"--config {args.config!r} is neither a preset ({', '.join(CONFIGS)}) nor a .json file")
+    if args.skip:
+        config = config.skip(*args.skip)
+    if args.observer:
+        try:
+            config = config.with_observer(args.observer)
+        except ValueError as exc:
+            raise UserError(f"--observer: {exc}") from None
+    return config
+
+
+def quantize_from_recipe(recipe: dict, where: str = "recipe"):
+    """Load the model and data a quantize recipe names and run PTQ; returns (model, qmodel, batches)."""
+    from ..ptq import quantize
+
+    options = recipe.get("options", {})
+    check_fields(options, QUANTIZE_OPTIONS, f"{where}: options")
+    config = config_from_dict(recipe["config"], f"{where}: config")
+    model = load_model(recipe["model"])
+    batches = load_data(recipe.get("data"), recipe["model"])
+    qmodel = quantize(model, batches, config, target=recipe.get("target", LEGACY_TARGET), **options)
+    return model, qmodel, batches
+
+
+def cmd_quantize(args) -> int:
+    """PTQ, export FP32 + quantized ONNX, write the recipe and the comparison report."""
+    from ..export import export_onnx
+    from ..report import compare
+    from ..targets import resolve_target
+
+    config = resolve_config(args)
+    options = {"progress": not args.quiet}
+    if args.smoothquant is not None:
+        options["smoothquant"] = args.smoothquant
+    # The resolved target, not "auto": the recipe replays to the same bytes on another CPU.
+    recipe = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "command": "quantize", "model": args.model,
+              "data": args.data, "config": config.to_dict(), "options": options,
+              "target": resolve_target(args.target).name}
+    out = output_folder(args.out)
+    model, qmodel, batches = quantize_from_recipe(recipe)
+    example = first_batch(batches)
+    export_onnx(model, out / "fp32.onnx", example)
+    export_onnx(qmodel, out / "model.int8.onnx", example)
+    write_json(out / "recipe.json", recipe)
+    report = compare(model, qmodel, inputs=example, onnx=out / "model.int8.onnx", fp32_onnx=out / "fp32.onnx",
+                     threads=args.threads, batch_sizes=args.batch, latency_runs=args.latency_runs)
+    (out / "report.md").write_text(str(report) + "\n")
+    report.save_json(out / "report.json")
+    print(report)
+    print(f"\nwrote {out}/model.int8.onnx, fp32.onnx, recipe.json, report.md, report.json")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Replay a recipe (quantize, or qat: train again) and export the model to ``--out``."""
+    from ..export import export_onnx
+    from ._qat import first_inputs, qat_from_recipe
+
+    recipe = read_recipe(args.recipe)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the .onnx file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if recipe.get("command") == "qat":  # train again (same recipe, same weights), then export
+        with tempfile.TemporaryDirectory() as tmp:
+            _, qmodel, train, _ = qat_from_recipe(recipe, checkpoint_dir=tmp, progress=False, where=args.recipe)
+        export_onnx(qmodel, out, first_inputs(train))
+    else:
+        _, qmodel, batches = quantize_from_recipe(recipe, args.recipe)
+        export_onnx(qmodel, out, first_batch(batches))
+    print(f"wrote {out}")
+    return 0
