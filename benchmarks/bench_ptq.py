@@ -221,8 +221,11 @@ class Method:
 
 
 def export_lowbit(w: Workload, model: nn.Module, path: Path) -> None:
+    # Batch-only dynamic axes: the inputs are padded to SEQ_LEN, and ORT's quant_pre_process
+    # (symbolic shape inference) gives up on MiniLM with a symbolic sequence length.
     lowbit.export_onnx(
-        model, path, w.args(w.calib[0]), input_names=w.input_names, output_names=w.output_names
+        model, path, w.args(w.calib[0]), input_names=w.input_names, output_names=w.output_names,
+        dynamic_axes={name: {0: "batch"} for name in w.input_names},
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import lowbit
+from lowbit.targets import cpu_info
 from lowbit.zoo import imagenet_photos, mobilenet_v2, photo_batches
 
 log = logging.getLogger("lowbit.demo")
@@ -47,7 +48,8 @@ def run(*, calib: int, n_eval: int, config: str, out: Path, threads, batches, ru
                             latency_runs=runs)
     text = "\n\n".join([
         (f"MobileNetV2 (torchvision ImageNet weights), config {config}, {calib} calibration photos, "
-        f"{n_eval} held-out evaluation photos; quantize {quant_s:.1f} s, export {export_s:.1f} s"),
+        f"{n_eval} held-out evaluation photos; quantize {quant_s:.1f} s, export {export_s:.1f} s; "
+        f"integer target {qmodel.lowbit_summary.target} (this CPU: {cpu_info().describe()})"),
         str(report),
         str(kernels),
     ])

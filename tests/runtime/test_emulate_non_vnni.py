@@ -53,7 +53,7 @@ def test_no_correction_when_no_pair_can_saturate():
 
 def _conv_reference(codes, zp, weight, stride, padding, groups):
     """QLinearConv's u8 x s8 sum per output, K in ORT's NHWC order (tap, channel), pairs saturated."""
-    n, c, h, w = codes.shape
+    n, _, h, w = codes.shape
     m, cg, kh, kw = weight.shape
     padded = torch.nn.functional.pad(codes, (padding, padding, padding, padding), value=zp)
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
