@@ -41,8 +41,8 @@ def run(*args: str, cwd: Path, entry: list[str] | None = None) -> subprocess.Com
 
 @pytest.fixture(scope="module", autouse=True)
 def _installed():
-    if not LOWBIT.exists():
-        pytest.skip(f"no console script at {LOWBIT}: install lowbit with pip install -e .")
+    # make test installs the package (pip install -e .): a missing console script is a failure, not a skip
+    assert LOWBIT.exists(), f"no console script at {LOWBIT}: install lowbit with pip install -e ."
 
 
 def test_version_and_python_dash_m_help(tmp_path):

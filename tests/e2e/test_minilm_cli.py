@@ -39,7 +39,6 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-@pytest.mark.skipif(not LOWBIT.exists(), reason="lowbit is not installed as a command (pip install -e .)")
 def test_quantize_a_hugging_face_folder_exports_dynamic_sequence_files_and_benchmarks_them(tmp_path):
     import onnxruntime as ort
 
