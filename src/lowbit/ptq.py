@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .config import QuantConfig, get_config
-from .nn.modules import has_quantizers
 from .nn.quantizer import Quantizer
 from .nn.swap import SwapReport, swap_modules, swap_root
+from .nn.walk import iter_quantizers, quantizers_by_role, run_model  # noqa: F401 - lowbit.ptq's API
 from .targets import Target, resolve_target
 
 log = logging.getLogger(__name__)
@@ -49,23 +49,6 @@ def as_batches(calib_data):
     """Calibration data as an iterable of batches: a single tensor is ONE batch (iterating it
     would give its rows)."""
     return [calib_data] if isinstance(calib_data, torch.Tensor) else calib_data
-
-
-def run_model(model: nn.Module, batch) -> object:
-    """Call ``model`` on one calibration item: a tensor, a tuple/list of args, or a dict of kwargs."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def quantizers_by_role(model: nn.Module):
-    """(module, role, Quantizer) for every quantizer in ``model``, in module order."""
-    for _, module in model.named_modules():
-        if has_quantizers(module):
-            for role, q in module.quantizers():
-                yield module, role, q
 
 
 def calibrate(model: nn.Module, calib_data: Iterable, *, progress: bool = True) -> tuple[int, list[str]]:
@@ -308,9 +291,3 @@ def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, SwapR
     if not report.quantized:
         log.warning("no layer was quantized: the config matched none of the model's Linear/Conv/Embedding layers")
     return model, report
-
-
-def iter_quantizers(model: nn.Module) -> Iterable[tuple[str, Quantizer]]:
-    """(name, quantizer) for every quantizer in ``model``."""
-    for _, _, q in quantizers_by_role(model):
-        yield q.name, q

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .._files import write_atomic
-from ..qat.prepare import convert, is_qat_model
+from ..nn.convert import convert, is_qat_model
 from ..targets import TARGET_METADATA, Target, resolve_target
 from . import _activations, _bn_fold, _ort_layout, _passes
 from ._graph import Graph

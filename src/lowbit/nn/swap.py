@@ -9,6 +9,7 @@ from torch import nn
 
 from .conv_bn import ConvBn2d, QuantConvBn2d
 from .modules import QUANTIZED, is_quantized
+from .walk import set_submodule
 
 # What swap_modules replaces: the float layers, plus the QAT pair lowbit.qat builds.
 _SWAPS = {**QUANTIZED, ConvBn2d: QuantConvBn2d}
@@ -36,12 +37,6 @@ class SwapReport:
         return out
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def swap_modules(model: nn.Module, resolve) -> SwapReport:
     """Replace, in place, every layer whose exact type is in ``QUANTIZED``.
 
@@ -61,7 +56,7 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
             continue
         if id(module) in swapped:
             first, qmod = swapped[id(module)]
-            _set_submodule(model, name, qmod)
+            set_submodule(model, name, qmod)
             report.quantized[name] = f"same layer as {first}"
             continue
         qtype = _SWAPS.get(type(module))
@@ -74,7 +69,7 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
             report.skipped[name] = f"{type(module).__name__} kept in float by {reason}"
             continue
         qmod = qtype.from_float(module, name=name, weight=layer.weight, input=layer.input, output=layer.output)
-        _set_submodule(model, name, qmod)
+        set_submodule(model, name, qmod)
         swapped[id(module)] = (name, qmod)
         inside.append(name + ".")
         roles = ", ".join(f"{role} {q.spec.describe()}{' dynamic' if q.mode == 'dynamic' else ''}"
@@ -108,5 +103,5 @@ def unswap_modules(model: nn.Module) -> nn.Module:
         if name and is_quantized(module):
             if id(module) not in restored:
                 restored[id(module)] = module.to_float()
-            _set_submodule(model, name, restored[id(module)])
+            set_submodule(model, name, restored[id(module)])
     return model

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from ..nn.modules import has_quantizers
+from ..nn.trace import try_trace
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +44,6 @@ class Chain:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-class _Tracer(fx.Tracer):
-    """fx's default tracer, but lowbit's quantized layers and QuantAdd stay opaque calls:
-    their quantizers branch on their mode and need a scale, which tracing cannot give them,
-    and a pass run twice must not look inside what it (or layer swapping) already made."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return has_quantizers(m) or super().is_leaf_module(m, module_qualified_name)
-
-
-def try_trace(module: nn.Module) -> tuple[fx.GraphModule | None, str]:
-    """``(graph_module, "")`` if ``torch.fx`` can trace ``module``, else ``(None, why)``.
-
-    Like ``fx.symbolic_trace``; the GraphModule shares ``module``'s layers.
-    """
-    try:
-        graph = _Tracer().trace(module)
-        return fx.GraphModule(module, graph, type(module).__name__), ""
-    except Exception as exc:  # noqa: BLE001 - fx raises TraceError, TypeError, ... from user code
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        return None, f"{type(exc).__name__}: {first_line[:200]}"
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
@@ -175,10 +153,3 @@ def _search(module, prefix, first, link, second, chains, untraced) -> None:
         chains += _sequential_chains(module, prefix, first, link, second)
     for name, child in module.named_children():
         _search(child, _join(prefix, name), first, link, second, chains, untraced)
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at qualified ``name`` by ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)

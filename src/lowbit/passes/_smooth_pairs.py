@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ptq import run_model
+from ..nn.walk import run_model
 
 NORMS = (nn.LayerNorm, nn.RMSNorm)  # exact types: a subclass may change forward
 PROBE_ITEMS = 4  # probes run on this many items of the first batch (where it slices)

@@ -53,7 +53,8 @@ from ..config import QuantConfig
 from ..nn.conv_bn import QuantConvBn2d
 from ..nn.modules import QuantAdd, QuantConv1d, QuantConv2d, TensorQuant, has_quantizers
 from ..nn.swap import SwapReport
-from ._graph import _flat_layers, _is_plain_sequential, _join, try_trace
+from ..nn.trace import try_trace
+from ._graph import _flat_layers, _is_plain_sequential, _join
 
 log = logging.getLogger(__name__)
 

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..nn.modules import QuantConv1d, QuantConv2d, QuantLinear
 from ..nn.quantizer import Quantizer
+from ..nn.walk import run_model
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ def _layers(qmodel: nn.Module) -> dict[str, nn.Module]:
 
 def _feed(model: nn.Module, data: Iterable) -> int:
     """Run ``model`` over ``data`` without gradients; a hook's ``_Stop`` ends that batch. Returns batches."""
-    from ..ptq import run_model  # here, not at the top: ptq imports the passes
 
     n = 0
     with torch.no_grad():

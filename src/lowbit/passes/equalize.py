@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._graph import Chain, find_chains, set_submodule
+from ..nn.walk import set_submodule
+from ._graph import Chain, find_chains
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import logging
 import torch
 from torch import nn
 
-from ._graph import find_chains, set_submodule
+from ..nn.walk import set_submodule
+from ._graph import find_chains
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.modules import QuantStub, TensorQuant
+from ..nn.trace import try_trace
 from ..numerics import QuantSpec
-from ._graph import try_trace
 from .residual_add import _free_name, _scope
 
 log = logging.getLogger(__name__)

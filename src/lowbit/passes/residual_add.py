@@ -28,8 +28,8 @@ import torch
 from torch import fx, nn
 
 from ..nn.modules import QuantAdd, TensorQuant
+from ..nn.trace import try_trace
 from ..numerics import QuantSpec, get_spec
-from ._graph import try_trace
 
 log = logging.getLogger(__name__)
 

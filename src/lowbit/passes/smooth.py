@@ -50,8 +50,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ptq import run_model
-from ._graph import set_submodule
+from ..nn.walk import run_model, set_submodule
 from ._smooth_pairs import (
     NORMS,
     RTOL,

@@ -23,9 +23,9 @@ from ..nn.conv_bn import QuantConvBn2d
 from ..nn.modules import QuantConv2d
 from ..nn.quantizer import Quantizer
 from ..nn.swap import SwapReport
+from ..nn.walk import set_submodule
 from ..numerics import QuantSpec
 from ..observers import make_observer
-from ..passes._graph import set_submodule
 from ._state import EXTRA
 
 log = logging.getLogger(__name__)

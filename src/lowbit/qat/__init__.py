@@ -14,6 +14,7 @@ Under ``torchrun``: ``lowbit.qat.prepare_ddp(qmodel)`` after prepare_qat, then w
 (see ``lowbit.examples.qat_ddp``).
 """
 
+from ..nn.convert import convert
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .distill import distillation_loss
 from .distributed import (
@@ -30,7 +31,7 @@ from .distributed import (
 from .fit import FitResult, fit
 from .monitor import Monitor
 from .optim import param_groups
-from .prepare import QATSummary, convert, fuse_conv_bn, prepare_qat
+from .prepare import QATSummary, fuse_conv_bn, prepare_qat
 from .schedule import QATSchedule, freeze_bn, freeze_observers
 
 __all__ = [

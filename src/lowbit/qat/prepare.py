@@ -1,5 +1,6 @@
-"""prepare_qat: a float model -> a fake-quantized model ready for the user's training loop,
-and convert: a trained QAT model -> the equivalent PTQ-style model that export understands.
+"""prepare_qat: a float model -> a fake-quantized model ready for the user's training loop
+(``lowbit.nn.convert`` turns the trained model into the equivalent PTQ-style model that
+export understands).
 
 The same quantized layers and Quantizers serve PTQ and QAT; QAT only changes how each
 quantizer gets its range:
@@ -28,15 +29,14 @@ from ..nn.conv_bn import ConvBn2d, QuantConvBn2d
 from ..nn.modules import QuantAdd, has_quantizers
 from ..nn.quantizer import Quantizer
 from ..nn.swap import SwapReport
-from ..numerics import compute_qparams, tensor_minmax
+from ..nn.walk import quantizers_by_role, set_submodule
 from ..observers import make_observer
-from ..passes._graph import find_chains, set_submodule
+from ..passes._graph import find_chains
 from ..ptq import (
     as_batches,
     calibrate_activations,
     check_has_data,
     insert_graph_quantizers,
-    quantizers_by_role,
     swap_layers,
 )
 from ..targets import Target, resolve_target
@@ -246,39 +246,3 @@ def prepare_qat(
                                        calibration_batches=n_batches, target=target.name,
                                        options={"fold_bn": fold_bn, "quantize_adds": quantize_adds})
     return qmodel
-
-
-def is_qat_model(model: nn.Module) -> bool:
-    """True when ``model`` holds QAT state that ``convert`` resolves (conv-BN layers, learned or
-    observing ranges)."""
-    return any(isinstance(m, QuantConvBn2d) or (isinstance(m, Quantizer) and m.mode in ("observing", "learned"))
-               for m in model.modules())
-
-
-@torch.no_grad()
-def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """The QAT model as PTQ would have produced it, in eval mode: BatchNorms folded into their
-    convs (running statistics), every range fixed (weights from their current values, learned
-    and observed ranges as they are).  Its forward is what ``export_onnx`` writes.
-
-    Raises:
-        RuntimeError: an activation quantizer has no range yet (it never saw a training
-            batch nor calibration data).
-    """
-    out = model if inplace else copy.deepcopy(model)
-    if out is not model and hasattr(model, "lowbit_summary"):  # (deepcopy of an fx GraphModule drops it)
-        out.lowbit_summary = copy.deepcopy(model.lowbit_summary)
-    out.eval()
-    for name, module in list(out.named_modules()):
-        if isinstance(module, QuantConvBn2d):
-            set_submodule(out, name, module.to_quant_conv())
-    for module, role, q in quantizers_by_role(out):
-        if q.mode in ("disabled", "calibrating"):
-            continue
-        if role == "weight" and q.mode == "dynamic":
-            w = module.weight.detach()
-            q.set_qparams(*compute_qparams(*tensor_minmax(w, q.spec, q.name), q.spec, q.name))
-        elif q.mode in ("observing", "learned", "static"):
-            scale, zero_point = q.qparams_for(torch.empty(0))
-            q.to_static(scale, zero_point)
-    return out

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..ptq import run_model
+from ..nn.walk import run_model
 from ..runtime.emulate import EmulationError, emulate_ort
 from ..runtime.ort import OrtModel, measure_latency
 from .fidelity import fidelity

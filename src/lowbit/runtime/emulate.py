@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from ..export._patch import _bias_params, _weight_params, check_exportable
 from ..export.onnx_export import model_target
-from ..passes._graph import try_trace
+from ..nn.trace import try_trace
 from ..targets import cpu_info
 from . import _ort_kernels as K
 from ._ort_graph import (
