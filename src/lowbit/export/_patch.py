@@ -21,9 +21,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..nn.integer import IntegerTensor, static_integers
 from ..nn.modules import QuantEmbedding, has_quantizers, is_quantized
 from ..nn.quantizer import Quantizer
-from ..numerics import QuantSpec, compute_qparams, quantize, tensor_minmax
+from ..numerics import QuantSpec
 from . import _symbolic
 from ._symbolic import BiasParams, QParams
 
@@ -45,26 +46,18 @@ def check_exportable(spec: QuantSpec, name: str) -> None:
         )
 
 
-def _container(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    return t.to(torch.int8 if spec.signed else torch.uint8)
+def _qparams(t: IntegerTensor) -> QParams:
+    """Export's constants for one tensor of a layer's integer view (``lowbit.nn.integer``)."""
+    return QParams(name=t.name, spec=t.spec, scale=t.scale, zero_point=t.zero_point, quantized=t.values)
 
 
-def _weight_params(q: Quantizer, weight: torch.Tensor) -> QParams:
-    """Integer weight plus qparams; dynamic weight quantizers get their qparams from the weight now
-    (a weight is constant, so this is exactly what the dynamic simulation computes every call)."""
-    w = weight.detach().float()
-    if q.mode == "dynamic":
-        scale, zero_point = compute_qparams(*tensor_minmax(w, q.spec, q.name), q.spec, q.name)
-    else:
-        scale, zero_point = q.qparams_for(w)
-    ints = quantize(w, scale, zero_point, q.spec, name=q.name)  # validates shapes, values in [qmin, qmax]
-    return QParams(name=q.name, spec=q.spec, scale=scale.float().clone(),
-                   zero_point=_container(zero_point, q.spec), quantized=_container(ints, q.spec))
+def _weight_params(layer: nn.Module) -> QParams:
+    """Integer weight plus qparams, as ``layer.integer_params()`` gives them."""
+    return _qparams(layer.integer_params().weight)
 
 
 def _static_params(q: Quantizer) -> QParams:
-    scale, zero_point = q.qparams_for(torch.empty(0))  # static: the frozen buffers
-    return QParams(name=q.name, spec=q.spec, scale=scale.float().clone(), zero_point=_container(zero_point, q.spec))
+    return _qparams(static_integers(q))
 
 
 def _check_dynamic_activation(q: Quantizer) -> None:
@@ -88,7 +81,7 @@ def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module]):
     if isinstance(owner, QuantEmbedding):
         return None  # the embedding's own export forward reads the integer table
     check_exportable(q.spec, q.name)
-    weight_params = None if owner is None else _weight_params(q, owner.weight)
+    weight_params = None if owner is None else _weight_params(owner)
     if q.mode == "dynamic" and owner is None:
         _check_dynamic_activation(q)
         return lambda x: _symbolic.dynamic_qdq(x, q, q.name)
@@ -117,7 +110,7 @@ def _embedding_forward(m: QuantEmbedding):
         raise ValueError(f"{q.name}: Embedding(max_norm=...) renormalises the table at run time, which an "
                          "integer table cannot do; drop max_norm or keep this embedding in float")
     check_exportable(q.spec, q.name)
-    params = _weight_params(q, m.weight)
+    params = _weight_params(m)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         out = _symbolic.embedding_dq(ids, params)
@@ -126,39 +119,14 @@ def _embedding_forward(m: QuantEmbedding):
     return forward
 
 
-def _bias_name(layer: nn.Module) -> str:
-    wq = layer.weight_quantizer.name  # "<layer>.weight", as quantize names it
-    return f"{wq.removesuffix('.weight')}.bias"
-
-
-def _bias_params(layer: nn.Module) -> BiasParams | None:
-    """The int32 bias of a layer whose simulation rounds its bias, or None where it stays float.
-
-    ``_QuantMixin._quant_bias`` decides (it returns the ``bias`` Parameter itself when the
-    bias stays float), so the file follows the simulation by construction; the integers
-    are recomputed with the same float32 operations and checked against its value."""
-    if isinstance(layer, QuantEmbedding) or getattr(layer, "bias", None) is None:
-        return None
-    with torch.no_grad():
-        simulated = type(layer)._quant_bias(layer)  # the class's method, never an earlier patch
-        if simulated is layer.bias:
-            return None
-        b = layer.bias.detach()
-        step = (layer.input_quantizer.scale * layer.weight_quantizer.scale).to(b.dtype)  # () or (C_out,)
-        ints = torch.round(b / step)
-        # float64 clamp: float32 cannot hold 2**31 - 1 (it rounds up to 2**31, which overflows int32).
-        quantized = ints.double().clamp(-(2**31), 2**31 - 1).to(torch.int32)
-    if not torch.equal(quantized.to(step.dtype) * step, simulated):
-        raise RuntimeError(f"{_bias_name(layer)}: export's int32 bias differs from the simulation's; "
-                           "lowbit.export and _QuantMixin._quant_bias disagree on the bias grid (a lowbit bug)")
-    return BiasParams(name=_bias_name(layer), quantized=quantized, scale=step.float().clone())
-
-
 def _bias_forward(layer: nn.Module):
-    """The export-time ``_quant_bias`` of one layer, or None to keep its own (float bias)."""
-    params = _bias_params(layer) if is_quantized(layer) else None
-    if params is None:
+    """The export-time ``_quant_bias`` of one layer (an int32 constant and its DequantizeLinear),
+    or None to keep its own float bias: where, and only where, ``layer.integer_params()`` puts
+    the bias on the int32 grid, as the simulation does."""
+    ints = layer.integer_params().bias if is_quantized(layer) else None
+    if ints is None:
         return None
+    params = BiasParams(name=ints.name, quantized=ints.values, scale=ints.scale)
     return lambda: _symbolic.bias_dq(layer.bias, params)
 
 

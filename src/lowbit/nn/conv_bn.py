@@ -120,6 +120,10 @@ class QuantConvBn2d(_QuantMixin, ConvBn2d):
         """The tensor the weight quantizer sees: the BN-folded weight."""
         return self._folded_weight()
 
+    def quantized_bias_source(self) -> torch.Tensor:
+        """The BN-folded bias (running statistics), as evaluation adds it."""
+        return self._folded_bias()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
         w = self._quant_weight()

@@ -16,6 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import QuantSpec
+from .integer import (
+    IntegerParams,
+    bias_integers,
+    bias_step,
+    static_integers,
+    weight_integers,
+)
 from .quantizer import Quantizer
 
 
@@ -89,32 +96,52 @@ class _QuantMixin:
 
     def _quant_bias(self):
         """The bias on the int32 grid of scale ``s_input * s_weight``, as integer runtimes
-        store it (ONNX Runtime's QLinearConv / QGemm); float when either scale is not fixed.
-
-        Returns the ``bias`` Parameter itself exactly when the bias stays float: export
-        (``lowbit.export._patch``) relies on that to write an int32 bias where, and only
-        where, the simulation rounds it."""
+        store it (ONNX Runtime's QLinearConv / QGemm); float when either scale is not fixed."""
         return self._round_bias(self.bias)
 
     def _round_bias(self, b):
-        """``b`` on the int32 grid ``s_input * s_weight`` (see ``_quant_bias``), or ``b`` itself."""
-        iq, wq = self.input_quantizer, self.weight_quantizer
-        if b is None or iq is None or wq is None:
+        """``b`` on the int32 grid ``s_input * s_weight`` (see ``lowbit.nn.integer.bias_step``),
+        or ``b`` itself where the bias stays float."""
+        step = bias_step(self.input_quantizer, self.weight_quantizer, b, self.weight.dim())
+        if step is None:
             return b
-        fixed = ("static", "learned", "observing")  # a range known before the tensor arrives
-        if iq.mode not in fixed or wq.mode not in fixed or iq._needs_init or wq._needs_init:
-            return b
-        if not (iq.is_frozen and wq.is_frozen):
-            return b
-        if iq.spec.granularity != "tensor" or wq.spec.granularity == "group":
-            return b
-        if wq.spec.granularity == "channel" and wq.spec.resolved_axis(self.weight.dim(), wq.name) != 0:
-            return b  # scales along the summed axis: the accumulator has no single scale per output
-        step = (iq.qparams_for(b)[0] * wq.qparams_for(b)[0]).to(b.dtype)  # () * (C_out,) or ()
         rounded = torch.clamp(torch.round(b / step), -(2**31), 2**31 - 1) * step
         # Straight-through (the bias still trains in QAT), with the value exactly `rounded`:
         # b - b.detach() is 0, whereas b + (rounded - b) loses bits when the clamp bites.
         return rounded.detach() + (b - b.detach())
+
+    def quantized_weight_source(self) -> torch.Tensor:
+        """The tensor the weight quantizer sees (the layer's weight; a conv-BN pair folds it)."""
+        return self.weight
+
+    def quantized_bias_source(self) -> torch.Tensor | None:
+        """The bias the simulation adds before rounding it to the int32 grid (or None)."""
+        return getattr(self, "bias", None)  # (an Embedding has none)
+
+    @torch.no_grad()
+    def integer_params(self) -> IntegerParams:
+        """The integers a runtime stores for this layer (``lowbit.nn.integer``): integer weight with
+        its scale / zero-point, the int32 bias where the simulation rounds it to ``s_in * s_w``,
+        and the fixed input / output qparams.  Export, the ONNX Runtime emulation and reports
+        read this, so they agree with the forward by construction.
+
+        Raises:
+            ValueError: a quantizer is still calibrating (freeze it first).
+        """
+        wq = self.weight_quantizer
+        active = wq is not None and wq.mode != "disabled"
+        weight = weight_integers(wq, self.quantized_weight_source()) if active else None
+        bias = self.quantized_bias_source()
+        step = bias_step(self.input_quantizer, wq, bias, self.weight.dim())
+        if step is not None:
+            ints = bias_integers(f"{wq.name.removesuffix('.weight')}.bias", bias, step)
+            if not torch.equal(ints.values.to(step.dtype) * step, self._round_bias(bias)):
+                raise RuntimeError(f"{ints.name}: the int32 bias differs from the simulation's (a lowbit bug)")
+            bias = ints
+        else:
+            bias = None
+        return IntegerParams(weight=weight, bias=bias, input=static_integers(self.input_quantizer),
+                             output=static_integers(self.output_quantizer))
 
     def _quant_output(self, y):
         return y if self.output_quantizer is None else self.output_quantizer(y)

@@ -106,6 +106,12 @@ class Quantizer(nn.Module):
     def is_frozen(self) -> bool:
         return self.scale.numel() > 0
 
+    @property
+    def has_range(self) -> bool:
+        """True when the scale / zero-point are known before a tensor arrives (frozen, and not a
+        learnable quantizer still waiting for its first training batch)."""
+        return self.is_frozen and not self._needs_init
+
     # -- qparams ------------------------------------------------------------------------
     def freeze(self) -> None:
         """Take scale / zero-point from the observer and switch to static mode."""

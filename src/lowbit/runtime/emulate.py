@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..export._patch import _bias_params, _weight_params, check_exportable
+from ..export._patch import check_exportable
 from ..export.onnx_export import model_target
 from ..nn.trace import try_trace
 from ..targets import cpu_info
@@ -81,21 +81,22 @@ class _IntLayer(nn.Module):
         if wq is None or wq.mode == "disabled":
             raise EmulationError(f"{where}: its weight is not quantized, so ORT runs a float {kind}")
         check_exportable(wq.spec, wq.name)
-        wp = _weight_params(wq, layer.weight)
+        ints = layer.integer_params()
+        wp = ints.weight
         if wq.spec.granularity == "channel" and wq.spec.resolved_axis(layer.weight.dim(), wq.name) != 0:
             raise EmulationError(f"{wq.name}: per-channel scales along axis != 0 are not an ORT integer layout")
         zp = wp.zero_point.to(torch.float32)
         if kind == CONV and zp.numel() > 1 and bool((zp != zp.reshape(-1)[0]).any()):
             raise EmulationError(f"{wq.name}: QLinearConv needs one weight zero point for all channels")
         rank = layer.weight.dim()
-        self.register_buffer("weight", wp.quantized.to(torch.float32))
+        self.register_buffer("weight", wp.values.to(torch.float32))
         self.register_buffer("weight_zp", zp.reshape(-1, *([1] * (rank - 1))) if zp.dim() == 1 else zp)
         self.register_buffer("weight_scale", wp.scale.float())
-        bias = _bias_params(layer)
+        bias = ints.bias
         if layer.bias is not None and bias is None:
             raise EmulationError(f"{where}: its bias stays float (not on the int32 grid s_in * s_w), which ORT "
                                  "quantizes with its own rounding; emulation needs lowbit's int32 bias")
-        self.register_buffer("bias", None if bias is None else bias.quantized)
+        self.register_buffer("bias", None if bias is None else bias.values)
         g = self.in_grid
         x_range = max(g.zero_point - g.qmin, g.qmax - g.zero_point)  # largest |x - zx|
         self.bound = K.accumulator_bound(x_range, self.weight, self.weight_zp, self.bias)
