@@ -11,7 +11,8 @@ The tests then compare, in this process, rank against rank (must be bit-identica
 ranks against one process doing the same on the global batches:
 
   * observers and calibration: bit-identical to one process (min / max and histogram merges
-    are exact; the moving average is reduced after its update, which rounds monotonically);
+    are exact; the moving average takes its EMA step towards the merged batch extremes); a
+    user-defined observer that merges pair by pair (no ``reductions``) is all-gathered instead;
   * training: not bit-identical, because float sums run in another order (each rank's conv
     and BatchNorm reductions over half the batch, DDP's average of two gradients).  Measured:
     ~2e-7 relative on parameters, scales, BatchNorm and observer state.  Asserted: 1e-5 for
@@ -39,7 +40,7 @@ from torch import nn
 from lowbit.nn.conv_bn import ConvBn2d, QuantConvBn2d
 from lowbit.nn.modules import QuantStub, TensorQuant
 from lowbit.numerics import UINT8_ACTIVATION, QuantSpec
-from lowbit.observers import make_observer
+from lowbit.observers import Observer, make_observer
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -49,12 +50,33 @@ SEED = 2
 STEPS = 4
 SCENARIOS = ("observe", "lsq-calib", "lsqplus-init", "nosync")
 KINDS = {"minmax": {}, "moving_average": {"averaging_constant": 0.3}, "percentile": {"bins": 256, "percentile": 99.0},
-         "mse": {"bins": 256}, "entropy": {"bins": 512}}
+         "mse": {"bins": 256}, "entropy": {"bins": 512}, "pairwise": {}}
 SPECS = {"tensor": UINT8_ACTIVATION,
          "channel": QuantSpec(bits=8, signed=False, symmetric=False, granularity="channel", axis=1)}
 
 
 # -- shared by the worker and the tests -----------------------------------------------------
+class PairwiseAbsMax(Observer):
+    """A user-defined observer that declares no ``reductions`` but merges pair by pair
+    (``_merge_state``): lowbit.qat.distributed all-gathers its state and merges it."""
+
+    kind = "pairwise"
+
+    def __init__(self, spec, name: str = "tensor") -> None:
+        super().__init__(spec, name)
+        self._add_state("amax", torch.float32)
+
+    def _update(self, rows, first, lo, hi) -> None:
+        amax = torch.maximum(-lo, hi)
+        self.amax = amax if first else torch.maximum(self.amax, amax)
+
+    def _merge_state(self, other: Observer) -> None:
+        self.amax = torch.maximum(self.amax, other.amax)
+
+    def _range_rows(self):
+        return -self.amax, self.amax
+
+
 def _batches(n: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # Channels with different scales and offsets so per-channel rows differ.
@@ -62,6 +84,11 @@ def _batches(n: int, seed: int) -> list[torch.Tensor]:
 
 
 def _stub(kind: str, spec_name: str) -> QuantStub:
+    if kind == "pairwise":
+        stub = _stub("minmax", spec_name)
+        q = stub.input_quantizer
+        q.observer = PairwiseAbsMax(SPECS[spec_name], name=q.name)
+        return stub
     options = tuple(sorted(KINDS[kind].items()))
     return QuantStub(TensorQuant(spec=SPECS[spec_name], observer=kind, observer_options=options),
                      name=f"{kind}-{spec_name}")

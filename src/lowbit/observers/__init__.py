@@ -3,8 +3,11 @@
 Every observer is a ``torch.nn.Module`` that watches one tensor: calling it updates
 streaming statistics (constant memory in the number of batches) and returns its
 input unchanged; ``qparams()`` turns them into ``(scale, zero_point)`` for its
-``QuantSpec``.  Observers save and load through ``state_dict`` and combine
-across ranks with ``merge``.
+``QuantSpec``.  Observers save and load through ``state_dict``, and merge
+themselves: ``a.merge([b, c])`` gives what one observer that saw the data of all
+three computes (bit for bit for min-max and the histogram observers; the mean for
+the moving average), by the reductions each class declares (``reductions``, see
+``lowbit.observers.reduction``), which ``lowbit.qat.distributed`` runs as collectives.
 
 Kinds (``OBSERVERS``): ``minmax``, ``moving_average``, ``percentile``, ``mse``,
 ``entropy``.
@@ -14,6 +17,12 @@ Example:
     >>> for batch in calibration_batches:
     ...     _ = obs(batch)
     >>> scale, zero_point = obs.qparams()
+
+Sharded calibration, without torch.distributed:
+    >>> a, b = (make_observer("entropy", "int8-activation", name="fc1.input") for _ in range(2))
+    >>> for x in shard_1: _ = a(x)
+    >>> for x in shard_2: _ = b(x)
+    >>> scale, zero_point = a.merge([b]).qparams()  # as if one observer saw both shards
 """
 
 from __future__ import annotations

@@ -18,12 +18,14 @@ import abc
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
 
 from ..numerics import QuantSpec, compute_qparams, finite_row_ranges, get_spec, rows_view
+from .reduction import ADDITIVE_OPS, ReduceOp, check_reductions, merge_states
 
 # Bumped when the meaning of the saved buffers changes.
 STATE_VERSION = 1
@@ -83,8 +85,16 @@ class Observer(torch.nn.Module, abc.ABC):
     """Base class of the range estimators.
 
     Subclasses set ``kind`` (the registry key), register their statistics with
-    ``_add_state`` and implement ``_update`` (fold one batch in), ``_merge_state``
-    (fold another observer in) and ``_range_rows`` (one ``(min, max)`` per row).
+    ``_add_state``, implement ``_update`` (fold one batch in) and ``_range_rows`` (one
+    ``(min, max)`` per row), and say how their state combines with the state of the same
+    observer run on other data (``merge``, data-parallel synchronisation), in one of two ways:
+
+    * ``reductions``: one elementwise reduction per state buffer (``"min"``, ``"max"``,
+      ``"sum"``, ``"mean"``; see ``lowbit.observers.reduction``), plus ``_aligned_state``
+      when the additive buffers depend on the extremes.  Across ranks this is one
+      ``all_reduce`` per kind of reduction for all observers together.
+    * or ``_merge_state`` (fold one other observer in), when no elementwise reduction
+      describes the state; across ranks the states are then all-gathered.
 
     Args:
         spec: the grid the range is for (a ``QuantSpec`` or a preset name); it fixes
@@ -99,12 +109,15 @@ class Observer(torch.nn.Module, abc.ABC):
     """
 
     kind: ClassVar[str] = ""
+    reductions: ClassVar[Mapping[str, ReduceOp]] = MappingProxyType({})
+    """How each state buffer combines across observers, by buffer name (see the class docstring)."""
 
     def __init__(self, spec: QuantSpec | str, name: str = "tensor") -> None:
         super().__init__()
         self.spec = get_spec(spec)
         self.name = name
         self._state_names: list[str] = []
+        self._per_row: dict[str, tuple[int, ...]] = {}  # state buffer -> its shape after the row axis
         # Scale layout seen on the first batch (int64, one entry per dimension;
         # empty for per-tensor specs), and how many batches have been folded in.
         self.register_buffer("param_shape", torch.zeros(0, dtype=torch.int64))
@@ -113,10 +126,12 @@ class Observer(torch.nn.Module, abc.ABC):
         self._memo: dict | None = None
 
     # -- subclass interface ----------------------------------------------------------
-    def _add_state(self, name: str, dtype: torch.dtype) -> None:
-        """Register an empty per-row statistic buffer that ``reset`` and loading manage."""
+    def _add_state(self, name: str, dtype: torch.dtype, per_row: tuple[int, ...] = ()) -> None:
+        """Register an empty per-row statistic buffer that ``reset`` and loading manage; with
+        data it has shape ``(n_rows, *per_row)``."""
         self.register_buffer(name, torch.zeros(0, dtype=dtype))
         self._state_names.append(name)
+        self._per_row[name] = tuple(per_row)
 
     def _options(self) -> dict[str, Any]:
         """Constructor options that must agree for ``merge`` and ``load_state_dict``."""
@@ -127,9 +142,30 @@ class Observer(torch.nn.Module, abc.ABC):
         """Fold ``rows`` ([n_rows, elements], float32) into the statistics; ``lo`` / ``hi`` are
         the batch's per-row min and max (already computed, checked finite)."""
 
-    @abc.abstractmethod
     def _merge_state(self, other: Observer) -> None:
-        """Fold the statistics of ``other`` (same class, spec, options, rows) into ``self``."""
+        """Fold the statistics of ``other`` (same class, spec, options, rows; both with data) into
+        ``self``.  Override it only for a state that ``reductions`` cannot describe."""
+        raise NotImplementedError(f"{type(self).__name__} merges by its `reductions`, not pair by pair")
+
+    def _aligned_state(self, extremes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The additive (``"sum"`` / ``"mean"``) buffers, expressed in the frame that the reduced
+        extremes of all merged observers define (``extremes``: buffer name -> merged value).
+        By default the buffers as they are; a histogram re-bins its counts to the merged range."""
+        return {name: getattr(self, name) for name, op in self.reductions.items() if op in ADDITIVE_OPS}
+
+    def _batch_observer(self) -> Observer:
+        """A new, empty observer for one batch: merging those of the shards of a batch gives the
+        statistics of the whole batch, which ``_fold_batch`` folds into this observer."""
+        return self._fresh()
+
+    def _fold_batch(self, batch: Observer) -> None:
+        """Fold ``batch`` (from ``_batch_observer``; one batch, possibly merged from shards) in,
+        as ``forward`` on that whole batch would.  By default a merge that counts one batch
+        (exact when the statistics of a batch merge like those of two batches do)."""
+        count = self.num_batches + 1
+        self.merge(batch)
+        with _updating_state():
+            self.num_batches = count
 
     @abc.abstractmethod
     def _range_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,13 +195,18 @@ class Observer(torch.nn.Module, abc.ABC):
                 memo["range"] = (lo.clone(), hi.clone())
             self._memo = memo
             try:
-                self._update(rows, not self.has_data, lo, hi)
+                self._fold(rows, lo, hi, shape)
             finally:
                 self._memo = None
+        return x
+
+    def _fold(self, rows: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """Fold one batch (its rows, per-row min / max, scale shape) into the state."""
+        with _updating_state():
+            self._update(rows, not self.has_data, lo, hi)
             if not self.has_data:
                 self.param_shape = torch.tensor(shape, dtype=torch.int64, device=self.num_batches.device)
             self.num_batches += 1
-        return x
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The estimated ``(min, max)``, float32 tensors in the spec's scale layout.
@@ -187,31 +228,89 @@ class Observer(torch.nn.Module, abc.ABC):
         lo, hi = self.compute_range()
         return compute_qparams(lo, hi, self.spec, self.name)
 
-    def merge(self, other: Observer) -> Observer:
-        """Fold ``other``'s statistics into this observer, in place; returns ``self``.
+    def merge(self, others: Observer | Iterable[Observer]) -> Observer:
+        """Fold the statistics of ``others`` (the same observer run on other data: calibration
+        shards, ranks) into this observer, in place; returns ``self``.
 
-        Meant for combining ranks (all-gather the states, merge them).  Merging an
-        empty observer changes nothing; merging into an empty one copies ``other``.
+        For min-max and the histogram observers the result is what one observer that saw all
+        the data computes, bit for bit, whatever the order; a moving average becomes the mean
+        of the states that hold data (an EMA depends on the order of its batches).  Merging
+        an empty observer changes nothing; merging into an empty one copies.
+
+        Args:
+            others: one observer or several, each of this class, spec and options.
 
         Raises:
-            ValueError: ``other`` has another class, spec or options, or saw tensors with
-                another scale layout.
+            ValueError: another class, spec or options, or another scale layout (a different
+                tensor); the message names both observers.
+
+        Example:
+            >>> a, b = MinMaxObserver(INT8_ACTIVATION), MinMaxObserver(INT8_ACTIVATION)
+            >>> _ = a(shard_1); _ = b(shard_2)
+            >>> scale, zero_point = a.merge([b]).qparams()  # as if one observer saw both shards
         """
-        self._check_compatible(other)
-        if not other.has_data:
+        if isinstance(others, Iterable) and not isinstance(others, (Observer, torch.Tensor)):
+            others = list(others)
+        else:
+            others = [others]
+        for other in others:
+            self._check_compatible(other)
+        filled = [obs for obs in others if obs.has_data]
+        if not filled:
             return self
-        if self.has_data and other._param_shape() != self._param_shape():
-            raise ValueError(
-                f"{self.name}: cannot merge an observer that saw scale shape {other._param_shape()} "
-                f"into one that saw {self._param_shape()}; both must watch the same tensor"
-            )
+        parts = [self, *filled] if self.has_data else filled
+        shape = parts[0]._param_shape()
+        for obs in parts[1:]:
+            if obs._param_shape() != shape:
+                raise ValueError(
+                    f"{self.name}: cannot merge the observer of {obs.name!r} that saw scale shape {obs._param_shape()} "
+                    f"into one that saw {shape} (the observer of {parts[0].name!r}); both must watch the same tensor"
+                )
         with _updating_state():
-            if not self.has_data:
-                self._copy_state_from(other)
-                return self
-            self._merge_state(other)
-            self.num_batches += other.num_batches.to(self.num_batches.device)
+            if self._reducible():
+                merge_states(self, parts, shape)
+            else:
+                for obs in filled:
+                    self._merge_pairwise(obs)
         return self
+
+    def _reducible(self) -> bool:
+        """True when ``reductions`` describes the state, False when ``_merge_state`` merges it.
+
+        Raises:
+            NotImplementedError: the class does neither.
+            TypeError: ``reductions`` leaves out a state buffer or names an unknown reduction.
+        """
+        if type(self).reductions:
+            check_reductions(self, type(self).reductions)
+            return True
+        if type(self)._merge_state is Observer._merge_state:
+            raise NotImplementedError(
+                f"{self.name}: {type(self).__name__} does not say how to merge its state: set its "
+                "`reductions` (a reduction per state buffer) or override `_merge_state`"
+            )
+        return False
+
+    def _merge_pairwise(self, other: Observer) -> None:
+        if not self.has_data:
+            self._copy_state_from(other)
+            return
+        self._merge_state(other)
+        self.num_batches += other.num_batches.to(self.num_batches.device)
+
+    def _install_state(self, state: dict[str, torch.Tensor], shape: tuple[int, ...], num_batches: int | None) -> None:
+        """Replace state buffers (fresh tensors), the scale layout and, unless None, the batch count."""
+        with _updating_state():
+            device = self.num_batches.device
+            for name, value in state.items():
+                setattr(self, name, value.to(device).clone())
+            self.param_shape = torch.tensor(shape, dtype=torch.int64, device=device)
+            if num_batches is not None:
+                self.num_batches = torch.tensor(int(num_batches), dtype=torch.int64, device=device)
+
+    def _fresh(self) -> Observer:
+        """A new, empty observer of this class, spec, name and options, on this one's device."""
+        return type(self)(self.spec, self.name, **self._options()).to(self.num_batches.device)
 
     def reset(self) -> None:
         """Forget everything seen so far (the buffers go back to empty)."""

@@ -21,6 +21,7 @@ The exact per-row min and max are kept too, so estimates never leave the data's 
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -190,11 +191,18 @@ class HistogramObserver(Observer):
     (the range is ``[-2**exponent, 2**exponent)``), and the exact ``min_val`` and
     ``max_val`` [n_rows] float32.  The state has the same size after every batch.
 
+    Merging (``merge``, data-parallel synchronisation): MAX of the exponents and of the
+    maxima, MIN of the minima, then the counts, each re-binned to the merged exponent
+    (exact, see the module docstring), are summed: the counts of one observer that saw all
+    the data, bit for bit.
+
     Args:
         spec: the grid (a ``QuantSpec`` or preset name).
         name: tensor name for error messages.
         bins: bins per row, a power of two >= 16 (2048 as TensorRT).
     """
+
+    reductions = MappingProxyType({"counts": "sum", "exponent": "max", "min_val": "min", "max_val": "max"})
 
     def __init__(self, spec: QuantSpec | str, name: str = "tensor", *, bins: int = 2048) -> None:
         super().__init__(spec, name)
@@ -204,7 +212,7 @@ class HistogramObserver(Observer):
                 "2048 is the usual choice"
             )
         self.bins = bins
-        self._add_state("counts", torch.int64)
+        self._add_state("counts", torch.int64, per_row=(bins,))
         self._add_state("exponent", torch.int64)
         self._add_state("min_val", torch.float32)
         self._add_state("max_val", torch.float32)
@@ -231,13 +239,8 @@ class HistogramObserver(Observer):
         self.max_val = torch.maximum(self.max_val, hi)
         self.counts += coarsen(batch_counts, batch_exp, self.exponent)
 
-    def _merge_state(self, other: Observer) -> None:
-        device = self.counts.device
-        other_exp = other.exponent.to(device)
-        self._rescale(torch.maximum(self.exponent, other_exp))
-        self.counts += coarsen(other.counts.to(device), other_exp, self.exponent)
-        self.min_val = torch.minimum(self.min_val, other.min_val.to(device))
-        self.max_val = torch.maximum(self.max_val, other.max_val.to(device))
+    def _aligned_state(self, extremes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"counts": coarsen(self.counts, self.exponent, extremes["exponent"])}
 
     def _rescale(self, exponent: torch.Tensor) -> None:
         self.counts = coarsen(self.counts, self.exponent, exponent)

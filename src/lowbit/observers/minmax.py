@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ class MinMaxObserver(Observer):
     """
 
     kind = "minmax"
+    reductions = MappingProxyType({"min_val": "min", "max_val": "max"})
 
     def __init__(self, spec: QuantSpec | str, name: str = "tensor") -> None:
         super().__init__(spec, name)
@@ -42,10 +44,6 @@ class MinMaxObserver(Observer):
             self.min_val = torch.minimum(self.min_val, lo)
             self.max_val = torch.maximum(self.max_val, hi)
 
-    def _merge_state(self, other: Observer) -> None:
-        self.min_val = torch.minimum(self.min_val, other.min_val.to(self.min_val.device))
-        self.max_val = torch.maximum(self.max_val, other.max_val.to(self.max_val.device))
-
     def _range_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.min_val, self.max_val
 
@@ -58,10 +56,13 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     (``min += c * (batch_min - min)``), as torch.ao's
     ``MovingAverageMinMaxObserver`` / ``MovingAveragePerChannelMinMaxObserver`` do.
 
-    ``merge`` replaces the state by the mean of the two observers' states, which is
-    what an all-reduce average across ranks gives.  This is *not* the state one
-    observer would reach on the concatenated stream (an EMA depends on the order of
-    the batches); it is the usual, cheap approximation for data-parallel calibration.
+    ``merge`` replaces the state by the mean of the merged observers' states (those
+    holding data), which is what an all-reduce average across ranks gives.  This is
+    *not* the state one observer would reach on the concatenated stream (an EMA depends
+    on the order of the batches); it is the usual, cheap approximation for data-parallel
+    calibration.  The statistics of one batch, though, are its min and max, which merge
+    exactly across shards (``_batch_observer``): that is how data-parallel training folds
+    the global batch into every rank's average exactly.
 
     Args:
         spec: the grid (a ``QuantSpec`` or preset name).
@@ -75,6 +76,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     """
 
     kind = "moving_average"
+    reductions = MappingProxyType({"min_val": "mean", "max_val": "mean"})
 
     def __init__(
         self, spec: QuantSpec | str, name: str = "tensor", *, averaging_constant: float = 0.01
@@ -99,6 +101,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self.min_val = self.min_val + c * (lo - self.min_val)
         self.max_val = self.max_val + c * (hi - self.max_val)
 
-    def _merge_state(self, other: Observer) -> None:
-        self.min_val = (self.min_val + other.min_val.to(self.min_val.device)) / 2
-        self.max_val = (self.max_val + other.max_val.to(self.max_val.device)) / 2
+    def _batch_observer(self) -> Observer:
+        # One batch's statistics are its extremes; they merge across shards exactly.
+        return MinMaxObserver(self.spec, self.name).to(self.num_batches.device)
+
+    def _fold_batch(self, batch: Observer) -> None:
+        self._fold(None, batch.min_val.clone(), batch.max_val.clone(), batch._param_shape())

@@ -1,30 +1,40 @@
 """Observer statistics of the global batch: the per-forward hook and flattened collectives.
 
+Each observer says how its state combines with the same observer's state on other data
+(``Observer.reductions``, ``lowbit.observers.reduction``): per state buffer one of MIN, MAX,
+SUM or MEAN, the additive buffers re-expressed first in the frame the merged extremes define
+(a histogram's counts on the merged range).  This module only runs those reductions as
+collectives, for all observers at once; it knows no observer kind.  An observer that merges
+pair by pair instead (``Observer._merge_state``) has its state all-gathered and merged.
+
 ``attach_observer_sync(model)``
     installs a ``Quantizer.observe_hook`` on every activation quantizer: in mode ``observing``
-    (training) each rank folds its batch into its observer, then the observers are reduced so
-    each holds what one observer would after folding the global batch.  That is exact: for
-    min-max the batch min / max are all-reduced (MIN / MAX); for the moving average the
-    updated states are reduced with MIN / MAX, which equals the update with the global batch's
-    min / max bit for bit, because ``m + c * (lo - m)`` rounds monotonically in ``lo`` and every
-    rank starts from the same ``m``; for the histogram observers (percentile, MSE, entropy)
-    each rank's new counts are summed on the common range (their merge is exact).  Cost: one
-    all-reduce of ``2 * rows`` floats per observing quantizer per training forward (two for a
-    histogram observer), nothing once the quantizers stop observing (LSQ: after the first
-    batch; ``learn=None``: after ``freeze_observers``).  One collective per step cannot give
-    this: each quantizer needs the global range before its layer's output exists.
+    (training) each rank folds its shard of the batch into a fresh batch observer
+    (``Observer._batch_observer``), the batch observers are merged across ranks (the global
+    batch's statistics: exact for min / max and histogram counts), and every rank folds the
+    result into its observer (``Observer._fold_batch``).  Every rank then holds what one
+    observer folding the global batch would, bit for bit: min-max and histogram observers
+    merge the batch in (their merge is exact), the moving average takes one EMA step towards
+    the merged batch extremes.  Cost: one all-reduce of ``2 * rows`` floats per observing
+    quantizer per training forward (two for a histogram observer: its counts), nothing once
+    the quantizers stop observing (LSQ: after the first batch; ``learn=None``: after
+    ``freeze_observers``).  One collective per step cannot give this: each quantizer needs
+    the global range before its layer's output exists.
 ``sync_observers(model, mode="step")``
     the cheaper alternative, called after each optimizer step instead of the hook: one
-    flattened all-reduce per step for all observers; states then equal single-process
-    observation of the global batch exactly (min-max and moving average), but within a step
-    each rank fake-quantizes with its own shard's range.
+    flattened all-reduce per step for all observers, of each state with the reductions of its
+    batch observer.  Exact when those are all MIN / MAX (min-max, moving average: the
+    shared history is folded in once whatever the number of ranks, and the EMA
+    ``m + c * (lo - m)`` rounds monotonically in ``lo``), so states equal single-process
+    observation of the global batch; but within a step each rank fake-quantizes with its own
+    shard's range.  Observers whose batch statistics add up (histograms) are refused.
 ``sync_observers(model, mode="merge")`` / ``sync_calibration(model)``
-    combine observers filled independently on each rank (calibration on shards): min of the
-    minima, max of the maxima, the mean of the moving averages, the exact sum of the
-    histograms, in at most three flattened collectives whatever the number of quantizers;
-    ``sync_calibration`` then re-installs every calibrated range (in place into learned
-    Parameters, so optimizers keep them).  For min-max and histogram observers the result is
-    what one process calibrating on all shards computes, bit for bit.
+    combine observers filled independently on each rank (calibration on shards) with
+    ``Observer.merge`` semantics, in three flattened collectives whatever the number of
+    quantizers (layouts, MAX, SUM); ``sync_calibration`` then re-installs every calibrated
+    range (in place into learned Parameters, so optimizers keep them).  For min-max and
+    histogram observers the result is what one process calibrating on all shards computes,
+    bit for bit.
 
 Weight quantizers are never reduced: the weights are replicated, not sharded.  Dynamic
 activation quantizers (``*-dynamic`` configs) use each rank's own batch range by design.
@@ -32,8 +42,6 @@ activation quantizers (``*-dynamic`` configs) use each rank's own batch range by
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,16 +49,17 @@ import torch.distributed as dist
 from torch import nn
 
 from ...nn.quantizer import Quantizer
-from ...observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
+from ...observers import Observer
+from ...observers.reduction import ADDITIVE_OPS, StateReduction
 from ..prepare import quantizers_by_role
 from ._comm import _comm_device, _GroupRef, _world
 from .check import _mismatches
 
 SyncMode = Literal["merge", "step"]
 
-_FAMILIES = (HistogramObserver, MovingAverageMinMaxObserver, MinMaxObserver)  # most specific first
 _META = 10  # ints per observer in the layout exchange: has_data, ndim, up to 8 dims
 _BIG = 2**62
+
 
 # -- which quantizers are synchronised -----------------------------------------------------
 def _synced_quantizers(model: nn.Module) -> list[Quantizer]:
@@ -58,20 +67,58 @@ def _synced_quantizers(model: nn.Module) -> list[Quantizer]:
     return [q for _, role, q in quantizers_by_role(model) if role != "weight" and q.observer is not None]
 
 
-def _family(obs: Observer) -> type[Observer]:
-    for cls in _FAMILIES:
-        if isinstance(obs, cls):
-            return cls
-    raise NotImplementedError(
-        f"{obs.name}: lowbit.qat.distributed cannot reduce a {type(obs).__name__} across ranks (it knows "
-        "min-max, moving-average and histogram observers); all-gather its state_dict and use "
-        "Observer.merge, or pick one of lowbit.observers.OBSERVERS")
+# -- merging observers across ranks ----------------------------------------------------------
+def _all_reduce(parts: list[torch.Tensor], op, group) -> list[torch.Tensor]:
+    """All-reduce the float64 vectors ``parts`` as one flattened payload; the reduced parts."""
+    if not parts:
+        return []
+    sizes = [p.numel() for p in parts]
+    comm = _comm_device(group, parts[0].device)
+    payload = torch.cat([p.to(comm) for p in parts])
+    if payload.numel():  # the sizes follow from the layouts, so every rank skips alike
+        dist.all_reduce(payload, op=op, group=group)
+    return list(payload.split(sizes))
+
+
+def _merge_across_ranks(observers: list[Observer], shapes: list[tuple[int, ...]], group, *,
+                        count_batches: bool) -> None:
+    """Merge each observer with its counterparts on the other ranks (``Observer.merge`` semantics,
+    ranks without data included); afterwards it is the same on every rank.  ``count_batches``:
+    sum the batch counts too (else each keeps its own)."""
+    reducible = [obs._reducible() for obs in observers]
+    plans = [StateReduction(obs, shape) for obs, shape, r in zip(observers, shapes, reducible) if r]
+    extremes = _all_reduce([p.extremes_payload() for p in plans], dist.ReduceOp.MAX, group)
+    additive = [p.additive_payload(e) for p, e in zip(plans, extremes)]
+    if count_batches:
+        additive = [torch.cat([a, p.observer.num_batches.to(a.device, torch.float64).reshape(1)])
+                    for p, a in zip(plans, additive)]
+    additive = _all_reduce(additive, dist.ReduceOp.SUM, group)
+    for p, e, a in zip(plans, extremes, additive):
+        p.load(e, a[:p.n_additive], int(a[-1]) if count_batches else None)
+    _gather_merge([obs for obs, r in zip(observers, reducible) if not r], group)
+
+
+def _gather_merge(observers: list[Observer], group) -> None:
+    """Observers that merge pair by pair: all-gather their states, merge them in rank order."""
+    if not observers:
+        return
+    mine = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in obs.state_dict().items()}
+            for obs in observers]
+    gathered: list = [None] * _world(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    for i, obs in enumerate(observers):
+        shards = []
+        for states in gathered:
+            shard = obs._fresh()
+            shard.load_state_dict(states[i])
+            shards.append(shard)
+        obs.load_state_dict(obs._fresh().merge(shards).state_dict())
 
 
 # -- the per-forward hook (exact) ----------------------------------------------------------
 class ObserverSync(_GroupRef):
     """``Quantizer.observe_hook`` that folds the global batch's statistics into every rank's
-    observer (see the module docstring for why each reduction is exact).
+    observer (see the module docstring for why it is exact).
 
     The observers must be identical on every rank before each call: ``attach_observer_sync``
     checks that once; the hook keeps it so.
@@ -79,45 +126,13 @@ class ObserverSync(_GroupRef):
 
     @torch.no_grad()
     def __call__(self, observer: Observer, x: torch.Tensor) -> None:
-        family = _family(observer)
         if _world(self.group) == 1:
             observer(x)
             return
-        if family is HistogramObserver:
-            self._histogram(observer, x)
-            return
-        observer(x)
-        device = observer.min_val.device
-        payload = torch.cat([-observer.min_val, observer.max_val]).to(_comm_device(self.group, device))
-        dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=self.group)
-        payload = payload.to(device)
-        n = observer.min_val.numel()
-        observer.min_val = -payload[:n]
-        observer.max_val = payload[n:].clone()
-
-    def _histogram(self, observer: HistogramObserver, x: torch.Tensor) -> None:
-        before = copy.deepcopy(observer) if observer.has_data else None
-        observer(x)
-        device = observer.min_val.device
-        comm = _comm_device(self.group, device)
-        n = observer.min_val.numel()
-        ranges = torch.cat([-observer.min_val.double(), observer.max_val.double(),
-                            observer.exponent.double()]).to(comm)
-        dist.all_reduce(ranges, op=dist.ReduceOp.MAX, group=self.group)
-        ranges = ranges.to(device)
-        exponent = ranges[2 * n:].to(torch.int64)
-        observer.expand_range(exponent)
-        if before is None:
-            new_counts = observer.counts
-        else:
-            before.expand_range(exponent)
-            new_counts = observer.counts - before.counts
-        new_counts = new_counts.to(comm)
-        dist.all_reduce(new_counts, op=dist.ReduceOp.SUM, group=self.group)
-        new_counts = new_counts.to(device)
-        observer.counts = new_counts if before is None else before.counts + new_counts
-        observer.min_val = (-ranges[:n]).float()
-        observer.max_val = ranges[n:2 * n].float()
+        batch = observer._batch_observer()
+        batch(x)
+        _merge_across_ranks([batch], [batch._param_shape()], self.group, count_batches=False)
+        observer._fold_batch(batch)
 
 
 def attach_observer_sync(model: nn.Module, group=None, *, check: bool = True) -> int:
@@ -131,12 +146,12 @@ def attach_observer_sync(model: nn.Module, group=None, *, check: bool = True) ->
 
     Raises:
         RuntimeError: no process group, or ``check`` found observers that differ between ranks.
-        NotImplementedError: an observer kind this module cannot reduce.
+        NotImplementedError: an observer that says neither how its state reduces nor how it merges.
     """
     _world(group)
     qs = _synced_quantizers(model)
     for q in qs:
-        _family(q.observer)
+        q.observer._reducible()
     if check:
         differing = _mismatches({q.name: q.observer for q in qs}, group)
         if differing:
@@ -149,18 +164,9 @@ def attach_observer_sync(model: nn.Module, group=None, *, check: bool = True) ->
     return len(qs)
 
 
-
 # -- post-hoc reduction of whole observer states (flattened collectives) ------------------
-@dataclass
-class _Layout:
-    any_data: bool
-    all_data: bool
-    shape: tuple[int, ...]
-    rows: int
-
-
-def _exchange_layouts(observers: list[Observer], group, comm: torch.device) -> list[_Layout]:
-    """Agree on which observers have data anywhere and on their scale layout (one collective)."""
+def _exchange_layouts(observers: list[Observer], group, comm: torch.device) -> list[tuple[int, ...] | None]:
+    """Agree on each observer's scale layout (None: no rank has data), in one collective."""
     n = len(observers)
     hi = torch.full((n, _META), -1, dtype=torch.int64)  # MAX over the ranks that have data
     lo = torch.full((n, _META), _BIG, dtype=torch.int64)  # MIN over them (sent negated)
@@ -172,35 +178,21 @@ def _exchange_layouts(observers: list[Observer], group, comm: torch.device) -> l
             row = torch.tensor([1, len(shape), *shape, *([0] * (_META - 2 - len(shape)))], dtype=torch.int64)
             hi[i], lo[i] = row, row
         else:
-            lo[i, 0] = 0  # has_data: MIN over all ranks says whether every rank has data
+            lo[i, 0] = 0
     payload = torch.cat([hi.flatten(), -lo.flatten()]).to(comm)
     dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
     payload = payload.cpu()
     hi, lo = payload[: n * _META].view(n, _META), -payload[n * _META:].view(n, _META)
     layouts = []
     for i, obs in enumerate(observers):
-        any_data, all_data = bool(hi[i, 0] == 1), bool(lo[i, 0] == 1)
-        if any_data and not torch.equal(hi[i, 1:], lo[i, 1:]):
+        if hi[i, 0] != 1:
+            layouts.append(None)
+            continue
+        if not torch.equal(hi[i, 1:], lo[i, 1:]):
             raise ValueError(f"{obs.name}: the ranks saw tensors with different scale layouts; an observer must "
                              "watch the same tensor on every rank")
-        ndim = int(hi[i, 1]) if any_data else 0
-        shape = tuple(int(d) for d in hi[i, 2:2 + ndim])
-        rows = 1
-        for d in shape:
-            rows *= d
-        layouts.append(_Layout(any_data, all_data, shape, rows))
+        layouts.append(tuple(int(d) for d in hi[i, 2:2 + int(hi[i, 1])]))
     return layouts
-
-
-def _load_state(obs: Observer, shape: tuple[int, ...], num_batches: torch.Tensor, **state: torch.Tensor) -> None:
-    """Install a full observer state through the public ``load_state_dict`` (buffers resized)."""
-    sd = obs.state_dict()
-    device = obs.num_batches.device
-    sd["param_shape"] = torch.tensor(shape, dtype=torch.int64)
-    sd["num_batches"] = num_batches.to(torch.int64).reshape(())
-    for key, value in state.items():
-        sd[key] = value.to(device)
-    obs.load_state_dict(sd)
 
 
 @torch.no_grad()
@@ -211,9 +203,10 @@ def sync_observers(model: nn.Module, group=None, *, mode: SyncMode = "merge") ->
     Args:
         group: the process group (None: the default one).
         mode: ``"merge"``: the ranks filled their observers independently (calibration on
-            shards; uneven batch counts and ranks without data are fine): min / max of the
+            shards; uneven batch counts and ranks without data are fine): each observer is
+            merged with its counterparts (``Observer.merge`` semantics: min / max of the
             extremes, mean of the moving averages, exact sum of the histograms, sum of the
-            batch counts (``Observer.merge`` semantics); three collectives.
+            batch counts); three collectives.
             ``"step"``: the observers were identical after the last call and every rank has
             folded one batch since (call it after each optimizer step): min-max and moving
             average become exactly single-process observation of the global batch; batch
@@ -224,24 +217,26 @@ def sync_observers(model: nn.Module, group=None, *, mode: SyncMode = "merge") ->
     left alone (``sync_calibration`` re-installs those).
 
     Raises:
-        ValueError: scale layouts differ between ranks, or ``mode="step"`` with a histogram
-            observer or an observer without data on some rank.
-        NotImplementedError: an observer kind this module cannot reduce.
+        ValueError: scale layouts differ between ranks, or ``mode="step"`` with an observer
+            whose batch statistics add up (a histogram) or without data on some rank.
+        NotImplementedError: an observer that says neither how its state reduces nor how it merges.
     """
     if mode not in ("merge", "step"):
         raise ValueError(f"sync_observers: mode must be 'merge' or 'step', got {mode!r}")
     world = _world(group)
     qs = _synced_quantizers(model)
     observers = [q.observer for q in qs]
-    families = [_family(obs) for obs in observers]
+    for obs in observers:
+        obs._reducible()
     if not observers or world == 1:
         return sum(obs.has_data for obs in observers)
-    device = observers[0].num_batches.device
-    comm = _comm_device(group, device)
+    comm = _comm_device(group, observers[0].num_batches.device)
     if mode == "step":
-        _sync_step(observers, families, group, comm)
+        _sync_step(observers, group)
     else:
-        _sync_merge(observers, families, group, comm)
+        layouts = _exchange_layouts(observers, group, comm)
+        held = [(obs, shape) for obs, shape in zip(observers, layouts) if shape is not None]
+        _merge_across_ranks([obs for obs, _ in held], [shape for _, shape in held], group, count_batches=True)
     for q in qs:
         if q.mode == "observing" and q.observer.has_data:
             learnable = q.learn is not None
@@ -251,100 +246,29 @@ def sync_observers(model: nn.Module, group=None, *, mode: SyncMode = "merge") ->
     return sum(obs.has_data for obs in observers)
 
 
-def _sync_step(observers: list[Observer], families: list[type], group, comm: torch.device) -> None:
-    active = [obs for obs in observers if obs.has_data]
-    for obs, fam in zip(observers, families):
-        if fam is HistogramObserver and obs.has_data:
-            raise ValueError(f"{obs.name}: sync_observers(mode='step') cannot reduce a histogram observer "
-                             "(its counts would be summed with the shared history); use attach_observer_sync")
-    sizes = [obs.min_val.numel() for obs in active]
-    total = sum(sizes)
+def _step_reduction(obs: Observer) -> StateReduction:
+    """The state reduced with the reductions of its batch observer, which must be MIN / MAX only:
+    those fold the ranks' shared history in once, where a SUM would count it once per rank."""
+    ops = type(obs._batch_observer()).reductions
+    additive = [name for name, op in ops.items() if op in ADDITIVE_OPS]
+    if additive or not ops:
+        raise ValueError(f"{obs.name}: sync_observers(mode='step') cannot reduce a {type(obs).__name__} (the "
+                         f"statistics of its batches add up: {', '.join(additive) or 'pairwise merge'}; summed "
+                         "with the shared history); use attach_observer_sync")
+    return StateReduction(obs, ops=ops)
+
+
+def _sync_step(observers: list[Observer], group) -> None:
+    plans = [_step_reduction(obs) for obs in observers if obs.has_data]
+    total = sum(p.n_extremes for p in plans)
     # The first two entries check that every rank sends the same layout.
-    payload = torch.cat([torch.tensor([float(total), -float(total)], dtype=torch.float64),
-                         *[torch.cat([-obs.min_val.double().cpu(), obs.max_val.double().cpu()]) for obs in active]])
-    payload = payload.to(comm)
-    dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
-    payload = payload.cpu()
-    if payload[0] != total or -payload[1] != total:
+    check = torch.tensor([float(total), -float(total)], dtype=torch.float64)
+    reduced = _all_reduce([check, *[p.extremes_payload() for p in plans]], dist.ReduceOp.MAX, group)
+    if reduced[0][0] != total or -reduced[0][1] != total:
         raise ValueError("sync_observers(mode='step'): the ranks' observers hold different numbers of rows "
                          "(some rank has an observer without data); use mode='merge' once first")
-    offset = 2
-    for obs, n in zip(active, sizes):
-        device = obs.min_val.device
-        obs.min_val = (-payload[offset:offset + n]).float().to(device)
-        obs.max_val = payload[offset + n:offset + 2 * n].float().to(device)
-        offset += 2 * n
-
-
-def _sync_merge(observers: list[Observer], families: list[type], group, comm: torch.device) -> None:
-    layouts = _exchange_layouts(observers, group, comm)
-    items = [(obs, fam, lay) for obs, fam, lay in zip(observers, families, layouts) if lay.any_data]
-    if not items:
-        return
-    # 1. MAX: the extremes of min-max and histogram observers (minima negated), the histogram
-    #    exponents; ranks without data send -inf.
-    extremes = []
-    for obs, fam, lay in items:
-        if fam is MovingAverageMinMaxObserver:
-            continue
-        k = 3 if fam is HistogramObserver else 2
-        if obs.has_data:
-            parts = [-obs.min_val.double().cpu(), obs.max_val.double().cpu()]
-            if fam is HistogramObserver:
-                parts.append(obs.exponent.double().cpu())
-            extremes.append(torch.cat(parts))
-        else:
-            extremes.append(torch.full((k * lay.rows,), float("-inf"), dtype=torch.float64))
-    maxed = torch.cat(extremes).to(comm) if extremes else torch.zeros(0, dtype=torch.float64)
-    if extremes:
-        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
-    maxed = maxed.cpu()
-    # 2. SUM: histogram counts on the common range, moving-average states and the number of
-    #    ranks holding them, batch counts.  float64 adds integers exactly below 2**53.
-    summed, offset = [], 0
-    for obs, fam, lay in items:
-        if fam is HistogramObserver:
-            exponent = maxed[offset + 2 * lay.rows:offset + 3 * lay.rows].to(torch.int64)
-            offset += 3 * lay.rows
-            if obs.has_data:
-                obs.expand_range(exponent.to(obs.exponent.device))
-                summed.append(obs.counts.double().cpu().flatten())
-            else:
-                summed.append(torch.zeros(lay.rows * obs.bins, dtype=torch.float64))
-        elif fam is MovingAverageMinMaxObserver:
-            if obs.has_data:
-                summed.append(torch.cat([obs.min_val.double().cpu(), obs.max_val.double().cpu(),
-                                         torch.ones(1, dtype=torch.float64)]))
-            else:
-                summed.append(torch.zeros(2 * lay.rows + 1, dtype=torch.float64))
-        else:
-            offset += 2 * lay.rows
-        summed.append(obs.num_batches.double().cpu().reshape(1))
-    total = torch.cat(summed).to(comm)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    total = total.cpu()
-    # 3. Install the merged states, identical on every rank.
-    moff = soff = 0
-    for obs, fam, lay in items:
-        n = lay.rows
-        if fam is HistogramObserver:
-            counts = total[soff:soff + n * obs.bins].to(torch.int64).view(n, obs.bins)
-            soff += n * obs.bins
-            _load_state(obs, lay.shape, total[soff], counts=counts,
-                        exponent=maxed[moff + 2 * n:moff + 3 * n].to(torch.int64),
-                        min_val=(-maxed[moff:moff + n]).float(), max_val=maxed[moff + n:moff + 2 * n].float())
-            moff += 3 * n
-        elif fam is MovingAverageMinMaxObserver:
-            holders = total[soff + 2 * n]
-            _load_state(obs, lay.shape, total[soff + 2 * n + 1],
-                        min_val=(total[soff:soff + n] / holders).float(),
-                        max_val=(total[soff + n:soff + 2 * n] / holders).float())
-            soff += 2 * n + 1
-        else:
-            _load_state(obs, lay.shape, total[soff], min_val=(-maxed[moff:moff + n]).float(),
-                        max_val=maxed[moff + n:moff + 2 * n].float())
-            moff += 2 * n
-        soff += 1
+    for p, extremes in zip(plans, reduced[1:]):
+        p.load(extremes, extremes[:0])
 
 
 @torch.no_grad()
