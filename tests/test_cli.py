@@ -81,6 +81,51 @@ def test_quantize_smoothquant_is_recorded_and_replayed(tmp_path):
     assert again.read_bytes() == (out / "model.int8.onnx").read_bytes()
 
 
+def test_quantize_algorithms_are_recorded_in_order_and_replay_to_the_same_bytes(tmp_path):
+    import lowbit
+    from lowbit.ptq import CLE, BiasCorrection, SmoothQuant
+
+    out = tmp_path / "run"
+    assert cli.main(["quantize", "tests.test_cli:tiny_encoder", "--data", "tests.test_cli:tiny_rows", "--algorithms",
+                     "cle,smoothquant(alpha=0.8),bias_correction", "--out", str(out), "--quiet",
+                     "--latency-runs", "1"]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    steps = recipe["options"]["algorithms"]
+    assert [s["name"] for s in steps] == ["fold_bn", "cle", "smoothquant", "bias_correction"]
+    assert steps[2] == {"name": "smoothquant", "alpha": 0.8, "insert_scales": True}
+    sha = (out / "model.int8.onnx").read_bytes()
+    again = tmp_path / "again.onnx"
+    assert cli.main(["export", str(out / "recipe.json"), "--out", str(again)]) == 0
+    assert again.read_bytes() == sha
+    # a hand-written recipe may give the short form
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({**recipe, "options": {"algorithms": "cle,smoothquant(alpha=0.8),bias_correction"}}))
+    assert cli.main(["export", str(short), "--out", str(again)]) == 0
+    assert again.read_bytes() == sha
+    # and the Python API with the same list writes the same file
+    qmodel = lowbit.quantize(tiny_encoder(), tiny_rows(), "w8a8", algorithms=[CLE(), SmoothQuant(alpha=0.8),
+                             BiasCorrection()], target=recipe["target"], progress=False)
+    lowbit.export_onnx(qmodel, tmp_path / "api.onnx", tiny_rows()[0])
+    assert (tmp_path / "api.onnx").read_bytes() == sha
+
+
+def test_bad_algorithms_are_one_line_errors(tmp_path, capsys):
+    quantize = ["quantize", "tests.test_cli:tiny_encoder", "--data", "tests.test_cli:tiny_rows", "--out",
+                str(tmp_path / "run"), "--quiet"]
+    line = _user_error([*quantize, "--algorithms", "cle,gptq"], capsys)
+    assert line.startswith("error: --algorithms: unknown algorithm 'gptq' (known: fold_bn, cle, smoothquant")
+    line = _user_error([*quantize, "--algorithms", "bias_correction,cle"], capsys)
+    assert "error: --algorithms: algorithms out of order: cle runs on the float model" in line
+    line = _user_error([*quantize, "--smoothquant", "0.5", "--algorithms", "cle"], capsys)
+    assert "give SmoothQuant once, in --algorithms (e.g. smoothquant(alpha=0.5))" in line
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"format": "lowbit.recipe", "version": 1, "model": "tests.test_cli:tiny_encoder",
+                                  "data": "tests.test_cli:tiny_rows", "config": {},
+                                  "options": {"algorithms": [{"name": "cle", "relu6": True}]}}))
+    line = _user_error(["export", str(recipe), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert line.startswith(f"error: {recipe}: options.algorithms: algorithm 'cle': unknown field(s) ['relu6']")
+
+
 def test_bench_times_onnx_files(tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data", "--out", str(out),

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lowbit
-from lowbit.config import W8A8, LayerQuant, QuantConfig
-from lowbit.nn.modules import QuantAdd, QuantConv2d, QuantLinear, TensorQuant, has_quantizers
+from lowbit.config import W8, W8A8, W8A8_DYNAMIC, LayerQuant, QuantConfig, Rule
+from lowbit.nn.modules import QuantAdd, QuantConv2d, QuantLinear, QuantStub, TensorQuant, has_quantizers
 from lowbit.nn.swap import SwapReport
 from lowbit.numerics import INT8_WEIGHT, UINT8_ACTIVATION
 from lowbit.observers import OBSERVERS
@@ -416,3 +416,65 @@ def test_a_single_calibration_tensor_is_one_batch():
     assert qmodel.lowbit_summary.options == same.lowbit_summary.options
     with torch.no_grad():
         assert torch.equal(qmodel(x), same(x))
+
+
+# -- config rules for residual adds and pool inputs ------------------------------------------------
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.relu(self.conv(x))  # its add is named "<block>.add"
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_Block(), _Block())
+        self.pool = nn.AdaptiveAvgPool2d(1)  # its input stub is named "pool_input"
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.blocks(F.relu(self.stem(x)))
+        return self.head(torch.flatten(self.pool(h), 1))
+
+
+def _graph_quantizers(qmodel) -> dict[str, tuple[str, ...]]:
+    """{name of each QuantAdd / QuantStub: the observer kinds of its quantizers}."""
+    return {name: tuple(q.observer_kind for _, q in m.quantizers()) for name, m in qmodel.named_modules()
+            if isinstance(m, (QuantAdd, QuantStub))}
+
+
+def test_config_rules_pick_residual_adds_and_pool_inputs_by_name_and_type(tmp_path):
+    model, calib = _seeded(TwoBlocks), _batches(2, 4, 3, 8, 8)
+    default = quantize(model, calib, progress=False)
+    assert _graph_quantizers(default) == {"blocks.0.add": ("mse", "mse"), "blocks.1.add": ("mse", "mse"),
+                                          "pool_input": ("mse",)}
+    percentile = LayerQuant(input=TensorQuant(spec=UINT8_ACTIVATION, observer="percentile"))
+    config = W8A8.with_rules(Rule(pattern="blocks.0.add", layer=None),  # first match wins: this add stays float
+                             Rule(pattern="type:QuantAdd", layer=percentile),
+                             Rule(pattern="type:QuantStub", layer=LayerQuant(input=TensorQuant(spec=UINT8_ACTIVATION))))
+    qmodel = quantize(model, calib, config, progress=False)
+    assert _graph_quantizers(qmodel) == {"blocks.1.add": ("percentile", "percentile"), "pool_input": ("minmax",)}
+    assert qmodel.get_submodule("blocks.1.conv").input_quantizer.observer_kind == "mse"  # layers keep theirs
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert _min_cosine(qmodel(x), model(x)) > 0.99
+    loaded = lowbit.load(_seeded(TwoBlocks), lowbit.save(qmodel, tmp_path / "m"))  # the rules replay
+    assert _graph_quantizers(loaded) == _graph_quantizers(qmodel)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+
+
+def test_rules_keep_pools_float_and_quantize_adds_where_only_a_rule_has_activations():
+    model, calib = _seeded(TwoBlocks), _batches(2, 4, 3, 8, 8)
+    floats = W8A8.with_rules(Rule(pattern="pool_input", layer=None),
+                             Rule(pattern="type:QuantAdd", layer=W8A8_DYNAMIC.default))  # dynamic: no fixed grid
+    assert _graph_quantizers(quantize(model, calib, floats, progress=False)) == {}
+    # weight-only everywhere but the blocks: their adds are quantized, the pool input is not
+    blocks_only = QuantConfig(rules=(Rule(pattern="blocks.*", layer=W8A8.default),), default=W8.default)
+    qmodel = quantize(model, calib, blocks_only, progress=False)
+    assert _graph_quantizers(qmodel) == {"blocks.0.add": ("mse", "mse"), "blocks.1.add": ("mse", "mse")}
+    assert qmodel.head.input_quantizer is None

@@ -2,6 +2,7 @@
 
     import lowbit
     qmodel = lowbit.quantize(model, calib_batches, config="w8a8")        # PTQ (fake-quant simulation)
+    qmodel = lowbit.quantize(model, calib_batches, "w8a8", algorithms="cle,bias_correction")  # lowbit.ptq.steps
     qmodel = lowbit.prepare_qat(model, "w4a8", calib_batches)            # QAT: train it in your own loop
     lowbit.export_onnx(qmodel, "model.int8.onnx", example_inputs)        # Q/DQ ONNX for ONNX Runtime
     print(lowbit.inspect_onnx("model.int8.onnx"))                        # which kernels run in integers
@@ -9,7 +10,7 @@
     lowbit.save(qmodel, "runs/w8a8"); qmodel = lowbit.load(model, "runs/w8a8")   # rebuild on a fresh model
 """
 
-from . import numerics, observers, qat
+from . import numerics, observers, ptq, qat
 from .config import CONFIGS, LayerQuant, QuantConfig, Rule
 from .export import export_onnx, inspect_onnx
 from .nn.modules import TensorQuant
@@ -35,6 +36,7 @@ __all__ = [
     "numerics",
     "observers",
     "prepare_qat",
+    "ptq",
     "qat",
     "quantize",
     "save",

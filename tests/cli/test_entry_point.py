@@ -99,3 +99,18 @@ def test_user_errors_are_one_line_with_status_2_and_debug_shows_the_traceback(tm
     debug = run("inspect", "missing.onnx", "--debug", cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert "UserError: ONNX file missing.onnx does not exist" in debug.stderr
+
+
+def test_algorithms_from_the_shell_are_recorded_and_the_recipe_replays_to_the_same_bytes(tmp_path):
+    import json
+
+    (tmp_path / "mymodels.py").write_text(USER_MODULE)
+    done = run("quantize", "mymodels:net", "--data", "mymodels:data", "--algorithms",
+               "cle,bias_correction(reference=model)", "--out", "run", "--quiet", "--latency-runs", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    steps = json.loads((tmp_path / "run" / "recipe.json").read_text())["options"]["algorithms"]
+    assert steps == [{"name": "fold_bn"}, {"name": "cle", "relu6_to_relu": False, "iterations": 50, "tol": 0.001},
+                     {"name": "bias_correction", "reference": "model"}]
+    replayed = run("export", "run/recipe.json", "--out", "again.onnx", cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "run" / "model.int8.onnx").read_bytes()

@@ -10,6 +10,7 @@ from torch import nn
 import lowbit
 from lowbit import persist
 from lowbit.persist import manifest
+from lowbit.ptq import FoldBatchNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +70,8 @@ def test_damaged_manifest_is_refused_with_its_name(saved, damage, message):
 
 def test_newer_version_unknown_fields_and_a_foreign_recipe_are_errors(saved):
     _rewrite_manifest(saved, lambda d: d.update(version=manifest.VERSION + 1))
-    with pytest.raises(ValueError, match=r"manifest.json has format version 2; .*upgrade lowbit"):
+    with pytest.raises(ValueError, match=r"manifest.json has format version 3; this lowbit reads versions 1 to 2 "
+                                         r"\(a newer lowbit wrote it: upgrade lowbit"):
         lowbit.load(small(1), saved)
     _rewrite_manifest(saved, lambda d: d.update(version=manifest.VERSION, surprise=1))
     with pytest.raises(ValueError, match=r"manifest.json: unknown field\(s\) \['surprise'\]"):
@@ -96,7 +98,7 @@ def test_missing_files_and_another_float_model(saved, tmp_path):
 def test_inplace_load_rebuilds_the_given_model(saved):
     fresh = small(1)
     loaded = lowbit.load(fresh, saved, inplace=True)
-    assert loaded is fresh and loaded.lowbit_summary.options["fold_bn"]
+    assert loaded is fresh and loaded.lowbit_summary.algorithms == (FoldBatchNorm(),)
     with torch.no_grad():
         assert torch.equal(loaded(X), lowbit.load(small(2), saved)(X))
 

@@ -83,6 +83,7 @@ def test_ptq_resnet_round_trip_is_bit_identical_and_exports_the_same_bytes(tmp_p
     saved, mine = qmodel.lowbit_summary, loaded.lowbit_summary
     assert (mine.config, mine.options, mine.target, mine.calibration_batches, mine.uncalibrated) == (
         saved.config, saved.options, saved.target, saved.calibration_batches, saved.uncalibrated)
+    assert (mine.algorithms, mine.reports) == (saved.algorithms, saved.reports)
     assert mine.layers == saved.layers
 
     lowbit.export_onnx(qmodel, tmp_path / "before.onnx", x)

@@ -27,6 +27,14 @@ def _common_config(p: argparse.ArgumentParser, default: str, presets: str) -> No
                         "records the resolved name, so it replays to the same bytes elsewhere")
 
 
+def _algorithms_help() -> str:
+    from ..ptq.steps import STEPS
+
+    return ("PTQ algorithms to run, in order, comma-separated, each name or name(field=value, ...), e.g. "
+            "'cle,smoothquant(alpha=0.8),bias_correction' (quote it for the shell); known: "
+            f"{', '.join(STEPS)}.  BatchNorm folding runs first unless listed; recipe.json records the list")
+
+
 def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="PTQ a model, export it and report accuracy / size / latency",
                        description="Post-training quantization: calibrate, export OUT/fp32.onnx and "
@@ -38,6 +46,7 @@ def _add_quantize(sub) -> None:
     _common_config(q, "w8a8", "w8a8, w8a8-dynamic, w8, ...")
     q.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="SmoothQuant migration strength before calibration (BERT-style models: 0.8)")
+    q.add_argument("--algorithms", metavar="LIST", help=_algorithms_help())
     q.add_argument("--threads", nargs="+", type=int, default=[1], metavar="N",
                    help="ONNX Runtime intra-op threads for the latency table (default 1)")
     q.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",

@@ -20,7 +20,9 @@ from ._common import (
     write_json,
 )
 
-QUANTIZE_OPTIONS = ("progress", "smoothquant")  # recipe "options": keyword arguments of lowbit.quantize
+# recipe "options": keyword arguments of lowbit.quantize.  "algorithms" is the resolved list of steps,
+# each as Step.to_dict() writes it (every field, so the recipe replays the same whatever the defaults).
+QUANTIZE_OPTIONS = ("progress", "smoothquant", "algorithms")
 # A recipe written before targets existed was quantized, and exported, with int8 weights.
 LEGACY_TARGET = "x86-vnni"
 
@@ -52,13 +54,29 @@ def quantize_from_recipe(recipe: dict, where: str = "recipe"):
     """Load the model and data a quantize recipe names and run PTQ; returns (model, qmodel, batches)."""
     from ..ptq import quantize
 
-    options = recipe.get("options", {})
+    options = dict(recipe.get("options", {}))
     check_fields(options, QUANTIZE_OPTIONS, f"{where}: options")
+    if "algorithms" in options:  # checked before the model loads
+        options["algorithms"] = resolve_steps(options["algorithms"], f"{where}: options.algorithms",
+                                              smoothquant=options.get("smoothquant"))
     config = config_from_dict(recipe["config"], f"{where}: config")
     model = load_model(recipe["model"])
     batches = load_data(recipe.get("data"), recipe["model"])
     qmodel = quantize(model, batches, config, target=recipe.get("target", LEGACY_TARGET), **options)
     return model, qmodel, batches
+
+
+def resolve_steps(algorithms, where: str, smoothquant: float | None = None) -> tuple:
+    """The steps ``lowbit.quantize`` runs for ``algorithms`` (a short-form string or a recipe's
+    list), BatchNorm folding included; a UserError naming ``where`` when they do not parse."""
+    from ..ptq import resolve_algorithms
+
+    if not isinstance(algorithms, (str, list)):
+        raise UserError(f"{where}: expected a list of algorithms, got {type(algorithms).__name__}")
+    try:
+        return resolve_algorithms(algorithms, smoothquant=smoothquant)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def cmd_quantize(args) -> int:
@@ -71,6 +89,11 @@ def cmd_quantize(args) -> int:
     options = {"progress": not args.quiet}
     if args.smoothquant is not None:
         options["smoothquant"] = args.smoothquant
+    if args.algorithms is not None:
+        if args.smoothquant is not None:
+            raise UserError("--smoothquant and --algorithms: give SmoothQuant once, in --algorithms "
+                            f"(e.g. smoothquant(alpha={args.smoothquant}))")
+        options["algorithms"] = [s.to_dict() for s in resolve_steps(args.algorithms, "--algorithms")]
     # The resolved target, not "auto": the recipe replays to the same bytes on another CPU.
     recipe = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "command": "quantize", "model": args.model,
               "data": args.data, "config": config.to_dict(), "options": options,

@@ -14,8 +14,9 @@ Each returns ``(model, names of what it changed)`` and edits in place (``quantiz
 returns a GraphModule sharing the model's layers).  The graph searches use torch.fx and fall
 back to ``nn.Sequential`` containers where a model does not trace; lowbit's quantized layers
 and ``QuantAdd`` are opaque to them, so running a pass twice, or in another order, is harmless.
-``lowbit.ptq.quantize`` runs them through its ``fold_bn`` / ``equalize`` / ``smoothquant`` /
-``quantize_adds`` / ``bias_correction`` options; by hand the order is::
+``lowbit.ptq.quantize`` runs them as steps (``lowbit.ptq.steps``: ``FoldBatchNorm``, ``CLE``,
+``SmoothQuant``, ``BiasCorrection``, in the order its ``algorithms=`` list gives) and inserts the
+residual-add and pool quantizers (``quantize_adds``) as the config's rules say; by hand::
 
     model = copy.deepcopy(float_model).eval()
     model, _ = fold_batchnorm(model)

@@ -5,12 +5,14 @@ has no layer of its own, so module replacement gives it no input quantizer: the 
 before it then ends in float and both stay float in ONNX Runtime.  This pass puts a
 ``QuantStub`` in front of every average pool it finds with torch.fx; ONNX Runtime
 then fuses ``DQ -> GlobalAveragePool -> Q`` into QLinearGlobalAveragePool and the
-conv before it into QLinearConv.
+conv before it into QLinearConv.  ``lowbit.quantize`` gives each stub the quantization a config
+rule picks for its name (``avgpool_input``) or for ``type:QuantStub``; None keeps the pool float.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import fx, nn
@@ -34,13 +36,25 @@ def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def quantize_pool_inputs(model: nn.Module, spec: QuantSpec, observer: str = "minmax") -> tuple[nn.Module, list[str]]:
+def _every(spec: QuantSpec | None, observer: str) -> Callable[[str], TensorQuant]:
+    """``choose`` that gives every pool input the same quantization."""
+    if spec is None:
+        raise ValueError("quantize_pool_inputs: give spec (the pool input's grid) or choose")
+    tq = TensorQuant(spec=spec, observer=observer)
+    return lambda name: tq
+
+
+def quantize_pool_inputs(model: nn.Module, spec: QuantSpec | None = None, observer: str = "minmax", *,
+                         choose: Callable[[str], TensorQuant | None] | None = None) -> tuple[nn.Module, list[str]]:
     """Insert a ``QuantStub`` before each average pool of ``model``.
 
     Args:
         model: float model (its layers are shared with the result, not copied).
         spec: grid of the pool input, e.g. ``UINT8_ACTIVATION``.
         observer: its range estimator.
+        choose: instead of ``spec`` / ``observer``: called with each stub's name, returns its
+            TensorQuant, or None to leave that pool's input float (``lowbit.ptq`` resolves the
+            config's rules here).
 
     Returns:
         ``(gm, names)``: an ``fx.GraphModule`` with the same layer names plus one
@@ -51,6 +65,7 @@ def quantize_pool_inputs(model: nn.Module, spec: QuantSpec, observer: str = "min
     Example:
         >>> gm, names = quantize_pool_inputs(mobilenet_v2(), UINT8_ACTIVATION)   # ['pool_input']
     """
+    pick = choose if choose is not None else _every(spec, observer)
     gm, why = (model, "") if isinstance(model, fx.GraphModule) else try_trace(model)
     if gm is None:
         # info, not warning: the residual-add pass already warned that this model cannot be traced
@@ -67,7 +82,11 @@ def quantize_pool_inputs(model: nn.Module, spec: QuantSpec, observer: str = "min
             scope = _scope(node)
             base = f"{scope}.pool_input" if scope else "pool_input"
         name = _free_name(gm, base, taken)
-        gm.add_submodule(name, QuantStub(TensorQuant(spec=spec, observer=observer), name=name))
+        tq = pick(name)
+        if tq is None:
+            log.info("quantize_pool_inputs: %s kept float (choose)", name)
+            continue
+        gm.add_submodule(name, QuantStub(tq, name=name))
         with gm.graph.inserting_before(node):
             stub = gm.graph.call_module(name, (node.args[0],))
         node.replace_input_with(node.args[0], stub)

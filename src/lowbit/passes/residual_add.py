@@ -9,7 +9,9 @@ submodule, which fake-quantizes both operands (ONNX Runtime then fuses
 
 The result is an ``fx.GraphModule`` whose Conv / Linear layers keep their original
 qualified names (``features.3.conv.0.0``), so config rules by name still apply, and
-whose new adds are named after the module they sit in (``features.3.add``).
+whose new adds are named after the module they sit in (``features.3.add``).  ``lowbit.quantize``
+gives each add the quantization a config rule picks for that name (or for ``type:QuantAdd``),
+as for any layer: ``Rule(pattern="layer1.0.add", layer=None)`` keeps one add float.
 
 Example::
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -122,9 +124,10 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
         ShapeProp(gm).propagate(*args)
 
 
-def _replace_adds(gm: fx.GraphModule, tq_a: TensorQuant, tq_b: TensorQuant, shapes_known: bool,
-                 skip: Sequence[str]) -> list[str]:
-    """Swap each tensor + tensor add node of ``gm`` for a call to a new QuantAdd; return their names."""
+def _replace_adds(gm: fx.GraphModule, pick: Callable[[str], tuple[TensorQuant, TensorQuant] | None],
+                 shapes_known: bool) -> list[str]:
+    """Swap each tensor + tensor add node of ``gm`` for a call to a new QuantAdd (operands quantized
+    as ``pick(name)`` says; None keeps that add float); return their names."""
     tensors = _tensor_nodes(gm.graph)
     taken: set[str] = set()
     names: list[str] = []
@@ -139,10 +142,10 @@ def _replace_adds(gm: fx.GraphModule, tq_a: TensorQuant, tq_b: TensorQuant, shap
         else:
             name = _free_name(gm, f"add_{top_level}", taken)
             top_level += 1
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
-            log.info("quantize_residual_adds: %s kept float (skip)", name)
+        quants = pick(name)
+        if quants is None:
             continue
-        gm.add_submodule(name, QuantAdd(tq_a, tq_b, name=name))
+        gm.add_submodule(name, QuantAdd(*quants, name=name))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, args=operands)
         new.meta = dict(node.meta)  # shapes and scope carry over: later adds may use this one
@@ -153,14 +156,39 @@ def _replace_adds(gm: fx.GraphModule, tq_a: TensorQuant, tq_b: TensorQuant, shap
     return names
 
 
+def _picker(spec_a, spec_b, observer: str, skip: Sequence[str],
+            choose: Callable[[str], TensorQuant | None] | None) -> Callable[[str], tuple | None]:
+    """``name -> (TensorQuant of a, TensorQuant of b)``, or None to keep that add float."""
+    if choose is None:
+        if spec_a is None:
+            raise ValueError("quantize_residual_adds: give spec_a (the operands' grid) or choose")
+        spec_a = get_spec(spec_a)
+        spec_b = spec_a if spec_b is None else get_spec(spec_b)
+        pair = (TensorQuant(spec=spec_a, observer=observer), TensorQuant(spec=spec_b, observer=observer))
+
+    def pick(name: str) -> tuple[TensorQuant, TensorQuant] | None:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+            log.info("quantize_residual_adds: %s kept float (skip)", name)
+            return None
+        if choose is None:
+            return pair
+        tq = choose(name)
+        if tq is None:
+            log.info("quantize_residual_adds: %s kept float (choose)", name)
+        return None if tq is None else (tq, tq)
+
+    return pick
+
+
 def quantize_residual_adds(
     model: nn.Module,
-    spec_a: QuantSpec | str,
+    spec_a: QuantSpec | str | None = None,
     spec_b: QuantSpec | str | None = None,
     observer: str = "minmax",
     *,
     example_inputs=None,
     skip: Sequence[str] = (),
+    choose: Callable[[str], TensorQuant | None] | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """Replace each ``tensor + tensor`` in ``model``'s graph by a ``QuantAdd`` submodule.
 
@@ -178,6 +206,9 @@ def quantize_residual_adds(
             operand must also have been a tensor in that run (not only look like one).
         skip: globs on the add names (``"encoder.*.add"``) to leave as float adds, e.g.
             an attention-mask add in a traceable transformer.
+        choose: instead of ``spec_a`` / ``spec_b`` / ``observer``: called with each add's name,
+            returns the TensorQuant of both operands, or None to leave that add float
+            (``lowbit.ptq`` resolves the config's rules here).
 
     Returns:
         ``(gm, names)``: an ``fx.GraphModule`` with the same qualified names for every
@@ -191,9 +222,7 @@ def quantize_residual_adds(
         >>> names[:2]
         ['features.3.add', 'features.5.add']
     """
-    spec_a = get_spec(spec_a)
-    spec_b = spec_a if spec_b is None else get_spec(spec_b)
-    tq_a, tq_b = TensorQuant(spec=spec_a, observer=observer), TensorQuant(spec=spec_b, observer=observer)
+    pick = _picker(spec_a, spec_b, observer, skip, choose)
     gm, reason = try_trace(model)
     if gm is None:
         log.warning("quantize_residual_adds: %s cannot be traced by torch.fx (%s); its adds stay float",
@@ -202,7 +231,7 @@ def quantize_residual_adds(
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
 
-    names = _replace_adds(gm, tq_a, tq_b, example_inputs is not None, skip)
+    names = _replace_adds(gm, pick, example_inputs is not None)
     if not names:
         log.info("quantize_residual_adds: no tensor + tensor add found in %s; model returned unchanged",
                  type(model).__name__)

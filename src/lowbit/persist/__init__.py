@@ -4,9 +4,9 @@ A saved model is a folder::
 
     model.safetensors   every tensor of the quantized model's state_dict (weights, scales,
                         zero-points, observer statistics), each shared tensor once
-    manifest.json       the recipe to rebuild it (quantize or prepare_qat, its structural
-                        options, the config, the target), each module's extra state, and
-                        checksums of both files (``lowbit.persist.manifest``)
+    manifest.json       the recipe to rebuild it (quantize and its algorithms, or prepare_qat;
+                        the structural options, the config, the target), each module's extra
+                        state, and checksums of both files (``lowbit.persist.manifest``)
 
 ``load`` replays the recipe's structural steps on your float model without data, loads the
 tensors strictly, and gives a model whose outputs equal the saved one's bit for bit.  No
@@ -38,6 +38,7 @@ from ._rebuild import (
     summary_from_dict,
     summary_to_dict,
     training_differs,
+    upgrade_summary,
 )
 from ._state import merge_state, split_state, tie_aliases
 
@@ -96,9 +97,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) ->
     """Rebuild the quantized model saved in ``path`` on ``model``, a fresh float model of the
     same architecture (its weights are replaced by the saved ones).
 
-    The recipe's structural steps run again without data (BatchNorm folding, SmoothQuant
-    wrappers, the residual-add rewrite, conv-BN fusion, layer swaps), then every saved
-    tensor and quantizer state is loaded strictly: outputs are bit-identical to the model
+    The recipe's structural steps run again without data (each algorithm's ``rebuild``:
+    BatchNorm folding, ReLU6 -> ReLU, SmoothQuant wrappers; the residual-add rewrite, conv-BN
+    fusion, layer swaps), then every saved tensor and quantizer state is loaded strictly
+    (manifests of format 1 and 2 alike): outputs are bit-identical to the model
     that was saved, ``export_onnx`` writes the same file, and a QAT model trains on as before
     (build its optimizer after ``load``).
 
@@ -131,7 +133,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) ->
     if folder.is_file():
         raise ValueError(f"{folder} is a file; lowbit.load takes the folder lowbit.save wrote")
     manifest = _manifest.read(folder)
-    try:  # the recipe parses before any work (summary fields, config)
+    try:  # the recipe parses before any work (summary fields, config, algorithms)
+        manifest["summary"] = upgrade_summary(manifest["summary"], manifest["version"])
         summary_from_dict(manifest["summary"], SwapReport())
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{folder / _manifest.MANIFEST}: its recipe does not fit this lowbit ({type(exc).__name__}: "

@@ -1,12 +1,17 @@
 """Rebuild a saved quantized model's structure on a fresh float model, without data.
 
-``quantize`` and ``prepare_qat`` record their structural options in ``lowbit_summary.options``.
-Loading replays only the steps that change the module tree (BatchNorm folding, ReLU6 -> ReLU,
-SmoothQuant's ``SmoothedInput`` wrappers, the fx rewrite for residual adds and pools, conv-BN
+``quantize`` records its algorithms (``lowbit.ptq.steps``, with what each did) and its
+structural options in ``lowbit_summary``; ``prepare_qat`` its options.  Loading replays only
+what changes the module tree (each step's ``rebuild``: BatchNorm folding, ReLU6 -> ReLU,
+SmoothQuant's ``SmoothedInput`` wrappers; the fx rewrite for residual adds and pools, conv-BN
 fusion, layer swaps); calibration, bias correction and every weight change are skipped, as the
 saved tensors overwrite them.  What those steps left that depends on data is then set from the
 saved state: each quantizer's observer kind, its learnable Parameters and their shapes, a bias
 created by bias correction, a QAT model converted for export (``lowbit.qat.convert``).
+
+A version-1 manifest recorded quantize's algorithms as flags (``options``: fold_bn, equalize,
+equalize_relu6, smoothquant, bias_correction; ``smoothing``: SmoothQuant's report);
+``upgrade_summary`` turns it into the steps those flags stand for.
 """
 
 from __future__ import annotations
@@ -58,56 +63,74 @@ def summary_to_dict(summary) -> dict:
             continue
         if f.name == "config":
             value = value.to_dict()
-        elif dataclasses.is_dataclass(value):
-            value = dataclasses.asdict(value)  # SmoothReport
+        elif f.name == "algorithms":
+            value = [step.to_dict() for step in value]
+        elif f.name == "reports":
+            value = [step.report_to_json(r) for step, r in zip(summary.algorithms, value, strict=True)]
         out[f.name] = value
     return out
 
 
 def summary_from_dict(data: dict, layers: SwapReport):
     """The ``lowbit_summary`` that ``summary_to_dict`` wrote, with the replay's swap report."""
-    from ..passes.smooth import SmoothedGroup, SmoothReport
     from ..ptq import QuantSummary
     from ..qat.prepare import QATSummary
 
     data = dict(data)
     cls = {PTQ: QuantSummary, QAT: QATSummary}[data.pop("kind")]
     data["config"] = QuantConfig.from_dict(data["config"])
-    smoothing = data.get("smoothing")
-    if smoothing is not None:
-        groups = {k: [SmoothedGroup(**{**g, "consumers": tuple(g["consumers"])}) for g in smoothing[k]]
-                  for k in ("folded", "inserted", "left")}
-        data["smoothing"] = SmoothReport(**{**smoothing, **groups})
+    if cls is QuantSummary:
+        data["algorithms"], data["reports"] = _steps(data)
     return cls(layers=layers, **data)
+
+
+def _steps(summary: dict) -> tuple[tuple, tuple]:
+    """The recorded steps and their reports, as objects."""
+    from ..ptq import Step
+
+    steps = tuple(Step.from_dict(d) for d in summary["algorithms"])
+    reports = summary["reports"]
+    if len(reports) != len(steps):
+        raise ValueError(f"{len(steps)} algorithm(s) but {len(reports)} report(s)")
+    return steps, tuple(step.report_from_json(r) for step, r in zip(steps, reports, strict=True))
+
+
+def upgrade_summary(summary: dict, version: int) -> dict:
+    """A summary from a manifest of format ``version`` in this version's form (see the module
+    docstring); a QAT summary, or a current one, as it is."""
+    from ..ptq.steps import SmoothQuant, steps_from_flags
+
+    if version >= 2 or summary.get("kind") != PTQ:
+        return summary
+    summary = dict(summary)
+    options = dict(summary["options"])
+    smoothing = summary.pop("smoothing", None)
+    steps = steps_from_flags(**{k: options.pop(k) for k in ("fold_bn", "equalize", "equalize_relu6",
+                                                            "smoothquant", "bias_correction")})
+    summary["options"] = options  # quantize_adds
+    summary["algorithms"] = [step.to_dict() for step in steps]
+    summary["reports"] = [smoothing if isinstance(step, SmoothQuant) else None for step in steps]
+    return summary
 
 
 # -- the replay ----------------------------------------------------------------------------
 def replay(model: nn.Module, summary: dict, *, inplace: bool = False) -> tuple[nn.Module, SwapReport]:
     """The module tree ``quantize`` / ``prepare_qat`` built from ``model``, with fresh
     (empty) quantizers: the structural steps of the recorded options, no data."""
-    from .. import passes
-    from ..ptq import insert_graph_quantizers, swap_layers
+    from ..ptq import insert_graph_quantizers, rebuild, swap_layers
     from ..qat.prepare import fuse_conv_bn
 
     config = QuantConfig.from_dict(summary["config"])
     options = summary["options"]
+    if summary["kind"] == PTQ:
+        steps, reports = _steps(summary)
+        return rebuild(model, config, steps, reports, quantize_adds=options["quantize_adds"], inplace=inplace)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
-    if summary["kind"] == PTQ:
-        if options["fold_bn"]:
-            qmodel, _ = passes.fold_batchnorm(qmodel)
-        if options["equalize"] or options["equalize_relu6"]:  # (its ReLU6 -> ReLU changes the tree)
-            qmodel, _ = passes.cross_layer_equalize(qmodel, relu6_to_relu=options["equalize_relu6"])
-        smoothing = summary.get("smoothing")
-        if smoothing and smoothing["inserted"]:
-            passes.smooth.insert_smoothed_inputs(qmodel, [g["consumers"] for g in smoothing["inserted"]])
-        if options["quantize_adds"]:
-            qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
-    else:
-        if options["quantize_adds"]:
-            qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
-        if options["fold_bn"]:
-            fuse_conv_bn(qmodel)
+    if options["quantize_adds"]:
+        qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
+    if options["fold_bn"]:
+        fuse_conv_bn(qmodel)
     return swap_layers(qmodel, config)
 
 

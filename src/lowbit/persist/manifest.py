@@ -1,7 +1,8 @@
 """``manifest.json``: what a saved model is and how to rebuild it, checked before anything loads.
 
-    {"format": "lowbit.saved_model", "version": 1, "lowbit_version": "0.1.0",
-     "summary": {"kind": "quantize", "options": {...}, "config": {...}, ...},   # the recipe
+    {"format": "lowbit.saved_model", "version": 2, "lowbit_version": "0.1.0",
+     "summary": {"kind": "quantize", "algorithms": [{"name": "fold_bn"}, ...],  # the recipe
+                 "reports": [...], "options": {...}, "config": {...}, ...},
      "modules": {name: class name}, "training": true, "training_differs": [...],
      "extra_state": {state_dict key: JSON value}, "aliases": {key: key written},
      "tensors": {"file": "model.safetensors", "bytes": N, "sha256": "..."},
@@ -10,6 +11,10 @@
 The checksum covers the manifest itself (canonical JSON: sorted keys, no spaces), so any
 change to either file is an error that names it; a newer format version, unknown or missing
 fields are errors too.  Nothing here runs code: JSON and safetensors only.
+
+Versions: 2 records quantize's algorithms as an ordered list of steps (``lowbit.ptq.steps``)
+with one report each; 1 recorded them as flags in ``summary.options`` and SmoothQuant's report
+in ``summary.smoothing``.  Both load (``lowbit.persist._rebuild.upgrade_summary``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 from .._files import sha256_file
 
 FORMAT = "lowbit.saved_model"
-VERSION = 1
+VERSION = 2  # the newest format, which save writes; read takes 1..VERSION
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 FIELDS = ("format", "version", "lowbit_version", "torch_version", "summary", "modules", "training",
@@ -69,7 +74,7 @@ def read(folder: Path) -> dict:
     manifest = _parse(path)
     version = manifest.get("version")
     if not isinstance(version, int) or version > VERSION or version < 1:
-        raise ValueError(f"{path} has format version {version!r}; this lowbit reads version {VERSION} "
+        raise ValueError(f"{path} has format version {version!r}; this lowbit reads versions 1 to {VERSION} "
                          "(a newer lowbit wrote it: upgrade lowbit to load it)")
     if manifest.get("checksum") != checksum(manifest):
         raise ValueError(f"{path} is corrupted: its content does not match its checksum (changed after "
@@ -78,7 +83,7 @@ def read(folder: Path) -> dict:
     missing = sorted(set(FIELDS) - set(manifest))
     if unknown or missing:
         raise ValueError(f"{path}: unknown field(s) {unknown}, missing field(s) {missing}; "
-                         f"it was not written by lowbit.save format version {VERSION}")
+                         f"it was not written by lowbit.save format version {version}")
     return manifest
 
 

@@ -1,0 +1,33 @@
+"""Post-training quantization driver: run the algorithms, swap layers, calibrate, freeze.
+
+    qmodel = lowbit.quantize(model, calib, "w8a8", algorithms=[CLE(), SmoothQuant(alpha=0.8), BiasCorrection()])
+
+* ``steps``: the PTQ algorithms as ordered, serialisable steps, and their registry;
+* ``_parse``: the short forms of steps (``"cle,smoothquant(alpha=0.8)"``) and quantize's flags;
+* ``_quantize``: ``quantize`` (the pipeline) and ``rebuild`` (its replay without data);
+* ``_layers``: residual adds and pool inputs (resolved through the config's rules), layer swap;
+* ``_calibrate``: observing activations and freezing quantizers.
+"""
+
+from ..nn.walk import iter_quantizers, quantizers_by_role, run_model
+from ._calibrate import as_batches, calibrate, calibrate_activations, check_has_data
+from ._layers import insert_graph_quantizers, swap_layers
+from ._parse import parse_step, parse_steps, resolve_algorithms
+from ._quantize import QuantSummary, quantize, rebuild
+from .steps import (
+    CLE,
+    STEPS,
+    BiasCorrection,
+    FoldBatchNorm,
+    SmoothQuant,
+    Step,
+    StepContext,
+    register_step,
+)
+
+__all__ = [
+    "CLE", "STEPS", "BiasCorrection", "FoldBatchNorm", "QuantSummary", "SmoothQuant", "Step", "StepContext",
+    "as_batches", "calibrate", "calibrate_activations", "check_has_data", "insert_graph_quantizers",
+    "iter_quantizers", "parse_step", "parse_steps", "quantize", "quantizers_by_role", "rebuild",
+    "register_step", "resolve_algorithms", "run_model", "swap_layers",
+]
