@@ -7,9 +7,10 @@ first matching rule wins; a layer no rule matches gets ``default``.  Presets are
 named constants; ``CONFIGS`` is derived from them.
 
 Two position patterns name layers by place rather than name: ``"@first"`` and ``"@last"``
-are the model's first and last compute layer (Linear / Conv, in module registration order;
-embeddings are not counted).  ``QuantConfig.bind(model)`` turns them into exact names just
-before layers are swapped, so a recipe keeps the position, not one model's layer names.
+are the model's first and last compute layer (Linear / Conv, or any registered gemm / conv
+kind, in module registration order; embeddings are not counted).  ``QuantConfig.bind(model)``
+turns them into exact names just before layers are swapped, so a recipe keeps the position,
+not one model's layer names.
 The 4-bit presets use them to keep the first and last layers at 8 bits, the usual protocol
 for low-bit networks (Esser et al. 2020, LSQ): the input image and the logits are where
 4 bits cost the most.
@@ -28,6 +29,7 @@ from types import MappingProxyType
 from torch import nn
 
 from .nn.modules import TensorQuant
+from .nn.registry import contraction_types, kind_of
 from .numerics import INT4_WEIGHT, INT8_WEIGHT, UINT4_ACTIVATION, UINT8_ACTIVATION, QuantSpec
 
 CONFIG_FORMAT_VERSION = 1
@@ -112,11 +114,13 @@ class QuantConfig:
 
     def bind(self, model: nn.Module) -> QuantConfig:
         """A copy in which the position patterns ``"@first"`` / ``"@last"`` are the exact names of
-        ``model``'s first / last compute layer (Linear, Conv1d, Conv2d in module order; the model
-        itself when it is one such layer).  Unchanged when no rule uses them."""
+        ``model``'s first / last compute layer (an instance of a registered gemm or conv kind:
+        Linear, Conv1d, Conv2d ..., in module order; the model itself when it is one such layer).
+        Unchanged when no rule uses them."""
         if not any(r.pattern in POSITIONS for r in self.rules):
             return self
-        names = [name for name, m in model.named_modules() if isinstance(m, _COMPUTE_LAYERS)]
+        compute = contraction_types()
+        names = [name for name, m in model.named_modules() if isinstance(m, compute)]
         where = {"@first": names[0] if names else None, "@last": names[-1] if names else None}
         rules = []
         for rule in self.rules:
@@ -176,12 +180,13 @@ class QuantConfig:
 
 
 POSITIONS = ("@first", "@last")
-_COMPUTE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    """One input channel per output channel: ONNX Runtime runs it on its depthwise kernel."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels == module.out_channels
+    """One input channel per output channel (its registered kind says): ONNX Runtime runs it on
+    its depthwise kernel.  Looked up through base classes: a shape, not a forward, is asked."""
+    kind = kind_of(module, subclasses=True)
+    return kind is not None and kind.is_depthwise(module)
 
 
 def _escape_glob(name: str) -> str:

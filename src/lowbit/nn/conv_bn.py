@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import QuantConv2d, _QuantMixin, adopt
+from .modules import QuantConv2d, QuantLayer, adopt
 
 
 def _per_channel(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -85,7 +85,7 @@ class ConvBn2d(nn.Conv2d):
         return self.bn(self._conv_forward(x, self.weight, self.bias))
 
 
-class QuantConvBn2d(_QuantMixin, ConvBn2d):
+class QuantConvBn2d(QuantLayer, ConvBn2d):
     """ConvBn2d with fake-quantized input and folded weight; BatchNorm trains until frozen.
 
     ``bn_frozen``: use (and stop updating) the running statistics even in training mode,

@@ -1,15 +1,18 @@
 """Quantized layers: the float layer plus one Quantizer per quantized tensor.
 
-Each class subclasses its float layer (so ``isinstance(m, nn.Linear)`` still
-holds inside models such as HF transformers) and adds ``input_quantizer``,
-``weight_quantizer`` and ``output_quantizer`` (any may be None: that tensor stays
-float).  ``QUANTIZED`` maps float type -> quantized type; ``to_float`` undoes a
-swap, returning a float layer with the same (float) parameters.
+Each class is built on ``QuantLayer`` and subclasses its float layer (so
+``isinstance(m, nn.Linear)`` still holds inside models such as HF transformers); it adds
+``input_quantizer``, ``weight_quantizer`` and ``output_quantizer`` (any may be None: that
+tensor stays float).  ``to_float`` undoes a swap, returning a float layer with the same
+(float) parameters.  Which float type becomes which quantized type, and what the passes may
+do with each, is the registry's (``lowbit.nn.registry``), where a user adds layer kinds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +71,26 @@ def adopt(cls: type[nn.Module], module: nn.Module) -> nn.Module:
     return new
 
 
-class _QuantMixin:
-    """Shared plumbing: quantizer attributes and the inverse swap."""
+class QuantLayer:
+    """The public base of quantized layers: ``class QuantMine(QuantLayer, Mine)``, then
+    ``lowbit.nn.register(Mine, QuantMine, kernel=...)``.
+
+    It holds the quantizers (built by ``from_float``), the integer view (``integer_params``) and
+    the inverse swap (``to_float``).  A subclass's forward reads its tensors through
+    ``_quant_input(x)``, ``_quant_weight()``, ``_quant_bias()`` and ``_quant_output(y)``: export
+    replaces what they return by Q/DQ nodes and the int32 bias, so a forward built from them
+    exports as it simulates.  The layer needs a ``weight`` (output channels on axis 0) and may
+    have a ``bias``.
+
+    Example::
+
+        class QuantDense(QuantLayer, Dense):          # Dense: weight (out, in), bias; F.linear
+            def forward(self, x):
+                y = F.linear(self._quant_input(x), self._quant_weight(), self._quant_bias())
+                return self._quant_output(y)
+
+        lowbit.nn.register(Dense, QuantDense, kernel="gemm", kernel_only=True)
+    """
 
     _float_type: type[nn.Module]
     input_quantizer: Quantizer | None
@@ -169,14 +190,17 @@ class _QuantMixin:
         return module
 
 
-class QuantLinear(_QuantMixin, nn.Linear):
+_QuantMixin = QuantLayer  # its name before it was public
+
+
+class QuantLinear(QuantLayer, nn.Linear):
     _float_type = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._quant_output(F.linear(self._quant_input(x), self._quant_weight(), self._quant_bias()))
 
 
-class _QuantConv(_QuantMixin):
+class _QuantConv(QuantLayer):
     """Forward shared by the quantized convolutions (each float class supplies ``_conv_forward``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +215,7 @@ class QuantConv2d(_QuantConv, nn.Conv2d):
     _float_type = nn.Conv2d
 
 
-class QuantEmbedding(_QuantMixin, nn.Embedding):
+class QuantEmbedding(QuantLayer, nn.Embedding):
     """Embedding with a quantized table (one scale per row); indices are never quantized."""
 
     _float_type = nn.Embedding
@@ -204,18 +228,21 @@ class QuantEmbedding(_QuantMixin, nn.Embedding):
         return self._quant_output(out)
 
 
-QUANTIZED: dict[type[nn.Module], type[nn.Module]] = {
+QUANTIZED: Mapping[type[nn.Module], type[nn.Module]] = MappingProxyType({
     nn.Linear: QuantLinear,
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Embedding: QuantEmbedding,
-}
-"""Float layer type -> quantized layer type (exact types: subclasses are not swapped)."""
+})
+"""The float layers lowbit quantizes out of the box -> their quantized types (read-only).  What
+is swapped is the registry (``lowbit.nn.registered()``): these, the QAT ``ConvBn2d`` and the
+kinds users register."""
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """True for a swapped layer (QuantLinear, QuantConv2d ...), which ``to_float`` can undo."""
-    return isinstance(module, _QuantMixin)
+    """True for a swapped layer (QuantLinear, QuantConv2d, a user's QuantLayer ...), which
+    ``to_float`` can undo."""
+    return isinstance(module, QuantLayer)
 
 
 class QuantAdd(nn.Module):
@@ -258,4 +285,4 @@ class QuantStub(nn.Module):
 
 def has_quantizers(module: nn.Module) -> bool:
     """True for any lowbit module that owns quantizers (swapped layers, QuantAdd, QuantStub)."""
-    return isinstance(module, (_QuantMixin, QuantAdd, QuantStub))
+    return isinstance(module, (QuantLayer, QuantAdd, QuantStub))

@@ -1,4 +1,8 @@
-"""Module replacement: float layers -> quantized layers by config, and back."""
+"""Module replacement: float layers -> quantized layers by config, and back.
+
+Which float types are swapped, and for what, is the registry's (``lowbit.nn.registry``):
+exact types, so a subclass that changes ``forward`` is left alone unless it is registered.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .conv_bn import ConvBn2d, QuantConvBn2d
-from .modules import QUANTIZED, is_quantized
+from .modules import is_quantized
+from .registry import registered
 from .walk import set_submodule
-
-# What swap_modules replaces: the float layers, plus the QAT pair lowbit.qat builds.
-_SWAPS = {**QUANTIZED, ConvBn2d: QuantConvBn2d}
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class SwapReport:
 
 
 def swap_modules(model: nn.Module, resolve) -> SwapReport:
-    """Replace, in place, every layer whose exact type is in ``QUANTIZED``.
+    """Replace, in place, every layer whose exact type is registered (``lowbit.nn.registered()``).
 
     ``resolve(name, module) -> (LayerQuant | None, reason)`` decides each layer.
     Layers of other types that own parameters directly (LayerNorm, BatchNorm ...)
@@ -59,8 +60,8 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
             set_submodule(model, name, qmod)
             report.quantized[name] = f"same layer as {first}"
             continue
-        qtype = _SWAPS.get(type(module))
-        if qtype is None:
+        kind = registered().get(type(module))
+        if kind is None:
             if any(True for _ in module.parameters(recurse=False)):
                 report.unsupported[name] = type(module).__name__
             continue
@@ -68,7 +69,8 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
         if layer is None:
             report.skipped[name] = f"{type(module).__name__} kept in float by {reason}"
             continue
-        qmod = qtype.from_float(module, name=name, weight=layer.weight, input=layer.input, output=layer.output)
+        qmod = kind.quant_cls.from_float(module, name=name, weight=layer.weight, input=layer.input,
+                                         output=layer.output)
         set_submodule(model, name, qmod)
         swapped[id(module)] = (name, qmod)
         inside.append(name + ".")
@@ -83,15 +85,16 @@ def swap_modules(model: nn.Module, resolve) -> SwapReport:
 def swap_root(model: nn.Module, resolve) -> tuple[nn.Module, SwapReport | None]:
     """When ``model`` itself is a quantizable layer (``quantize(nn.Linear(...))``), its
     quantized version and a report; otherwise ``(model, None)``."""
-    qtype = _SWAPS.get(type(model))
-    if qtype is None:
+    kind = registered().get(type(model))
+    if kind is None:
         return model, None
     report = SwapReport()
     layer, reason = resolve("", model)
     if layer is None:
         report.skipped[""] = f"{type(model).__name__} kept in float by {reason}"
         return model, report
-    qmod = qtype.from_float(model, name="model", weight=layer.weight, input=layer.input, output=layer.output)
+    qmod = kind.quant_cls.from_float(model, name="model", weight=layer.weight, input=layer.input,
+                                     output=layer.output)
     report.quantized["model"] = f"{type(model).__name__} ({reason})"
     return qmod, report
 

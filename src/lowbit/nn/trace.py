@@ -5,15 +5,19 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .modules import has_quantizers
+from .registry import registered
 
 
 class QuantAwareTracer(fx.Tracer):
     """fx's default tracer, but lowbit's quantized layers and QuantAdd stay opaque calls:
     their quantizers branch on their mode and need a scale, which tracing cannot give them,
-    and a pass run twice must not look inside what it (or layer swapping) already made."""
+    and a pass run twice must not look inside what it (or layer swapping) already made.
+    Registered float layer kinds (``lowbit.nn.register``) stay whole too, as torch.nn's own
+    layers do: the passes look for them as modules, and swapping replaces them as modules."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return has_quantizers(m) or super().is_leaf_module(m, module_qualified_name)
+        return (has_quantizers(m) or type(m) in registered()
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def try_trace(module: nn.Module) -> tuple[fx.GraphModule | None, str]:

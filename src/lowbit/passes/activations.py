@@ -50,15 +50,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..config import QuantConfig
-from ..nn.conv_bn import QuantConvBn2d
-from ..nn.modules import QuantAdd, QuantConv1d, QuantConv2d, TensorQuant, has_quantizers
+from ..nn.modules import QuantAdd, TensorQuant, has_quantizers, is_quantized
+from ..nn.registry import CONV, kind_of
 from ..nn.swap import SwapReport
 from ..nn.trace import try_trace
 from ._graph import _flat_layers, _is_plain_sequential, _join
 
 log = logging.getLogger(__name__)
-
-_CONVS = (QuantConv1d, QuantConv2d, QuantConvBn2d)
 
 # Elementwise activations with no Relu / Clip rule in ORT: a Q after them does not reach back
 # over them to the conv.  (ORT has integer kernels for Sigmoid and LeakyRelu only, used by itself.)
@@ -163,9 +161,12 @@ class _Findings:
 
 
 def _eligible(module: nn.Module) -> bool:
-    """A quantized conv with a static input quantizer and no output quantizer (an integer kernel candidate)."""
-    iq = getattr(module, "input_quantizer", None)
-    return (isinstance(module, _CONVS) and module.output_quantizer is None and module.weight_quantizer is not None
+    """A quantized conv (any registered conv kind) with a static input quantizer and no output
+    quantizer (an integer kernel candidate)."""
+    if not is_quantized(module) or getattr(kind_of(module), "kernel", None) != CONV:
+        return False
+    iq = module.input_quantizer
+    return (module.output_quantizer is None and module.weight_quantizer is not None
             and iq is not None and iq.mode != "dynamic")
 
 

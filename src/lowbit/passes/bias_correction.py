@@ -49,13 +49,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..nn.modules import QuantConv1d, QuantConv2d, QuantLinear
+from ..nn.modules import is_quantized
 from ..nn.quantizer import Quantizer
+from ..nn.registry import kind_of
 from ..nn.walk import run_model
 
 log = logging.getLogger(__name__)
-
-_CORRECTABLE = (QuantLinear, QuantConv1d, QuantConv2d)
 
 
 class _Stop(Exception):
@@ -82,14 +81,22 @@ class _ChannelMean:
 
 
 def _channel_axis(layer: nn.Module) -> int:
-    return -1 if isinstance(layer, nn.Linear) else 1  # Linear: (..., C); Conv: (N, C, *spatial)
+    # Linear: (..., C); Conv: (N, C, *spatial).  (Through base classes: the float twin of
+    # reference="model" may be a subclass; the axis is a fact about its output's shape.)
+    return kind_of(layer, subclasses=True).channel_axis
+
+
+def _correctable(module: nn.Module) -> bool:
+    """A quantized layer whose registered kind allows bias correction (Conv, Linear ...)."""
+    kind = kind_of(module) if is_quantized(module) else None
+    return kind is not None and kind.correct_bias
 
 
 def _layers(qmodel: nn.Module) -> dict[str, nn.Module]:
     """Quantized Conv/Linear layers that quantize something (weight or input), by name."""
     return {
         name: m for name, m in qmodel.named_modules()
-        if isinstance(m, _CORRECTABLE) and (m.weight_quantizer is not None or m.input_quantizer is not None)
+        if _correctable(m) and (m.weight_quantizer is not None or m.input_quantizer is not None)
     }
 
 

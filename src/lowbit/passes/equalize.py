@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.registry import GEMM, registered
 from ..nn.walk import set_submodule
 from ._graph import Chain, find_chains
 
 log = logging.getLogger(__name__)
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # exact types: subclasses may change forward
 # Elementwise and positively homogeneous: fine between any two layers.
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout)
 _ELEMENTWISE_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
@@ -56,7 +56,13 @@ _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
 
 
 def _is_layer(module: object) -> bool:
-    return type(module) in _LAYERS
+    # Exact types (the registry's): a subclass may change forward.
+    kind = registered().get(type(module))
+    return kind is not None and kind.equalize
+
+
+def _is_gemm(layer: nn.Module) -> bool:
+    return registered()[type(layer)].kernel == GEMM
 
 
 def _link_predicate(allow_relu6: bool):
@@ -71,7 +77,7 @@ def _link_predicate(allow_relu6: bool):
 
 
 def _groups(layer: nn.Module) -> int:
-    return 1 if isinstance(layer, nn.Linear) else layer.groups
+    return 1 if _is_gemm(layer) else getattr(layer, "groups", 1)
 
 
 def _incompatible(model: nn.Module, chain: Chain) -> str:
@@ -81,7 +87,7 @@ def _incompatible(model: nn.Module, chain: Chain) -> str:
         return f"{type(w1).__name__} -> {type(w2).__name__} (channel axes may differ)"
     if w1.weight.shape[0] != w2.weight.shape[1] * _groups(w2):
         return f"{w1.weight.shape[0]} outputs feed {w2.weight.shape[1] * _groups(w2)} inputs"
-    if isinstance(w1, nn.Linear) and any(type(model.get_submodule(n)) in _POOLS for n in chain.links):
+    if _is_gemm(w1) and any(type(model.get_submodule(n)) in _POOLS for n in chain.links):
         return "a pool between Linear layers acts across features"
     return ""
 
@@ -175,8 +181,9 @@ def cross_layer_equalize(
 ) -> tuple[nn.Module, list[tuple[str, str]]]:
     """Cross-layer equalization of every ``W1 -> (ReLU | Identity | pool)* -> W2`` pair, in place.
 
-    Pairs are Conv1d->Conv1d, Conv2d->Conv2d (grouped and depthwise included) or
-    Linear->Linear, where W1's output feeds only the chain; found with torch.fx, or in
+    Pairs are Conv1d->Conv1d, Conv2d->Conv2d (grouped and depthwise included),
+    Linear->Linear, or two layers of one registered kind with ``equalize`` (``lowbit.nn.registry``),
+    where W1's output feeds only the chain; found with torch.fx, or in
     ``nn.Sequential`` chains (nested ones flattened) where tracing fails.  The float
     function is unchanged up to float32 rounding, unless ``relu6_to_relu`` is set.
 

@@ -2,8 +2,8 @@
 
 In eval mode a BatchNorm is a per-channel affine map, ``y = x * a + c`` with
 ``a = gamma / sqrt(running_var + eps)`` and ``c = beta - running_mean * a``.  When
-it directly follows a Conv or Linear layer whose output feeds nothing else, the
-two collapse into one layer::
+it directly follows a Conv or Linear layer (any registered kind with ``fold_bn``:
+``lowbit.nn.registry``) whose output feeds nothing else, the two collapse into one layer::
 
     w' = w * a          (a broadcast over output channels, axis 0)
     b' = (b - mean) * a + beta        (b = 0 when the layer had no bias)
@@ -24,18 +24,19 @@ import logging
 import torch
 from torch import nn
 
+from ..nn.registry import registered
 from ..nn.walk import set_submodule
 from ._graph import find_chains
 
 log = logging.getLogger(__name__)
 
-# Exact types: a subclass may override forward, and then the algebra above need not hold.
-_FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _is_layer(module: object) -> bool:
-    return type(module) in _FOLD_INTO
+    # Exact types (the registry's): a subclass may override forward, and then the algebra need not hold.
+    kind = registered().get(type(module))
+    return kind is not None and kind.fold_bn
 
 
 def _is_batchnorm(module: object) -> bool:
@@ -47,7 +48,7 @@ def _never(_: object) -> bool:
 
 
 def _out_channels(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    return layer.weight.shape[0]  # output channels on weight axis 0 (the registry's contract for fold_bn)
 
 
 def _check_foldable(layer_name: str, layer: nn.Module, bn_name: str, bn: nn.Module) -> str:
@@ -61,7 +62,8 @@ def _check_foldable(layer_name: str, layer: nn.Module, bn_name: str, bn: nn.Modu
 
 @torch.no_grad()
 def fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    """Fold eval-mode ``bn`` into ``layer`` (Conv1d/Conv2d/Linear) in place; a bias is created if absent.
+    """Fold eval-mode ``bn`` into ``layer`` (Conv1d/Conv2d/Linear, or a registered kind with ``fold_bn``)
+    in place; a bias is created if absent.
 
     Computed in float64 and written back in the layer's dtype, so the folded layer
     matches ``bn(layer(x))`` to float32 rounding.
@@ -73,7 +75,7 @@ def fold_into(layer: nn.Module, bn: nn.Module) -> None:
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
     a = gamma / torch.sqrt(var + bn.eps)  # (C_out,)
     bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
-    new_w = w.double() * a.view(-1, *([1] * (w.dim() - 1)))  # output channel is axis 0 for all three types
+    new_w = w.double() * a.view(-1, *([1] * (w.dim() - 1)))  # output channel is axis 0 for every such kind
     new_b = (bias - mean) * a + beta
     w.copy_(new_w.to(w.dtype))
     if layer.bias is None:
@@ -83,7 +85,8 @@ def fold_into(layer: nn.Module, bn: nn.Module) -> None:
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Fold every BatchNorm1d/2d that directly follows a Conv1d/Conv2d/Linear into that layer.
+    """Fold every BatchNorm1d/2d that directly follows a Conv1d/Conv2d/Linear (or a registered kind
+    with ``fold_bn``) into that layer.
 
     Pairs are found with ``torch.fx`` (a BatchNorm whose only input is the output of a
     layer called once, used nowhere else); where tracing fails, in each

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn.modules import QuantAdd, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, QuantStub
+from ..nn import registry
+from ..nn.conv_bn import QuantConvBn2d
+from ..nn.modules import QuantAdd, QuantStub, is_quantized
 from ..nn.quantizer import Quantizer
 
 
@@ -90,12 +92,31 @@ def _clip_bounds(lo, hi) -> tuple[float, float] | None:
     return (-float("inf") if lo is None else float(lo), float("inf") if hi is None else float(hi))
 
 
+_LAYER_NODES = {registry.CONV: CONV, registry.GEMM: GEMM}  # registered kernel -> node kind
+
+
+def _layer_node(m: nn.Module, where: str) -> str | None:
+    """CONV / GEMM for a quantized layer of a registered conv / gemm kind (``lowbit.nn.registry``),
+    None for other modules; EmulationError for one whose forward is more than its kernel."""
+    kind = registry.kind_of(m) if is_quantized(m) else None
+    if kind is None or kind.kernel not in _LAYER_NODES:
+        return None
+    if not kind.kernel_only:
+        hint = " (a QAT model: lowbit.nn.convert it first)" if isinstance(m, QuantConvBn2d) else ""
+        raise EmulationError(f"{where}: {type(m).__name__} is registered with kernel_only=False: its forward does "
+                             f"more than the {kind.kernel} kernel (a gain, an activation ...), which ONNX Runtime "
+                             f"runs as float ops after it, and float kernels cannot be reproduced bit for bit{hint}")
+    return _LAYER_NODES[kind.kernel]
+
+
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, object]:
     """(kind, detail): detail is the module for layers, (lo, hi) for a Clip, else None."""
     if node.op == "call_module":
         m = modules[node.target]
-        for types, kind in (((QuantConv1d, QuantConv2d), CONV), (QuantLinear, GEMM), (QuantAdd, ADD),
-                            (QuantStub, STUB), ((nn.Identity, *_DROPOUT), FREE), (nn.ReLU, RELU),
+        layer = _layer_node(m, str(node.target))
+        if layer is not None:
+            return layer, m
+        for types, kind in ((QuantAdd, ADD), (QuantStub, STUB), ((nn.Identity, *_DROPOUT), FREE), (nn.ReLU, RELU),
                             (_MOVE_MODULES, MOVE)):
             if isinstance(m, types):
                 return kind, m
@@ -335,8 +356,9 @@ def _value(node: fx.Node, plan: Plan) -> Grid | str:
     if kind == "output":
         plan.kernels += [(v.name, "DequantizeLinear") for v in ins if isinstance(v, Grid)]
         return "python"
-    if isinstance(module, QuantEmbedding):
-        raise EmulationError(f"{where}: quantized embeddings (Gather of int8 rows) are not emulated")
+    layer_kind = registry.kind_of(module) if is_quantized(module) else None
+    if layer_kind is not None and layer_kind.kernel == registry.LOOKUP:
+        raise EmulationError(f"{where}: quantized lookups such as embeddings (Gather of int8 rows) are not emulated")
     if any(v != "python" for v in ins):
         what = type(module).__name__ if module is not None else getattr(node.target, "__name__", node.target)
         if isinstance(ins[0], Grid) and isinstance(module, (nn.Sigmoid, nn.LeakyReLU)):

@@ -42,6 +42,7 @@ from torch import fx, nn
 
 from ..export._patch import check_exportable
 from ..export.onnx_export import model_target
+from ..nn.registry import kind_of
 from ..nn.trace import try_trace
 from ..targets import cpu_info
 from . import _ort_kernels as K
@@ -70,7 +71,8 @@ class _Codes:
 
 
 class _IntLayer(nn.Module):
-    """The integer constants of one QuantConv / QuantLinear, as ``lowbit.export`` writes them."""
+    """The integer constants of one quantized conv / gemm layer (QuantConv2d, QuantLinear, a registered
+    kind of either), as ``lowbit.export`` writes them: read from ``layer.integer_params()``."""
 
     def __init__(self, layer: nn.Module, where: str, kind: str, out_grid: Grid | None, *,
                  saturating: bool = False) -> None:
@@ -113,7 +115,7 @@ class _IntLayer(nn.Module):
                          "groups": layer.groups}
         # vpmaddubsw pairs (x86 without VNNI, int8 weights); ORT's depthwise kernel widens to
         # int16 products and sums in int32, so it is exact on every x86 CPU.
-        depthwise = kind == CONV and layer.groups == layer.in_channels == layer.out_channels
+        depthwise = kind == CONV and kind_of(layer).is_depthwise(layer)
         self.saturating = saturating and not depthwise
 
     def forward(self, x: _Codes) -> torch.Tensor | _Codes:
