@@ -25,6 +25,8 @@ class Graph:
 
     Args:
         model: the ModelProto to edit in place.
+        base_dir: the folder external-data tensors are read from (a model traced over 2 GiB
+            keeps its constants in files there, loaded only when a pass reads them).
 
     Example:
         >>> g = Graph(model)
@@ -32,9 +34,10 @@ class Graph:
         ...     print(node.name, g.const(node.input[1]))
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None) -> None:
         self.model = model
         self.graph = model.graph
+        self.base_dir = base_dir or ""
         self._nodes: list[onnx.NodeProto] = []
         for node in model.graph.node:
             copy = onnx.NodeProto()
@@ -93,14 +96,14 @@ class Graph:
     def const(self, name: str) -> np.ndarray | None:
         """Value of initializer ``name`` as a numpy array, or None if it is not a constant."""
         tensor = self._indexes()[0].get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else numpy_helper.to_array(tensor, self.base_dir)
 
     def const_key(self, name: str) -> tuple:
         """A hashable identity of a value: initializers by content, others by name."""
         tensor = self._indexes()[0].get(name)
         if tensor is None:
             return ("value", name)
-        array = numpy_helper.to_array(tensor)
+        array = numpy_helper.to_array(tensor, self.base_dir)
         digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
         return ("const", str(array.dtype), array.shape, digest)
 
@@ -176,13 +179,9 @@ class Graph:
                 break
             self.remove_nodes(dead)
         used = outputs | {name for n in self._nodes for name in n.input}
-        keep = []
-        for t in self.graph.initializer:
-            if t.name in used:
-                keep.append(onnx.TensorProto())
-                keep[-1].CopyFrom(t)
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
+        inits = self.graph.initializer
+        for i in reversed([i for i, t in enumerate(inits) if t.name not in used]):
+            del inits[i]  # in place: copying the kept tensors would double a large model's memory
         self.changed()
 
 

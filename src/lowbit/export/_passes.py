@@ -54,10 +54,9 @@ def lift_constants(g: Graph) -> None:
         if node.op_type != "Constant" or value is None or g.is_graph_output(node.output[0]):
             continue
         name = g.unique_name(_text(tag)) if tag is not None else node.output[0]
-        tensor = onnx.TensorProto()
+        tensor = g.graph.initializer.add()  # one copy of the value (append would copy it twice)
         tensor.CopyFrom(value)
         tensor.name = name
-        g.graph.initializer.append(tensor)
         renamed[node.output[0]] = name
         lifted.append(node)
     g.rename_inputs(renamed)

@@ -25,25 +25,24 @@ from ..nn.integer import IntegerTensor, static_integers
 from ..nn.modules import QuantEmbedding, has_quantizers, is_quantized
 from ..nn.quantizer import Quantizer
 from ..numerics import QuantSpec
-from . import _symbolic
+from . import _blocked, _symbolic
 from ._symbolic import BiasParams, QParams
 
 log = logging.getLogger(__name__)
 
 
-def check_exportable(spec: QuantSpec, name: str) -> None:
-    """Raise ValueError (naming the tensor and the fix) for specs Q/DQ export cannot express yet."""
+def check_exportable(spec: QuantSpec, name: str, *, opset: int | None = None, role: str = "weight") -> None:
+    """Raise ValueError (naming the tensor and the fix) for specs Q/DQ export cannot express.
+
+    ``opset``: the file's opset; None checks against the per-tensor / per-channel layout of ONNX
+    Runtime's integer kernels (group-wise weights need a blocked DequantizeLinear, opset 21).
+    ``role``: ``"weight"``, ``"embedding"`` or ``"activation"`` (group-wise: weights only)."""
     if spec.bits > 8:
         raise ValueError(
-            f"{name}: {spec.describe()} needs 16-bit QuantizeLinear (ONNX opset 21), beyond the "
-            "TorchScript exporter's opset 20; use an 8-bit spec for this tensor (or keep it float)"
+            f"{name}: {spec.describe()} needs 16-bit QuantizeLinear, which export does not write yet; "
+            "use an 8-bit spec for this tensor (or keep it float)"
         )
-    if spec.granularity == "group":
-        raise ValueError(
-            f"{name}: {spec.describe()} is blocked (group-wise) quantization, which needs ONNX opset 21 "
-            "or ONNX Runtime's MatMulNBits; export supports per-tensor and per-channel 8-bit specs only. "
-            "Use a per-channel spec for this layer (e.g. lowbit.numerics.INT8_WEIGHT) or keep it float"
-        )
+    _blocked.check_group(spec, name, opset=opset, role=role)
 
 
 def _qparams(t: IntegerTensor) -> QParams:
@@ -70,7 +69,7 @@ def _check_dynamic_activation(q: Quantizer) -> None:
         )
 
 
-def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module]):
+def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module], opset: int | None):
     """The export-time forward of one quantizer, or None to keep its own (identity) forward."""
     if q.mode == "disabled":
         return None
@@ -80,7 +79,7 @@ def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module]):
     owner = weight_of.get(id(q))
     if isinstance(owner, QuantEmbedding):
         return None  # the embedding's own export forward reads the integer table
-    check_exportable(q.spec, q.name)
+    check_exportable(q.spec, q.name, opset=opset, role="activation" if owner is None else "weight")
     weight_params = None if owner is None else _weight_params(owner)
     if q.mode == "dynamic" and owner is None:
         _check_dynamic_activation(q)
@@ -102,14 +101,14 @@ def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module]):
     return forward
 
 
-def _embedding_forward(m: QuantEmbedding):
+def _embedding_forward(m: QuantEmbedding, opset: int | None):
     q = m.weight_quantizer
     if q is None or q.mode == "disabled":
         return None
     if m.max_norm is not None:
         raise ValueError(f"{q.name}: Embedding(max_norm=...) renormalises the table at run time, which an "
                          "integer table cannot do; drop max_norm or keep this embedding in float")
-    check_exportable(q.spec, q.name)
+    check_exportable(q.spec, q.name, opset=opset, role="embedding")
     params = _weight_params(m)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
@@ -152,8 +151,9 @@ def _has_extra_state(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module) -> Iterator[int]:
+def export_mode(model: nn.Module, *, opset: int | None = None) -> Iterator[int]:
     """Within the block, ``model``'s quantizers trace to Q/DQ nodes; yields how many were patched.
+    ``opset``: the opset of the file being written (group-wise weights need 21; None: as 20).
 
     Example:
         >>> with export_mode(qmodel):
@@ -174,9 +174,9 @@ def export_mode(model: nn.Module) -> Iterator[int]:
                 hooks.append(module.register_state_dict_post_hook(_drop_extra_state))
         for module in model.modules():
             if isinstance(module, Quantizer):
-                patch(module, "forward", _quantizer_forward(module, weight_of))
+                patch(module, "forward", _quantizer_forward(module, weight_of, opset))
             elif isinstance(module, QuantEmbedding):
-                patch(module, "forward", _embedding_forward(module))
+                patch(module, "forward", _embedding_forward(module, opset))
             elif is_quantized(module):
                 patch(module, "_quant_bias", _bias_forward(module))
         log.debug("export mode: %d quantizers / embeddings / biases emit Q/DQ", len(patches))

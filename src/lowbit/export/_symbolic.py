@@ -6,7 +6,8 @@ these.  Their ``forward`` returns exactly what the fake-quant simulation returns
 ONNX exporter which ONNX nodes stand for them:
 
     _QDQ         x -> [Clip] -> QuantizeLinear -> DequantizeLinear   (static activations)
-    _WeightDQ    int8 constant -> DequantizeLinear                   (weights: never a float copy)
+    _WeightDQ    int8 constant -> DequantizeLinear                   (weights: never a float copy;
+                 group-wise ones -> a blocked DQ placeholder, see ``_blocked``)
     _BiasDQ      int32 constant -> DequantizeLinear                  (biases on the s_in * s_w grid)
     _DynamicQDQ  x -> DynamicQuantizeLinear -> DequantizeLinear      (dynamic activations)
     _EmbeddingDQ int8 table -> Gather -> dequantize the gathered rows
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..numerics import QuantSpec, dequantize, fake_quantize
+from . import _blocked
 
 # Integer range of the 8-bit containers a spec is stored in.
 _CONTAINER_RANGE = {True: (-128, 127), False: (0, 255)}
@@ -38,8 +40,8 @@ class QParams:
 
     Attributes:
         name: the quantized tensor's name, e.g. ``"fc.weight"`` (names the ONNX constants).
-        spec: the quantizer's spec (8-bit container, per tensor or per channel).
-        scale: float32, shape ``()`` or ``(C,)``.
+        spec: the quantizer's spec (8-bit container, per tensor, per channel or per group).
+        scale: float32, shape ``()``, ``(C,)`` or, per group, the weight's rank (``QuantSpec.param_shape``).
         zero_point: int8 / uint8 (the container type), same shape as ``scale``.
         quantized: for weights, the integer tensor itself (container dtype), else None.
     """
@@ -144,14 +146,19 @@ class _WeightDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, p: QParams, axis: int | None):
+        # The simulation's arithmetic on the traced weight, equal bit for bit to dequantizing
+        # ``p.quantized`` (which is ``quantize(w)``).  Computed from constants alone, the tracer would
+        # fold the value into a float constant it keeps until the export ends: 4x the integer weights.
         with _quiet_trace():
-            return dequantize(p.quantized, p.scale, p.zero_point_i32, p.spec, name=p.name).to(w.dtype)
+            return fake_quantize(w, p.scale, p.zero_point_i32, p.spec, name=p.name).to(w.dtype)
 
     @staticmethod
     def symbolic(g, w, p: QParams, axis: int | None):
         q = _const(g, p.quantized, f"{p.name}_quantized")
         scale = _const(g, p.scale, f"{p.name}_scale")
         zero_point = _const(g, p.zero_point, f"{p.name}_zero_point")
+        if p.spec.granularity == "group":
+            return _blocked.emit(g, w, q, scale, zero_point, p.spec, axis, p.name)
         return g.op("DequantizeLinear", q, scale, zero_point, lowbit_node_s=p.name, **_axis_kw(axis))
 
 

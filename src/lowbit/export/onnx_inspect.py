@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from ._external import check_data_files
+
 # Ops that compute on quantized operands: ONNX's *Integer ops and ORT's contrib ops
 # (com.microsoft schemas in onnxruntime.capi); ``_is_integer`` adds every QLinear*,
 # QOrdered* and MatMulNBits* name.  A test checks this against ORT's schema list.
@@ -148,11 +150,20 @@ def _optimized_graph(path: str, level: str, threads: int) -> tuple[onnx.ModelPro
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        # The optimized graph keeps its tensors in a file of its own (a model over 2 GiB needs it);
+        # only its nodes are read back.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # the "hardware specific" note on saving at level ALL is expected
-        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath), ort.__version__
+        try:
+            ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception:
+            check_data_files(path)  # a missing .data file, named; else ORT's own error
+            raise
+        return onnx.load(options.optimized_model_filepath, load_external_data=False), ort.__version__
 
 
 def inspect_onnx(path: str | os.PathLike, *, threads: int = 1, level: str = "all") -> OnnxKernelReport:

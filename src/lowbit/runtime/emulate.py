@@ -82,6 +82,9 @@ class _IntLayer(nn.Module):
         wq = layer.weight_quantizer
         if wq is None or wq.mode == "disabled":
             raise EmulationError(f"{where}: its weight is not quantized, so ORT runs a float {kind}")
+        if wq.spec.granularity == "group":
+            raise EmulationError(f"{wq.name}: {wq.spec.describe()} exports as a blocked DequantizeLinear, "
+                                 f"so ORT runs {where} as a float {kind}")
         check_exportable(wq.spec, wq.name)
         ints = layer.integer_params()
         wp = ints.weight

@@ -46,7 +46,13 @@ class OrtModel:
         opts.log_severity_level = 3
         self.path = Path(path)
         self.threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:  # a model over 2 GiB: ORT reads its tensors from the .data file beside it
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception:
+            from ..export._external import check_data_files
+
+            check_data_files(path)  # a missing external-data file, named; else ORT's own error
+            raise
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.target = self.session.get_modelmeta().custom_metadata_map.get(TARGET_METADATA)
         problem = running_mismatch(self.target)
