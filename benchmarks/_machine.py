@@ -29,3 +29,11 @@ def machine(packages: Sequence[str]) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), **{p: package_version(p) for p in packages},
             "lowbit": lowbit.__version__}
+
+
+def machine_line(info: dict, shown: Sequence[str], *, threads: bool = False) -> str:
+    """``Machine: <cpu>, <n> cores; Python <v>; <package> <v>, ...`` for the packages in ``shown``
+    (with ``threads``, torch's intra-op thread count after the cores)."""
+    versions = ", ".join(f"{p} {info[p]}" for p in shown)
+    in_use = f" (torch threads {info['torch_threads']})" if threads else ""
+    return f"Machine: {info['cpu']}, {info['cores']} cores{in_use}; Python {info['python']}; {versions}"

@@ -21,6 +21,7 @@ import time
 import torch
 
 from lowbit.numerics import INT8_WEIGHT, UINT8_ACTIVATION, compute_qparams, fake_quantize, tensor_minmax
+from lowbit.numerics.spec import QuantSpec
 
 
 def median_ms(step, repeats: int, warmup: int = 3) -> float:
@@ -34,57 +35,38 @@ def median_ms(step, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
-def weight_case(learned: bool):
-    w = torch.randn(4096, 4096, requires_grad=True)
-    grad = torch.randn_like(w)
-    scale, zp = compute_qparams(*tensor_minmax(w, INT8_WEIGHT), INT8_WEIGHT)
+def case(shape: tuple[int, ...], spec: QuantSpec, learned: bool):
+    """(lowbit's step, torch's step): forward + backward of a random ``shape`` tensor on ``spec``'s
+    grid, its range from min-max; with ``learned``, the scale gets a gradient too (LSQ)."""
+    x = torch.randn(*shape, requires_grad=True)
+    grad = torch.randn_like(x)
+    scale, zp = compute_qparams(*tensor_minmax(x, spec), spec)
     s = scale.clone().requires_grad_(learned)
-    qmin, qmax = INT8_WEIGHT.qmin, INT8_WEIGHT.qmax
 
     def ours():
-        fake_quantize(w, s, zp, INT8_WEIGHT, learned=learned).backward(grad)
+        fake_quantize(x, s, zp, spec, learned=learned).backward(grad)
 
+    qmin, qmax = spec.qmin, spec.qmax
+    per_channel = spec.granularity == "channel"
     if learned:
         zf = zp.float()
-
-        def theirs():
-            torch._fake_quantize_learnable_per_channel_affine(w, s, zf, 0, qmin, qmax, 1.0).backward(grad)
-    else:
-
-        def theirs():
-            torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax).backward(grad)
-
-    return ours, theirs
-
-
-def activation_case(learned: bool):
-    x = torch.randn(32, 4096, requires_grad=True)
-    grad = torch.randn_like(x)
-    scale, zp = compute_qparams(*tensor_minmax(x, UINT8_ACTIVATION), UINT8_ACTIVATION)
-    s = scale.clone().requires_grad_(learned)
-    qmin, qmax = UINT8_ACTIVATION.qmin, UINT8_ACTIVATION.qmax
-
-    def ours():
-        fake_quantize(x, s, zp, UINT8_ACTIVATION, learned=learned).backward(grad)
-
-    if learned:
-        s1, z1 = s.reshape(1), zp.float().reshape(1)
-
-        def theirs():
-            torch._fake_quantize_learnable_per_tensor_affine(x, s1, z1, qmin, qmax, 1.0).backward(grad)
-    else:
-
-        def theirs():
-            torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax).backward(grad)
-
-    return ours, theirs
+        if per_channel:
+            return ours, lambda: torch._fake_quantize_learnable_per_channel_affine(
+                x, s, zf, 0, qmin, qmax, 1.0).backward(grad)
+        s1, z1 = s.reshape(1), zf.reshape(1)
+        return ours, lambda: torch._fake_quantize_learnable_per_tensor_affine(
+            x, s1, z1, qmin, qmax, 1.0).backward(grad)
+    if per_channel:
+        return ours, lambda: torch.fake_quantize_per_channel_affine(x, scale, zp, 0, qmin, qmax).backward(grad)
+    return ours, lambda: torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax).backward(grad)
 
 
-CASES = {
-    "weight 4096x4096 int8 per-channel, STE": (weight_case, False, "fake_quantize_per_channel_affine"),
-    "activation 32x4096 uint8 per-tensor, STE": (activation_case, False, "fake_quantize_per_tensor_affine"),
-    "weight 4096x4096 int8 per-channel, LSQ": (weight_case, True, "_fake_quantize_learnable_per_channel_affine"),
-    "activation 32x4096 uint8 per-tensor, LSQ": (activation_case, True, "_fake_quantize_learnable_per_tensor_affine"),
+WEIGHT, ACTIVATION = ((4096, 4096), INT8_WEIGHT), ((32, 4096), UINT8_ACTIVATION)
+CASES = {  # label: (shape, spec, learned, torch's peer)
+    "weight 4096x4096 int8 per-channel, STE": (*WEIGHT, False, "fake_quantize_per_channel_affine"),
+    "activation 32x4096 uint8 per-tensor, STE": (*ACTIVATION, False, "fake_quantize_per_tensor_affine"),
+    "weight 4096x4096 int8 per-channel, LSQ": (*WEIGHT, True, "_fake_quantize_learnable_per_channel_affine"),
+    "activation 32x4096 uint8 per-tensor, LSQ": (*ACTIVATION, True, "_fake_quantize_learnable_per_tensor_affine"),
 }
 
 
@@ -98,8 +80,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     rows = []
-    for label, (make, learned, peer) in CASES.items():
-        ours, theirs = make(learned)
+    for label, (shape, spec, learned, peer) in CASES.items():
+        ours, theirs = case(shape, spec, learned)
         repeats = args.repeats if "weight" in label else args.repeats * 20
         # Interleave the two so drift in machine load hits both alike.
         t_ours, t_theirs = [], []

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -54,9 +53,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _machine
-import numpy as np
 import torch
-import torch.nn.functional as F
+from _selection import (
+    Workload,
+    add_models_argument,
+    build_workload,
+    command,
+    default_observer,
+    log_to_stderr,
+    parse,
+    recipe,
+)
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
@@ -68,142 +75,10 @@ from lowbit.runtime import OrtModel
 THREADS = (1, 2)
 BATCHES = (1, 8)
 ROUNDS = 10  # latency runs are split into this many interleaved rounds (blocks of runs / ROUNDS)
-EVAL_BATCH = 32
-CALIB_BATCH = 16
-SEQ_LEN = 64  # MiniLM inputs are padded to this many word pieces (the sentences have 6-40 words)
-SMOOTHQUANT_ALPHA = 0.8  # MiniLM: lowbit w8a8 with SmoothQuant at this migration strength (tests/e2e uses it too)
 CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
+PACKAGES = ("torch", "onnxruntime", "onnx", "nncf", "transformers")  # whose versions the header names
 
 log = logging.getLogger("bench_ptq")
-
-
-# -- workloads ------------------------------------------------------------------------------------
-@dataclass
-class Workload:
-    """One model and its data.  A batch is a dict: input name -> tensor."""
-
-    name: str
-    title: str
-    model: nn.Module  # float, eval mode; takes the batch's tensors positionally, in input_names order
-    input_names: list[str]
-    output_names: list[str]
-    calib: list[dict]
-    select: list[dict]
-    evals: list[dict]
-    compared: Callable[[list[np.ndarray], dict], torch.Tensor]  # ORT outputs of a batch -> compared tensor
-    embedding: bool = False  # compare sentence embeddings (cosine, nearest neighbour), not logits
-    latency_only: bool = False
-    nncf_options: dict = field(default_factory=dict)
-    ort_variants: tuple[tuple[str, dict], ...] = (("", {}),)  # (row suffix, extra quantize_static kwargs)
-    smoothquant: float | None = None  # also run lowbit w8a8 with quantize(..., smoothquant=alpha)
-
-    def args(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        return tuple(batch[n] for n in self.input_names)
-
-    def feeds(self, batch: dict, b: int | None = None) -> dict[str, np.ndarray]:
-        return {n: batch[n][:b].numpy() for n in self.input_names}
-
-    def n(self, batches: list[dict]) -> int:
-        return sum(len(b[self.input_names[0]]) for b in batches)
-
-
-def _image_workload(name: str, title: str, model: nn.Module, args, latency_only: bool = False) -> Workload:
-    from lowbit.zoo import photo_batches
-
-    def batches(n: int, seed: int, size: int) -> list[dict]:
-        return [{"input": x} for x in photo_batches(n, seed=seed, batch_size=size)]
-
-    return Workload(
-        name=name,
-        title=title,
-        model=model.eval(),
-        input_names=["input"],
-        output_names=["output"],
-        calib=batches(args.n_calib, 0, CALIB_BATCH),
-        select=batches(args.n_select, 2, EVAL_BATCH),
-        evals=batches(args.n_eval, 1, EVAL_BATCH),
-        compared=lambda outs, batch: torch.from_numpy(outs[0]),
-        latency_only=latency_only,
-    )
-
-
-class LastHidden(nn.Module):
-    """BertModel with positional inputs and one output, so it exports as a plain graph."""
-
-    def __init__(self, bert: nn.Module):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state  # (B, T, 384)
-
-
-def _minilm(args) -> Workload:
-    from lowbit.zoo import english_sentences, minilm
-    from lowbit.zoo.minilm import mean_pool
-
-    bert, tokenizer = minilm()
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    # One draw of distinct sentences, split, so the three sets are disjoint.
-    texts = english_sentences(n=args.n_calib + args.n_select + args.n_eval, seed=0)
-    calib_t, select_t = texts[: args.n_calib], texts[args.n_calib : args.n_calib + args.n_select]
-    eval_t = texts[args.n_calib + args.n_select :]
-
-    def batches(sentences: list[str], size: int) -> list[dict]:
-        out = []
-        for i in range(0, len(sentences), size):
-            enc = tokenizer(
-                sentences[i : i + size],
-                padding="max_length",
-                truncation=True,
-                max_length=SEQ_LEN,
-                return_tensors="pt",
-            )
-            out.append({n: enc[n] for n in names})
-        return out
-
-    def pooled(outs: list[np.ndarray], batch: dict) -> torch.Tensor:
-        # sentence-transformers' recipe: mean over real tokens, then L2 normalisation -> (B, 384)
-        return F.normalize(mean_pool(torch.from_numpy(outs[0]), batch["attention_mask"]), dim=-1)
-
-    nncf_options = {}
-    with contextlib.suppress(ImportError):
-        import nncf
-
-        nncf_options = {"model_type": nncf.ModelType.TRANSFORMER}
-    return Workload(
-        name="minilm",
-        title=f"all-MiniLM-L6-v2 (BertModel, seq {SEQ_LEN})",
-        model=LastHidden(bert).eval(),
-        input_names=names,
-        output_names=["last_hidden_state"],
-        calib=batches(calib_t, CALIB_BATCH),
-        select=batches(select_t, EVAL_BATCH),
-        evals=batches(eval_t, EVAL_BATCH),
-        compared=pooled,
-        embedding=True,
-        nncf_options=nncf_options,
-        ort_variants=(("", {}), (", MatMul only", {"op_types_to_quantize": ["MatMul"]})),
-        smoothquant=SMOOTHQUANT_ALPHA,
-    )
-
-
-def build_workload(name: str, args) -> Workload:
-    if name == "mobilenet_v2":
-        from lowbit.zoo import mobilenet_v2
-
-        return _image_workload(name, "MobileNetV2 (torchvision ImageNet weights)", mobilenet_v2(), args)
-    if name == "resnet18":
-        from lowbit.zoo import resnet18
-
-        return _image_workload(
-            name, "ResNet-18 layout, random init (latency target)", resnet18(seed=0), args, latency_only=True
-        )
-    if name == "minilm":
-        return _minilm(args)
-    raise ValueError(f"unknown model {name!r}; choose from mobilenet_v2, resnet18, minilm")
 
 
 # -- methods: each writes one ONNX file and is timed end to end -----------------------------------
@@ -229,21 +104,20 @@ def export_lowbit(w: Workload, model: nn.Module, path: Path) -> None:
     )
 
 
-def default_observer() -> str:
-    """The activation calibrator of lowbit's w8a8 preset (read, not assumed: the preset may change)."""
-    return lowbit.CONFIGS["w8a8"].default.input.observer
-
-
-def run_lowbit(w: Workload, observer: str | None, out: Path, smoothquant: float | None = None) -> Method:
-    config = lowbit.CONFIGS["w8a8"]
-    name = f"lowbit w8a8 (default: {default_observer()})"
-    if observer is not None:
-        config, name = config.with_observer(observer), f"lowbit w8a8, {observer} calibrator"
+def run_lowbit(w: Workload, observer: str | None, out: Path, smoothquant: float | None = None,
+               target: str | None = None) -> Method:
+    """lowbit w8a8 (its activation calibrator replaced by ``observer``, its integer ``target``
+    named, where given): quantize and export, timed together."""
+    name = f"lowbit w8a8, {observer} calibrator" if observer else f"lowbit w8a8 (default: {default_observer()})"
+    if target is not None:
+        name = f"lowbit w8a8, target {target}"
     if smoothquant is not None:
         name += f" + SmoothQuant {smoothquant:g}"
     calib = [w.args(b) for b in w.calib]
+    options = {} if target is None else {"target": target}  # else quantize's default, "auto"
     start = time.perf_counter()
-    qmodel = lowbit.quantize(w.model, calib, config, progress=False, smoothquant=smoothquant)
+    qmodel = lowbit.quantize(w.model, calib, recipe("w8a8", observer=observer), progress=False,
+                             smoothquant=smoothquant, **options)
     export_lowbit(w, qmodel, out)
     return Method(name, out, time.perf_counter() - start)
 
@@ -258,29 +132,20 @@ class Reader(CalibrationDataReader):
         return next(self._it, None)
 
 
-def run_ort_static(w: Workload, fp32: Path, out: Path, suffix: str = "", **options) -> Method:
+def run_ort_static(w: Workload, fp32: Path, out: Path, suffix: str = "", weight_type=QuantType.QInt8,
+                   **options) -> Method:
+    """ORT's quant_pre_process + quantize_static (QDQ, per channel, uint8 activations, MinMax)."""
     reader = Reader(w)
     pre = out.with_name(out.stem + ".pre.onnx")
     start = time.perf_counter()
     quant_pre_process(str(fp32), str(pre))
     # calibrate_method is left at its default, MinMax.
-    quantize_static(
-        str(pre),
-        str(out),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        **options,
-    )
+    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=weight_type, **options)
     extra = "".join(f", {k}={v}" for k, v in options.items())
-    return Method(
-        "ORT quantize_static" + suffix,
-        out,
-        time.perf_counter() - start,
-        note=f"quant_pre_process + quantize_static(QDQ, per_channel, U8 act, S8 weight, MinMax{extra})",
-    )
+    weights = "S8" if weight_type == QuantType.QInt8 else "U8"
+    note = f"quant_pre_process + quantize_static(QDQ, per_channel, U8 act, {weights} weight, MinMax{extra})"
+    return Method("ORT quantize_static" + suffix, out, time.perf_counter() - start, note=note)
 
 
 def run_nncf(w: Workload, fp32: Path, out: Path) -> Method:
@@ -349,12 +214,13 @@ def describe_file(m: Method) -> None:
     }
 
 
-def interleaved_latency(w: Workload, methods: list[Method], runs: int) -> None:
+def interleaved_latency(w: Workload, methods: list[Method], runs: int, thread_counts=THREADS,
+                        batches=BATCHES) -> None:
     """Median / p90 ms of one run per method and (threads, batch), the methods' runs interleaved."""
     per_round = max(1, math.ceil(runs / ROUNDS))
-    for threads in THREADS:
+    for threads in thread_counts:
         sessions = [OrtModel(m.path, threads=threads) for m in methods]
-        for batch in BATCHES:
+        for batch in batches:
             feeds = w.feeds(w.evals[0], batch)
             times: list[list[float]] = [[] for _ in methods]
             for s in sessions:
@@ -517,7 +383,7 @@ def calibration_forward(w: Workload, fp32: Path, repeats: int) -> dict[str, floa
 
 
 def walltime_main(args, argv: list[str]) -> None:
-    print(header(["benchmarks/bench_ptq.py", *argv], machine()), flush=True)
+    print(header(argv, machine()), flush=True)
     print("lowbit's time is quantize + export of the INT8 file from the PyTorch model; ORT's is quant_pre_process + "
           "quantize_static from the FP32 ONNX file, whose export (timed in the same rotation) is the last column's "
           "addition.\n")
@@ -567,66 +433,39 @@ def _ratio_row(label: str, num: dict, den: dict, keys: list[str], n_fid: int) ->
     return "| " + " | ".join(cells) + " |"
 
 
-def model_markdown(r: dict) -> str:
-    keys = [f"t{t}b{b}" for t in THREADS for b in BATCHES]
-    fid = ["NN@1 agree", "min cos", "mean cos"] if r["embedding"] else ["top-1 agree", "KL", "cosine"]
-    fid_keys = (
-        ["nn_agreement", "min_cosine", "cosine"] if r["embedding"] else ["top1_agreement", "kl", "cosine"]
-    )
-    unit = "sentences" if r["embedding"] else "images"
-    head = [
-        "method",
-        *fid,
-        "quant s",
-        "MB",
-        "int kernels",
-        *(f"{t}T b{b} ms" for t in THREADS for b in BATCHES),
-    ]
-    intro = (
-        f"{r['n_calib']} calibration / {r['n_select']} selection / {r['n_eval']} evaluation {unit}. "
-        f"Fidelity vs the FP32 ONNX in ORT on the evaluation set. Latency: median / p90 ms of one "
-        f"`session.run` (× FP32 median), interleaved. FP32 export {r['fp32_export_s']:.1f} s "
-        f"(not in the peers' quant s); FP32 ONNX vs torch max |Δ| {r['fp32_onnx_vs_torch_max_abs']:.1e}."
-    )
-    lines = [
-        f"### {r['model']}: {r['title']}",
-        "",
-        intro,
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" + "---:|" * (len(head) - 1),
-    ]
-    methods = {m["name"]: m for m in r["methods"]}
-    base = methods["FP32"]
-    for m in r["methods"]:
-        if m["skipped"]:
-            lines.append(f"| {m['name']} | " + " | ".join(["–"] * (len(head) - 1)) + " |")
-            continue
-        k = m["kernels"]
-        ints = (
-            f"{k['integer_fraction']:.0%} ({k['integer']}/{k['integer'] + k['float_compute']})"
-            if k["integer_fraction"] is not None
-            else "0%"
-        )
-        cells = [
-            m["name"],
-            *(f"{m['scores'][f]:.4f}" if f != "kl" else f"{m['scores'][f]:.3f}" for f in fid_keys),
-            _fmt(m["quant_s"], ".1f"),
-            f"{m['size_mb']:.1f}",
-            ints,
-            *(_latency_cell(m, c, base) for c in keys),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+def _fidelity_columns(r: dict) -> tuple[list[str], list[str]]:
+    """(column titles, score keys) of the fidelity columns: embeddings or logits."""
+    if r["embedding"]:
+        return ["NN@1 agree", "min cos", "mean cos"], ["nn_agreement", "min_cosine", "cosine"]
+    return ["top-1 agree", "KL", "cosine"], ["top1_agreement", "kl", "cosine"]
+
+
+def _method_row(m: dict, fid_keys: list[str], keys: list[str], base: dict, width: int) -> str:
+    if m["skipped"]:
+        return f"| {m['name']} | " + " | ".join(["–"] * (width - 1)) + " |"
+    k = m["kernels"]
+    ints = (f"{k['integer_fraction']:.0%} ({k['integer']}/{k['integer'] + k['float_compute']})"
+            if k["integer_fraction"] is not None else "0%")
+    cells = [m["name"], *(f"{m['scores'][f]:.4f}" if f != "kl" else f"{m['scores'][f]:.3f}" for f in fid_keys),
+             _fmt(m["quant_s"], ".1f"), f"{m['size_mb']:.1f}", ints, *(_latency_cell(m, c, base) for c in keys)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _ratio_rows(r: dict, keys: list[str], n_fid: int) -> list[str]:
+    """Each lowbit row over each ORT row: quant time, size and latency ratios."""
+    rows = []
     for ort in (m for m in r["methods"] if m["name"].startswith("ORT")):
         for m in r["methods"]:
             if m["name"].startswith("lowbit"):
-                label = (
-                    m["name"].replace("lowbit w8a8", "lowbit")
-                    + " / "
-                    + ort["name"].replace(" quantize_static", "")
-                )
-                lines.append(_ratio_row(label, m, ort, keys, len(fid)))
-    lines.append("")
+                label = (m["name"].replace("lowbit w8a8", "lowbit") + " / "
+                         + ort["name"].replace(" quantize_static", ""))
+                rows.append(_ratio_row(label, m, ort, keys, n_fid))
+    return rows
+
+
+def _notes(r: dict) -> list[str]:
+    """The bullets under a model's table: skips, float kernels left, the calibrator search, load."""
+    lines = []
     for m in r["methods"]:
         if m["skipped"]:
             lines.append(f"- {m['name']} skipped: {m['skipped']}")
@@ -636,72 +475,70 @@ def model_markdown(r: dict) -> str:
             lines.append(f"- {m['name']}: float compute left in ORT: {', '.join(nodes[:6])}{more}")
     if r["calibrator_search"]:
         what = "1 - mean cosine" if r["embedding"] else "KL"
-        trials = ", ".join(
-            f"{t['calibrator']} {t['selection_badness']:.4f} ({t['quant_s']:.0f} s)"
-            for t in r["calibrator_search"]
-        )
+        trials = ", ".join(f"{t['calibrator']} {t['selection_badness']:.4f} ({t['quant_s']:.0f} s)"
+                           for t in r["calibrator_search"])
         best = min(r["calibrator_search"], key=lambda t: t["selection_badness"])["calibrator"]
-        lines.append(
-            f"- lowbit calibrator search ({what} on the selection set; quantize + export time): {trials}; "
-            f"best: {best}"
-        )
+        lines.append(f"- lowbit calibrator search ({what} on the selection set; quantize + export time): {trials}; "
+                     f"best: {best}")
     load = ", ".join(f"{a:.1f}" for a in r["loadavg_before_latency"])
     lines.append(f"- load average before the latency runs: {load}")
+    return lines
+
+
+def model_markdown(r: dict) -> str:
+    keys = [f"t{t}b{b}" for t in THREADS for b in BATCHES]
+    fid, fid_keys = _fidelity_columns(r)
+    unit = "sentences" if r["embedding"] else "images"
+    head = ["method", *fid, "quant s", "MB", "int kernels", *(f"{t}T b{b} ms" for t in THREADS for b in BATCHES)]
+    intro = (
+        f"{r['n_calib']} calibration / {r['n_select']} selection / {r['n_eval']} evaluation {unit}. "
+        f"Fidelity vs the FP32 ONNX in ORT on the evaluation set. Latency: median / p90 ms of one "
+        f"`session.run` (× FP32 median), interleaved. FP32 export {r['fp32_export_s']:.1f} s "
+        f"(not in the peers' quant s); FP32 ONNX vs torch max |Δ| {r['fp32_onnx_vs_torch_max_abs']:.1e}."
+    )
+    base = next(m for m in r["methods"] if m["name"] == "FP32")
+    lines = [f"### {r['model']}: {r['title']}", "", intro, "", "| " + " | ".join(head) + " |",
+             "|" + "---|" + "---:|" * (len(head) - 1),
+             *(_method_row(m, fid_keys, keys, base, len(head)) for m in r["methods"]),
+             *_ratio_rows(r, keys, len(fid)), "", *_notes(r)]
     return "\n".join(lines) + "\n"
 
 
 def machine() -> dict:
-    return _machine.machine(("torch", "onnxruntime", "onnx", "nncf", "transformers"))
+    return _machine.machine(PACKAGES)
 
 
 def header(argv: list[str], info: dict) -> str:
-    versions = ", ".join(
-        f"{p} {info[p]}" for p in ("torch", "onnxruntime", "onnx", "nncf", "transformers", "lowbit")
-    )
-    return (
-        f"`{shlex.join(['python', *argv])}`\n\n"
-        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}; {versions}\n"
-    )
+    return f"`{command('bench_ptq.py', argv)}`\n\n{_machine.machine_line(info, (*PACKAGES, 'lowbit'))}\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=["mobilenet_v2", "resnet18", "minilm"],
-        choices=["mobilenet_v2", "resnet18", "minilm"],
-    )
+    add_models_argument(parser)
     parser.add_argument("--runs", type=int, default=50, help="timed runs per method and setting")
-    parser.add_argument(
-        "--calibrators",
-        nargs="*",
-        default=list(CALIBRATORS),
-        choices=CALIBRATORS,
-        help="lowbit activation observers to search (none: no search row)",
-    )
+    parser.add_argument("--calibrators", nargs="*", default=list(CALIBRATORS), choices=CALIBRATORS,
+                        help="lowbit activation observers to search (none: no search row)")
     parser.add_argument("--n-calib", type=int, default=64)
     parser.add_argument("--n-select", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=256)
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--out-md", type=Path, help="write the markdown here too")
-    parser.add_argument(
-        "--only-walltime",
-        action="store_true",
-        help="only time lowbit (quantize + export) against ORT quantize_static, interleaved",
-    )
+    parser.add_argument("--only-walltime", action="store_true",
+                        help="only time lowbit (quantize + export) against ORT quantize_static, interleaved")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats for --only-walltime")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, argv = parse(_parser(), argv)
+    log_to_stderr(log)
     torch.manual_seed(0)
     if args.only_walltime:
         walltime_main(args, argv)
         return
 
     info = machine()
-    text = header(["benchmarks/bench_ptq.py", *argv], info)
+    text = header(argv, info)
     print(text, flush=True)
     results = []
     for name in args.models:

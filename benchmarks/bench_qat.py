@@ -44,9 +44,7 @@ import logging
 import math
 import os
 import re
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -58,6 +56,16 @@ import _machine
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _selection import (
+    TEXT_INPUTS,
+    LastHidden,
+    command,
+    default_observer,
+    log_to_stderr,
+    parse,
+    recipe,
+    tokenize,
+)
 from torch import nn
 
 import lowbit
@@ -76,9 +84,8 @@ def machine() -> dict:
 
 
 def machine_line(info: dict) -> str:
-    versions = ", ".join(f"{p} {info[p]}" for p in ("torch", "onnxruntime", "transformers", "scikit-learn", "lowbit"))
-    return (f"Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}); "
-            f"Python {info['python']}; {versions}")
+    shown = ("torch", "onnxruntime", "transformers", "scikit-learn", "lowbit")
+    return _machine.machine_line(info, shown, threads=True)
 
 
 def loadavg() -> str:
@@ -232,6 +239,12 @@ def learned_zero_points(model: nn.Module) -> dict[str, torch.Tensor]:
             for q in model.modules() if isinstance(q, Quantizer) and q.learn == "lsq+"}
 
 
+def calibration_views(task, n: int, seed: int) -> list[torch.Tensor]:
+    """``n`` fresh training-region views of ``task`` for calibration, in batches of 64."""
+    x, _ = task.train_views(n, seed=20_000 + seed)
+    return list(x.split(64))
+
+
 ACCURACY_COLUMNS = ("method", "accuracy", "Δ vs FP32 (pts)", "per seed", "ORT accuracy",
                     "sim/ORT top-1 agreement (min)", "sim/ORT max abs logit diff")
 
@@ -247,14 +260,74 @@ def accuracy_row(name: str, accs: Sequence[float], fp32: Sequence[float], ort: S
             f"{max(o['max_abs_diff'] for o in ort):.1e}"]
 
 
+def accuracy_table(cfg: str, runs: list[dict], fp32_name: str, qat_epochs: int, rows: list[tuple]) -> str:
+    """The accuracy table of one config over seeds: FP32, the FP32 control fine-tuned ``qat_epochs``
+    more epochs, then ``rows`` of (name, accuracy per seed, ORT parity per seed or None)."""
+    fp32 = [r["fp32"] for r in runs]
+    rows = [(fp32_name, fp32, None),
+            (f"FP32 fine-tuned {qat_epochs} more epochs (control)", [r["fp32_ft"] for r in runs], None), *rows]
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    return (f"**{cfg.upper()}** (seeds {seeds}; test accuracy in %)\n\n"
+            + table(ACCURACY_COLUMNS, [accuracy_row(name, accs, fp32, ort) for name, accs, ort in rows]))
+
+
 def ort_parity(sim_logits: torch.Tensor, ort_logits: torch.Tensor, y: torch.Tensor) -> dict:
     return {"ort_acc": accuracy(ort_logits, y),
             "agreement": float((sim_logits.argmax(1) == ort_logits.argmax(1)).float().mean()),
             "max_abs_diff": float((sim_logits - ort_logits).abs().max())}
 
 
+def cnn_ptq(fp32: nn.Module, cfg_name: str, calib: list, task, select: tuple, s: CNNSettings) -> dict:
+    """PTQ at ``cfg_name``: the default recipe, and the best of ``s``'s recipes on the selection set
+    (held-out training views); every recipe's test accuracy too (the oracle)."""
+    sx, sy = select
+    trials = []
+    for obs in s.ptq_observers:
+        for equalize, bias_corr in s.ptq_passes:
+            cfg = recipe(cfg_name, observer=obs)
+            label = obs + (" + CLE + bias corr." if equalize else "")
+            try:
+                q = lowbit.quantize(fp32, calib, cfg, equalize=equalize, bias_correction=bias_corr, progress=False)
+            except Exception as e:  # noqa: BLE001  (a recipe that fails is reported, not fatal)
+                log.warning("PTQ %s %s failed: %s", cfg_name, label, e)
+                trials.append({"recipe": label, "error": str(e)})
+                continue
+            trials.append({"recipe": label, "select": accuracy(predict(q, sx), sy),
+                           "test": accuracy(predict(q, task.test_x), task.test_y)})
+    ok = [t for t in trials if "error" not in t]
+    best = max(ok, key=lambda t: t["select"])
+    return {"ptq_trials": trials, "ptq_default": next(t["test"] for t in ok if t["recipe"] == s.ptq_observers[0]),
+            "ptq_selected": best["test"], "ptq_selected_recipe": best["recipe"],
+            "ptq_oracle": max(t["test"] for t in ok)}
+
+
+def cnn_qat(fp32: nn.Module, cfg_name: str, calib: list, task, variant: tuple, seed: int, s: CNNSettings,
+            path: Path) -> dict:
+    """One QAT run (``variant`` = (label, learn, distill)), converted, exported to ``path`` and run in ORT."""
+    label, learn, kd = variant
+    torch.manual_seed(seed)
+    qmodel = lowbit.prepare_qat(fp32, cfg_name, calib, learn=learn, progress=False)
+    zp_before = learned_zero_points(qmodel)
+    secs = train_images(qmodel, task, s.qat_epochs, s.qat_lr, seed + 100, batch=s.batch,
+                        qparam_lr=s.qparam_lr, qat=True, teacher=fp32 if kd else None)
+    zp_after = learned_zero_points(qmodel)
+    sim = convert(qmodel)
+    sim_logits = predict(sim, task.test_x)
+    quiet_export(sim, path, task.test_x[:1])
+    ort_logits = OrtModel(path)(task.test_x)
+    entry = {"acc": accuracy(sim_logits, task.test_y), "train_s": secs,
+             **ort_parity(sim_logits, ort_logits, task.test_y)}
+    if label == "lsq":
+        entry["int_kernels"] = kernel_share(path)
+    if zp_before:  # LSQ+: how many learned zero-points moved by a whole grid step
+        entry["zero_points_moved"] = [sum(not torch.equal(zp_before[k], zp_after[k]) for k in zp_before),
+                                      len(zp_before)]
+    log.info("cnn seed %d %s QAT %s: %.1f%% (ORT %.1f%%, agreement %.4f; %.0f s)", seed, cfg_name,
+             label, 100 * entry["acc"], 100 * entry["ort_acc"], entry["agreement"], secs)
+    return entry
+
+
 def cnn_seed(seed: int, s: CNNSettings, tmp: Path) -> dict:
-    from lowbit.config import get_config
     from lowbit.zoo.photo_patches import PhotoPatchTask
 
     t0 = time.perf_counter()
@@ -264,68 +337,20 @@ def cnn_seed(seed: int, s: CNNSettings, tmp: Path) -> dict:
     train_s = train_images(fp32, task, s.fp32_epochs, s.fp32_lr, seed, batch=s.batch)
     res: dict = {"seed": seed, "n_test": len(task.test_y), "n_train": task.n_train,
                  "params": sum(p.numel() for p in fp32.parameters()), "fp32_train_s": train_s}
-    fp32_logits = predict(fp32, task.test_x)
-    res["fp32"] = accuracy(fp32_logits, task.test_y)
+    res["fp32"] = accuracy(predict(fp32, task.test_x), task.test_y)
     log.info("cnn seed %d: FP32 %.1f%% (%.0f s)", seed, 100 * res["fp32"], train_s)
     # Control: FP32 fine-tuned with the QAT recipe (same epochs, lr, seed), no quantization.
     ctrl = copy.deepcopy(fp32)
     train_images(ctrl, task, s.qat_epochs, s.qat_lr, seed + 100, batch=s.batch)
     res["fp32_ft"] = accuracy(predict(ctrl, task.test_x), task.test_y)
 
-    cx, _ = task.train_views(s.n_calib, seed=20_000 + seed)
-    calib = list(cx.split(64))
-    sx, sy = task.train_views(s.n_select, seed=30_000 + seed)
-    example = task.test_x[:1]
+    calib = calibration_views(task, s.n_calib, seed)
+    select = task.train_views(s.n_select, seed=30_000 + seed)
+    variants = [(str(learn), learn, False) for learn in s.learn] + ([("lsq+KD", "lsq", True)] if s.distill else [])
     for cfg_name in s.configs:
-        r: dict = {}
-        # PTQ: the default, and the best recipe on the selection set (held-out training views).
-        trials = []
-        for obs in s.ptq_observers:
-            for equalize, bias_corr in s.ptq_passes:
-                cfg = get_config(cfg_name).with_observer(obs)
-                label = obs + (" + CLE + bias corr." if equalize else "")
-                try:
-                    q = lowbit.quantize(fp32, calib, cfg, equalize=equalize, bias_correction=bias_corr,
-                                        progress=False)
-                except Exception as e:  # noqa: BLE001  (a recipe that fails is reported, not fatal)
-                    log.warning("PTQ %s %s failed: %s", cfg_name, label, e)
-                    trials.append({"recipe": label, "error": str(e)})
-                    continue
-                trials.append({"recipe": label, "select": accuracy(predict(q, sx), sy),
-                               "test": accuracy(predict(q, task.test_x), task.test_y)})
-        ok = [t for t in trials if "error" not in t]
-        r["ptq_trials"] = trials
-        r["ptq_default"] = next(t["test"] for t in ok if t["recipe"] == s.ptq_observers[0])
-        best = max(ok, key=lambda t: t["select"])
-        r["ptq_selected"], r["ptq_selected_recipe"] = best["test"], best["recipe"]
-        r["ptq_oracle"] = max(t["test"] for t in ok)
-        # QAT variants.
-        variants = [(str(learn), learn, False) for learn in s.learn]
-        if s.distill:
-            variants.append(("lsq+KD", "lsq", True))
-        r["qat"] = {}
-        for label, learn, kd in variants:
-            torch.manual_seed(seed)
-            qmodel = lowbit.prepare_qat(fp32, cfg_name, calib, learn=learn, progress=False)
-            zp_before = learned_zero_points(qmodel)
-            secs = train_images(qmodel, task, s.qat_epochs, s.qat_lr, seed + 100, batch=s.batch,
-                                qparam_lr=s.qparam_lr, qat=True, teacher=fp32 if kd else None)
-            zp_after = learned_zero_points(qmodel)
-            sim = convert(qmodel)
-            sim_logits = predict(sim, task.test_x)
-            path = tmp / f"cnn_{cfg_name}_{label}_{seed}.onnx"
-            quiet_export(sim, path, example)
-            ort_logits = OrtModel(path)(task.test_x)
-            entry = {"acc": accuracy(sim_logits, task.test_y), "train_s": secs,
-                     **ort_parity(sim_logits, ort_logits, task.test_y)}
-            if label == "lsq":
-                entry["int_kernels"] = kernel_share(path)
-            if zp_before:  # LSQ+: how many learned zero-points moved by a whole grid step
-                entry["zero_points_moved"] = [sum(not torch.equal(zp_before[k], zp_after[k]) for k in zp_before),
-                                              len(zp_before)]
-            r["qat"][label] = entry
-            log.info("cnn seed %d %s QAT %s: %.1f%% (ORT %.1f%%, agreement %.4f; %.0f s)", seed, cfg_name,
-                     label, 100 * entry["acc"], 100 * entry["ort_acc"], entry["agreement"], secs)
+        r = cnn_ptq(fp32, cfg_name, calib, task, select, s)
+        r["qat"] = {v[0]: cnn_qat(fp32, cfg_name, calib, task, v, seed, s, tmp / f"cnn_{cfg_name}_{v[0]}_{seed}.onnx")
+                    for v in variants}
         log.info("cnn seed %d %s: PTQ default %.1f%%, selected %.1f%% (%s)", seed, cfg_name,
                  100 * r["ptq_default"], 100 * r["ptq_selected"], r["ptq_selected_recipe"])
         res[cfg_name] = r
@@ -334,26 +359,17 @@ def cnn_seed(seed: int, s: CNNSettings, tmp: Path) -> dict:
 
 
 def cnn_markdown(runs: list[dict], s: CNNSettings) -> str:
-    seeds = [r["seed"] for r in runs]
-    fp32 = [r["fp32"] for r in runs]
     out = []
     for cfg in s.configs:
-        rows: list[list[str]] = []
-
-        def row(name, accs, ort=None, rows=rows):
-            rows.append(accuracy_row(name, accs, fp32, ort))
-
-        row("FP32", fp32)
-        row(f"FP32 fine-tuned {s.qat_epochs} more epochs (control)", [r["fp32_ft"] for r in runs])
-        row(f"PTQ `lowbit.quantize(..., '{cfg}')` (default: mse)", [r[cfg]["ptq_default"] for r in runs])
-        row("PTQ, best of 6 recipes on held-out training views", [r[cfg]["ptq_selected"] for r in runs])
+        rows = [(f"PTQ `lowbit.quantize(..., '{cfg}')` (default: mse)",
+                 [r[cfg]["ptq_default"] for r in runs], None),
+                ("PTQ, best of 6 recipes on held-out training views", [r[cfg]["ptq_selected"] for r in runs], None)]
         for label in runs[0][cfg]["qat"]:
             name = {"lsq+KD": "QAT learn='lsq' + distillation from FP32"}.get(label, f"QAT learn={label!r}"
                                                                            if label != "None" else "QAT learn=None")
             entries = [r[cfg]["qat"][label] for r in runs]
-            row(name, [e["acc"] for e in entries], entries)
-        heading = f"**{cfg.upper()}** (seeds {', '.join(map(str, seeds))}; test accuracy in %)"
-        out.append(heading + "\n\n" + table(ACCURACY_COLUMNS, rows))
+            rows.append((name, [e["acc"] for e in entries], entries))
+        out.append(accuracy_table(cfg, runs, "FP32", s.qat_epochs, rows))
         moved = [r[cfg]["qat"].get("lsq+", {}).get("zero_points_moved") for r in runs]
         if all(moved):
             out.append("LSQ+ zero-points that moved by at least one grid step during QAT: "
@@ -443,24 +459,18 @@ def run_cnn(args, tmp: Path) -> tuple[str, dict]:
 
 
 # -- part 2: MiniLM topic classifier ------------------------------------------------------------
-class TopicClassifier(nn.Module):
-    """all-MiniLM-L6-v2, mean pooling over the attention mask, a linear head; positional inputs
-    so it exports as a plain graph."""
+class TopicClassifier(LastHidden):
+    """all-MiniLM-L6-v2 (positional inputs, as bench_ptq runs it), mean pooling over the attention
+    mask, a linear head."""
 
     def __init__(self, bert: nn.Module, num_classes: int):
-        super().__init__()
-        self.bert = bert
+        super().__init__(bert)
         self.head = nn.Linear(bert.config.hidden_size, num_classes)
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         from lowbit.zoo.minilm import mean_pool
 
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state
-        return self.head(mean_pool(hidden, attention_mask))
-
-
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+        return self.head(mean_pool(super().forward(input_ids, attention_mask, token_type_ids), attention_mask))
 
 
 @dataclass
@@ -483,18 +493,11 @@ class MiniLMSettings:
     distill: bool = True
 
     def config(self, name: str, observer: str | None = None):
-        from lowbit.config import get_config
-
-        cfg = get_config(name)
-        if self.weight_observer:
-            cfg = cfg.with_observer(self.weight_observer, role="weight")
-        return cfg.with_observer(observer) if observer else cfg
+        return recipe(name, observer=observer, weight_observer=self.weight_observer)
 
 
 def _tokenize(tokenizer, texts: list[str], seq_len: int, fixed: bool) -> tuple[torch.Tensor, ...]:
-    enc = tokenizer(texts, padding="max_length" if fixed else True, truncation=True, max_length=seq_len,
-                    return_tensors="pt")
-    return tuple(enc[n] for n in TEXT_INPUTS)
+    return tuple(tokenize(tokenizer, texts, seq_len, fixed).values())
 
 
 def train_text(model: nn.Module, tokenizer, texts: list[str], labels: torch.Tensor, s: MiniLMSettings, *,
@@ -593,6 +596,25 @@ def minilm_seed(seed: int, s: MiniLMSettings, bert0: nn.Module, tokenizer, tmp: 
     return res
 
 
+def minilm_tables(runs: list[dict], s: MiniLMSettings) -> list[str]:
+    """Per config: the accuracy table and the verdict against the 1-point target."""
+    out = []
+    for cfg in s.configs:
+        rows = [(f"PTQ `lowbit.quantize(..., '{cfg}')`" + (f" (default: {obs})" if obs == default_observer(cfg) else
+                                                           f" with {obs} activation ranges"),
+                 [r[cfg]["ptq"][obs] for r in runs], None) for obs in s.ptq_observers]
+        qat = [r[cfg]["qat"] for r in runs]
+        rows.append(("QAT learn='lsq'" + (" + distillation from FP32" if s.distill else ""), [q["acc"] for q in qat],
+                     qat))
+        out.append(accuracy_table(cfg, runs, "FP32 (fine-tuned end to end)", s.qat_epochs, rows))
+        f = statistics.fmean(r["fp32"] for r in runs)
+        p = max(statistics.fmean(r[cfg]["ptq"][o] for r in runs) for o in s.ptq_observers)
+        q = statistics.fmean(x["acc"] for x in qat)
+        out.append(f"{cfg.upper()}: best PTQ {100 * (p - f):+.1f} pts, QAT {100 * (q - f):+.1f} pts vs FP32 "
+                   f"(target within 1 pt: {'met' if f - q <= 0.01 else 'missed'}).")
+    return out
+
+
 def run_minilm(args, tmp: Path) -> tuple[str, dict]:
     from lowbit.zoo import minilm
     from lowbit.zoo.docstring_topics import TOPICS
@@ -606,29 +628,7 @@ def run_minilm(args, tmp: Path) -> tuple[str, dict]:
     bert0, tokenizer = minilm()
     seeds = args.seeds[: args.minilm_seeds] if args.minilm_seeds else args.seeds
     runs = [minilm_seed(seed, s, bert0, tokenizer, tmp) for seed in seeds]
-    fp32 = [r["fp32"] for r in runs]
-    out = []
-    for cfg in s.configs:
-        rows: list[list[str]] = []
-
-        def row(name, accs, ort=None, rows=rows):
-            rows.append(accuracy_row(name, accs, fp32, ort))
-
-        row("FP32 (fine-tuned end to end)", fp32)
-        row(f"FP32 fine-tuned {s.qat_epochs} more epochs (control)", [r["fp32_ft"] for r in runs])
-        for obs in s.ptq_observers:
-            row(f"PTQ `lowbit.quantize(..., '{cfg}')`" + (" (default: mse)" if obs == "mse" else
-                                                         f" with {obs} activation ranges"),
-                [r[cfg]["ptq"][obs] for r in runs])
-        qat = [r[cfg]["qat"] for r in runs]
-        row("QAT learn='lsq'" + (" + distillation from FP32" if s.distill else ""), [q["acc"] for q in qat], qat)
-        out.append(f"**{cfg.upper()}** (seeds {', '.join(str(r['seed']) for r in runs)}; test accuracy in %)\n\n"
-                   + table(ACCURACY_COLUMNS, rows))
-        f = statistics.fmean(fp32)
-        p = max(statistics.fmean(r[cfg]["ptq"][o] for r in runs) for o in s.ptq_observers)
-        q = statistics.fmean(x["acc"] for x in qat)
-        out.append(f"{cfg.upper()}: best PTQ {100 * (p - f):+.1f} pts, QAT {100 * (q - f):+.1f} pts vs FP32 "
-                   f"(target within 1 pt: {'met' if f - q <= 0.01 else 'missed'}).")
+    out = minilm_tables(runs, s)
     r0 = runs[0]
     md = [
         "### MiniLM (all-MiniLM-L6-v2) topic classifier, fine-tuned end to end",
@@ -671,15 +671,15 @@ def run_minilm(args, tmp: Path) -> tuple[str, dict]:
 # -- part 3: ResNet-18 W8A8 QAT, exported -------------------------------------------------------
 @dataclass
 class ResNetSettings:
-    size: int = 32
+    size: int = 32  # digits upscaled to size x size
+    batch: int = 64
+    n_calib: int = 256
     fp32_epochs: int = 4
     fp32_lr: float = 2e-3
+    learn: str | None = "lsq"
     qat_epochs: int = 1
     qat_lr: float = 1e-4
     qparam_lr: float = 1e-4
-    batch: int = 64
-    n_calib: int = 256
-    learn: str | None = "lsq"
     latency_sizes: tuple = (32, 224)
     latency_batches: tuple = (1, 8)
     threads: tuple = (1, 2)
@@ -725,36 +725,9 @@ def interleaved_latency(models: dict[str, OrtModel], feeds: dict[str, np.ndarray
             for k, v in stats.items()}
 
 
-def run_resnet(args, tmp: Path) -> tuple[str, dict]:
-    from lowbit.zoo import resnet18
-    from lowbit.zoo.digits import DigitsTask
-
-    s = ResNetSettings()
-    if args.quick:
-        s = ResNetSettings(fp32_epochs=1, qat_epochs=1, n_calib=64, latency_sizes=(32,), latency_batches=(1,),
-                           threads=(1,), rounds=2, runs_per_round=5)
-    seed = args.seeds[0]
-    task = _RGBTask(DigitsTask(size=s.size, seed=seed))
-    if args.quick:
-        task.n_train = 256
-        task.test_x, task.test_y = task.test_x[:256], task.test_y[:256]
-    fp32 = resnet18(num_classes=10, seed=seed).train()
-    res: dict = {"seed": seed, "n_test": len(task.test_y), "params": sum(p.numel() for p in fp32.parameters())}
-    res["fp32_train_s"] = train_images(fp32, task, s.fp32_epochs, s.fp32_lr, seed, batch=s.batch)
-    cx, _ = task.train_views(s.n_calib, seed=20_000 + seed)
-    calib = list(cx.split(64))
-    ptq = lowbit.quantize(fp32, calib, "w8a8", progress=False)
-    qmodel = lowbit.prepare_qat(fp32, "w8a8", calib, learn=s.learn, progress=False)
-    res["qat_train_s"] = train_images(qmodel, task, s.qat_epochs, s.qat_lr, seed + 100, batch=s.batch,
-                                      qparam_lr=s.qparam_lr, qat=True)
-    sim = convert(qmodel)
-    paths = {"FP32": tmp / "resnet_fp32.onnx", "PTQ W8A8": tmp / "resnet_ptq.onnx", "QAT W8A8": tmp / "resnet_qat.onnx"}
-    example = task.test_x[:1]
-    quiet_export(fp32.eval(), paths["FP32"], example)
-    quiet_export(ptq, paths["PTQ W8A8"], example)
-    quiet_export(sim, paths["QAT W8A8"], example)
-    torch_logits = {"FP32": predict(fp32, task.test_x, 256), "PTQ W8A8": predict(ptq, task.test_x, 256),
-                    "QAT W8A8": predict(sim, task.test_x, 256)}
+def resnet_accuracy(models: dict[str, nn.Module], paths: dict[str, Path], task, s, res: dict) -> list[list]:
+    """PyTorch and ORT accuracy, parity, size and integer share of each exported model (rows; ``res["models"]``)."""
+    torch_logits = {name: predict(model, task.test_x, 256) for name, model in models.items()}
     rows_acc = []
     res["models"] = {}
     for name, path in paths.items():
@@ -765,6 +738,11 @@ def run_resnet(args, tmp: Path) -> tuple[str, dict]:
         res["models"][name] = m
         rows_acc.append([name, pct(m["torch_acc"]), pct(m["ort_acc"]), f"{m['agreement']:.4f}", f"{m['mb']:.2f}",
                          f"{m['mb'] / file_mb(paths['FP32']):.2f}x", m["int_kernels"]])
+    return rows_acc
+
+
+def resnet_latency(fp32: nn.Module, sim: nn.Module, paths: dict[str, Path], s, tmp: Path, res: dict) -> list[list]:
+    """FP32 vs QAT INT8 latency in ORT per input size, threads and batch (rows; ``res["latency"]``)."""
     lat_rows = []
     res["latency"] = []
     for size in s.latency_sizes:
@@ -784,6 +762,37 @@ def run_resnet(args, tmp: Path) -> tuple[str, dict]:
                                        "ratio": ratio})
                 lat_rows.append([f"{size}x{size}", threads, b, f"{lat['FP32']['median_ms']:.2f} / {lat['FP32']['p90_ms']:.2f}",
                                  f"{lat['QAT W8A8']['median_ms']:.2f} / {lat['QAT W8A8']['p90_ms']:.2f}", f"{ratio:.2f}x"])
+    return lat_rows
+
+
+def run_resnet(args, tmp: Path) -> tuple[str, dict]:
+    from lowbit.zoo import resnet18
+    from lowbit.zoo.digits import DigitsTask
+
+    s = ResNetSettings()
+    if args.quick:
+        s = ResNetSettings(fp32_epochs=1, qat_epochs=1, n_calib=64, latency_sizes=(32,), latency_batches=(1,),
+                           threads=(1,), rounds=2, runs_per_round=5)
+    seed = args.seeds[0]
+    task = _RGBTask(DigitsTask(size=s.size, seed=seed))
+    if args.quick:
+        task.n_train = 256
+        task.test_x, task.test_y = task.test_x[:256], task.test_y[:256]
+    fp32 = resnet18(num_classes=10, seed=seed).train()
+    res: dict = {"seed": seed, "n_test": len(task.test_y), "params": sum(p.numel() for p in fp32.parameters())}
+    res["fp32_train_s"] = train_images(fp32, task, s.fp32_epochs, s.fp32_lr, seed, batch=s.batch)
+    calib = calibration_views(task, s.n_calib, seed)
+    ptq = lowbit.quantize(fp32, calib, "w8a8", progress=False)
+    qmodel = lowbit.prepare_qat(fp32, "w8a8", calib, learn=s.learn, progress=False)
+    res["qat_train_s"] = train_images(qmodel, task, s.qat_epochs, s.qat_lr, seed + 100, batch=s.batch,
+                                      qparam_lr=s.qparam_lr, qat=True)
+    sim = convert(qmodel)
+    paths = {"FP32": tmp / "resnet_fp32.onnx", "PTQ W8A8": tmp / "resnet_ptq.onnx",
+             "QAT W8A8": tmp / "resnet_qat.onnx"}
+    for model, path in zip((fp32.eval(), ptq, sim), paths.values(), strict=True):
+        quiet_export(model, path, task.test_x[:1])
+    rows_acc = resnet_accuracy({"FP32": fp32, "PTQ W8A8": ptq, "QAT W8A8": sim}, paths, task, s, res)
+    lat_rows = resnet_latency(fp32, sim, paths, s, tmp, res)
     md = [
         "### ResNet-18, W8A8 QAT, exported: accuracy, size, ONNX Runtime latency",
         "",
@@ -842,119 +851,162 @@ def _set_quantizers(model: nn.Module, *, weight: bool, activation: bool) -> None
             q.mode = "disabled"
 
 
-def run_speed(args, tmp: Path) -> tuple[str, dict]:
-    from torch.profiler import ProfilerActivity, profile
+@dataclass
+class SpeedSettings:
+    reps: int = 24  # timed rounds
+    warmup: int = 2  # untimed steps per model first
+    size: int = 112
+    batch: int = 16
+    n_prof: int = 4  # profiled steps per model
 
-    from lowbit.zoo import resnet18
 
-    reps, warmup = (2, 1) if args.quick else (24, 2)
-    size, batch = (64, 4) if args.quick else (112, 16)
-    torch.manual_seed(0)
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-    base = resnet18(seed=0).train()
-    calib = [x]
-    models = {
-        "FP32": copy.deepcopy(base).train(),
-        "lowbit w8a8 learn=None": lowbit.prepare_qat(base, "w8a8", calib, learn=None, progress=False),
-        "lowbit w8a8 learn='lsq'": lowbit.prepare_qat(base, "w8a8", calib, learn="lsq", progress=False),
-        "torch.ao fbgemm (fused conv-bn-relu)": _torch_ao_qat(base),
-    }
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()}
+AO_NAME = "torch.ao fbgemm (fused conv-bn-relu)"
+STEP_COLUMNS = ["model", "step ms (median)", "step / FP32 step (median of rounds)", "range over rounds"]
 
-    def step(k: str) -> float:
-        m, o = models[k], opts[k]
+
+class StepTimer:
+    """Training steps of several models on one batch (forward, backward, SGD step), timed in
+    interleaved rounds."""
+
+    def __init__(self, models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int):
+        self.models, self.x, self.y, self.reps, self.warmup = {}, x, y, reps, warmup
+        self.opts: dict[str, torch.optim.Optimizer] = {}
+        self.add(models)
+
+    def add(self, models: dict[str, nn.Module]) -> None:
+        self.models.update(models)
+        self.opts.update({k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()})
+
+    def drop(self, names) -> None:
+        for k in names:
+            del self.models[k], self.opts[k]
+
+    def step(self, k: str) -> float:
+        m, o = self.models[k], self.opts[k]
         start = time.perf_counter()
-        loss = F.cross_entropy(m(x), y)
+        loss = F.cross_entropy(m(self.x), self.y)
         o.zero_grad(set_to_none=True)
         loss.backward()
         o.step()
         return time.perf_counter() - start
 
-    def timed_rounds(names: list[str]) -> dict[str, list[float]]:
+    def timed_rounds(self, names: list[str]) -> dict[str, list[float]]:
         for k in names:  # warm-up (observers, allocator, mkldnn primitives)
-            for _ in range(warmup):
-                step(k)
+            for _ in range(self.warmup):
+                self.step(k)
         out: dict[str, list[float]] = {k: [] for k in names}
-        for r in range(reps):
+        for r in range(self.reps):
             for k in names if r % 2 == 0 else names[::-1]:
-                out[k].append(step(k))
+                out[k].append(self.step(k))
         return out
 
-    load = loadavg()
-    names = list(models)
-    times = timed_rounds(names)
-    fp = times["FP32"]
-    res = {"batch": batch, "size": size, "reps": reps, "loadavg_before": load, "loadavg_after": loadavg(),
-           "threads": torch.get_num_threads(), "models": {}}
-    rows = []
-    for k in names:
-        ratios = [a / b for a, b in zip(times[k], fp, strict=True)]
-        res["models"][k] = {"median_ms": 1e3 * statistics.median(times[k]), "ratio_median": statistics.median(ratios),
-                            "ratio_of_medians": statistics.median(times[k]) / statistics.median(fp),
-                            "ratio_min": min(ratios), "ratio_max": max(ratios), "times_ms": [1e3 * t for t in times[k]]}
-        m = res["models"][k]
-        rows.append([k, f"{m['median_ms']:.0f}", f"{m['ratio_median']:.2f}x",
-                     f"{m['ratio_min']:.2f}-{m['ratio_max']:.2f}"])
-    lb_none = res["models"]["lowbit w8a8 learn=None"]["ratio_median"]
-    lb_lsq = res["models"]["lowbit w8a8 learn='lsq'"]["ratio_median"]
-    ao = res["models"]["torch.ao fbgemm (fused conv-bn-relu)"]["ratio_median"]
 
-    # Profile: self CPU time per op and step, one profiled step at a time, the models interleaved.
-    n_prof = 1 if args.quick else 4
-    ao_name = "torch.ao fbgemm (fused conv-bn-relu)"
-    prof_names = ("FP32", "lowbit w8a8 learn=None", ao_name)
+def step_stats(times: list[float], fp: list[float], of_medians: bool = False) -> tuple[dict, list[str]]:
+    """A model's step times against the FP32 step of the same rounds: its stats and its table row cells."""
+    ratios = [a / b for a, b in zip(times, fp, strict=True)]
+    m = {"median_ms": 1e3 * statistics.median(times), "ratio_median": statistics.median(ratios)}
+    if of_medians:
+        m["ratio_of_medians"] = statistics.median(times) / statistics.median(fp)
+    m |= {"ratio_min": min(ratios), "ratio_max": max(ratios), "times_ms": [1e3 * t for t in times]}
+    return m, [f"{m['median_ms']:.0f}", f"{m['ratio_median']:.2f}x", f"{m['ratio_min']:.2f}-{m['ratio_max']:.2f}"]
+
+
+def speed_profile(timer: StepTimer, n_prof: int) -> dict:
+    """Self CPU time per op and step (torch.profiler), one profiled step at a time, the models
+    interleaved: FP32, lowbit learn=None, torch.ao."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof_names = ("FP32", "lowbit w8a8 learn=None", AO_NAME)
     acc: dict[str, dict[str, list[float]]] = {k: {} for k in prof_names}
     for i in range(n_prof):
         for k in prof_names if i % 2 == 0 else prof_names[::-1]:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step(k)
+                timer.step(k)
             for e in prof.key_averages():
                 slot = acc[k].setdefault(e.key, [0.0, 0])
                 slot[0] += e.self_cpu_time_total / 1e3 / n_prof
                 slot[1] += e.count / n_prof
-    fp_ops, lb_ops, ao_ops = (acc[k] for k in prof_names)
+    return dict(zip(("fp", "lb", "ao"), (acc[k] for k in prof_names), strict=True))
+
+
+def profile_rows(ops: dict, n_prof: int) -> tuple[dict, list[list[str]], list]:
+    """The profile's JSON, the table of lowbit's largest extra ops over FP32, torch.ao's largest extras."""
+    fp_ops, lb_ops, ao_ops = ops["fp"], ops["lb"], ops["ao"]
     zero = (0.0, 0)
     total_fp, total_lb, total_ao = (sum(v[0] for v in t.values()) for t in (fp_ops, lb_ops, ao_ops))
     extra = sorted(((op, lb_ops[op][0] - fp_ops.get(op, zero)[0]) for op in lb_ops), key=lambda t: -t[1])
-    prof_rows = [[f"`{op}`", f"{d:.0f}", f"{lb_ops[op][0]:.0f}", f"{fp_ops.get(op, zero)[0]:.0f}",
-                  f"{ao_ops.get(op, zero)[0]:.0f}",
-                  f"{lb_ops[op][1]:.0f} / {fp_ops.get(op, zero)[1]:.0f} / {ao_ops.get(op, zero)[1]:.0f}"]
-                 for op, d in extra[:16]]
+    rows = [[f"`{op}`", f"{d:.0f}", f"{lb_ops[op][0]:.0f}", f"{fp_ops.get(op, zero)[0]:.0f}",
+             f"{ao_ops.get(op, zero)[0]:.0f}",
+             f"{lb_ops[op][1]:.0f} / {fp_ops.get(op, zero)[1]:.0f} / {ao_ops.get(op, zero)[1]:.0f}"]
+            for op, d in extra[:16]]
     ao_extra = sorted(((op, ao_ops[op][0] - fp_ops.get(op, zero)[0]) for op in ao_ops), key=lambda t: -t[1])
-    res["profile"] = {"steps": n_prof, "total_ms": {"FP32": total_fp, "lowbit": total_lb, "torch.ao": total_ao},
-                      "ops": {op: {"lowbit_ms": lb_ops[op][0], "fp32_ms": fp_ops.get(op, zero)[0],
-                                   "torch_ao_ms": ao_ops.get(op, zero)[0], "lowbit_calls": lb_ops[op][1],
-                                   "fp32_calls": fp_ops.get(op, zero)[1], "torch_ao_calls": ao_ops.get(op, zero)[1]}
-                              for op, _ in extra[:40]},
-                      "torch_ao_top_extra": [(op, d) for op, d in ao_extra[:12]]}
+    profile_json = {"steps": n_prof, "total_ms": {"FP32": total_fp, "lowbit": total_lb, "torch.ao": total_ao},
+                    "ops": {op: {"lowbit_ms": lb_ops[op][0], "fp32_ms": fp_ops.get(op, zero)[0],
+                                 "torch_ao_ms": ao_ops.get(op, zero)[0], "lowbit_calls": lb_ops[op][1],
+                                 "fp32_calls": fp_ops.get(op, zero)[1], "torch_ao_calls": ao_ops.get(op, zero)[1]}
+                            for op, _ in extra[:40]},
+                    "torch_ao_top_extra": [(op, d) for op, d in ao_extra[:12]]}
+    return profile_json, rows, ao_extra
 
-    main_rows, ab_rows = rows, []
-    if not args.quick:
-        # Ablations in a second phase, the main models freed first: every model held in memory
-        # slows the others (allocator and cache pressure), so they are timed apart, against FP32 again.
-        for k in names[1:]:
-            del models[k], opts[k]
-        ablations = {}
-        a = lowbit.prepare_qat(base, "w8a8", calib, learn=None, progress=False)
-        _set_quantizers(a, weight=True, activation=False)
-        ablations["lowbit learn=None, activation quantizers off"] = a
-        a = lowbit.prepare_qat(base, "w8a8", calib, learn=None, progress=False)
-        _set_quantizers(a, weight=False, activation=False)
-        ablations["lowbit learn=None, all quantizers off (conv-BN training path only)"] = a
-        ablations["lowbit learn=None, fold_bn=False"] = lowbit.prepare_qat(base, "w8a8", calib, learn=None,
-                                                                          fold_bn=False, progress=False)
-        models.update(ablations)
-        opts.update({k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in ablations.items()})
-        ab_times = timed_rounds(["FP32", *ablations])
-        res["ablations"] = {}
-        for k in ablations:
-            ratios = [a / b for a, b in zip(ab_times[k], ab_times["FP32"], strict=True)]
-            res["ablations"][k] = {"median_ms": 1e3 * statistics.median(ab_times[k]),
-                                   "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-                                   "ratio_max": max(ratios), "times_ms": [1e3 * t for t in ab_times[k]]}
-            m = res["ablations"][k]
-            ab_rows.append([k, f"{m['median_ms']:.0f}", f"{m['ratio_median']:.2f}x",
-                            f"{m['ratio_min']:.2f}-{m['ratio_max']:.2f}"])
+
+def speed_ablations(timer: StepTimer, base: nn.Module, calib: list, res: dict) -> list[list[str]]:
+    """lowbit learn=None with parts switched off, timed in their own rounds against FP32 (rows;
+    ``res["ablations"]``).  The main models are freed first: every model held in memory slows
+    the others (allocator and cache pressure)."""
+    timer.drop([k for k in timer.models if k != "FP32"])
+    ablations = {}
+    a = lowbit.prepare_qat(base, "w8a8", calib, learn=None, progress=False)
+    _set_quantizers(a, weight=True, activation=False)
+    ablations["lowbit learn=None, activation quantizers off"] = a
+    a = lowbit.prepare_qat(base, "w8a8", calib, learn=None, progress=False)
+    _set_quantizers(a, weight=False, activation=False)
+    ablations["lowbit learn=None, all quantizers off (conv-BN training path only)"] = a
+    ablations["lowbit learn=None, fold_bn=False"] = lowbit.prepare_qat(base, "w8a8", calib, learn=None,
+                                                                      fold_bn=False, progress=False)
+    timer.add(ablations)
+    ab_times = timer.timed_rounds(["FP32", *ablations])
+    res["ablations"], rows = {}, []
+    for k in ablations:
+        res["ablations"][k], cells = step_stats(ab_times[k], ab_times["FP32"])
+        rows.append([k, *cells])
+    return rows
+
+
+def run_speed(args, tmp: Path) -> tuple[str, dict]:
+    from lowbit.zoo import resnet18
+
+    s = SpeedSettings(reps=2, warmup=1, size=64, batch=4, n_prof=1) if args.quick else SpeedSettings()
+    torch.manual_seed(0)
+    x, y = torch.randn(s.batch, 3, s.size, s.size), torch.randint(0, 1000, (s.batch,))
+    base = resnet18(seed=0).train()
+    calib = [x]
+    timer = StepTimer({
+        "FP32": copy.deepcopy(base).train(),
+        "lowbit w8a8 learn=None": lowbit.prepare_qat(base, "w8a8", calib, learn=None, progress=False),
+        "lowbit w8a8 learn='lsq'": lowbit.prepare_qat(base, "w8a8", calib, learn="lsq", progress=False),
+        AO_NAME: _torch_ao_qat(base),
+    }, x, y, s.reps, s.warmup)
+    load = loadavg()
+    names = list(timer.models)
+    times = timer.timed_rounds(names)
+    res = {"batch": s.batch, "size": s.size, "reps": s.reps, "loadavg_before": load, "loadavg_after": loadavg(),
+           "threads": torch.get_num_threads(), "models": {}}
+    main_rows = []
+    for k in names:
+        res["models"][k], cells = step_stats(times[k], times["FP32"], of_medians=True)
+        main_rows.append([k, *cells])
+    res["profile"], prof_rows, ao_extra = profile_rows(speed_profile(timer, s.n_prof), s.n_prof)
+    ab_rows = [] if args.quick else speed_ablations(timer, base, calib, res)
+    return speed_markdown(args, s, res, (main_rows, ab_rows, prof_rows), ao_extra), res
+
+
+def speed_markdown(args, s: SpeedSettings, res: dict, rows: tuple[list, list, list], ao_extra: list) -> str:
+    main_rows, ab_rows, prof_rows = rows
+    lb_none = res["models"]["lowbit w8a8 learn=None"]["ratio_median"]
+    lb_lsq = res["models"]["lowbit w8a8 learn='lsq'"]["ratio_median"]
+    ao = res["models"][AO_NAME]["ratio_median"]
+    batch, size, reps, warmup, n_prof, load = s.batch, s.size, s.reps, s.warmup, s.n_prof, res["loadavg_before"]
+    total_fp, total_lb, total_ao = (res["profile"]["total_ms"][k] for k in ("FP32", "lowbit", "torch.ao"))
     md = [
         "### QAT training-step time vs FP32 (ResNet-18)",
         "",
@@ -971,7 +1023,7 @@ def run_speed(args, tmp: Path) -> tuple[str, dict]:
         f"adds and the pool input quantized too). torch.ao: `fuse_modules_qat` on every conv-bn(-relu), "
         f"`get_default_qat_qconfig('fbgemm')`, `prepare_qat` (eager mode: its residual adds stay float)."),
         "",
-        table(["model", "step ms (median)", "step / FP32 step (median of rounds)", "range over rounds"], main_rows),
+        table(STEP_COLUMNS, main_rows),
         "",
         (f"Target: <= 1.3x FP32 and below torch.ao's ratio. Like for like (observed ranges, straight-through "
          f"fake quantization: torch.ao's default QAT): lowbit learn=None {lb_none:.2f}x vs torch.ao {ao:.2f}x: "
@@ -983,7 +1035,7 @@ def run_speed(args, tmp: Path) -> tuple[str, dict]:
     if ab_rows:
         md += ["", ("Ablations (timed afterwards, in their own interleaved rounds against FP32, with the models "
                      "above freed; lowbit learn=None with parts switched off, for attribution only):"), "",
-               table(["model", "step ms (median)", "step / FP32 step (median of rounds)", "range over rounds"], ab_rows)]
+               table(STEP_COLUMNS, ab_rows)]
     md += [
         "",
         (f"torch.profiler, self CPU time per op and step (ms; mean of {n_prof} profiled steps per model, "
@@ -996,7 +1048,7 @@ def run_speed(args, tmp: Path) -> tuple[str, dict]:
         "torch.ao's largest extra ops for comparison: " + ", ".join(f"`{op}` {d:.0f} ms" for op, d in ao_extra[:8])
         + ".",
     ]
-    return "\n".join(md) + "\n", res
+    return "\n".join(md) + "\n"
 
 
 # -- BENCHMARKS.md ---------------------------------------------------------------------------------
@@ -1034,8 +1086,7 @@ RUNNERS: dict[str, Callable] = {"cnn": run_cnn, "minilm": run_minilm, "resnet": 
                                  "speed": run_speed}
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny epochs, one seed, writes nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
@@ -1046,17 +1097,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="file whose '## QAT' section is written")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, argv = parse(_parser(), argv)
     args.only = [ALIASES.get(p, p) for p in args.only]
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    log_to_stderr(log)
     logging.getLogger("lowbit").setLevel(logging.ERROR)  # per-tensor advice (4-bit activations) is summarised
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     info = machine()
     args.machine_line = machine_line(info)
-    args.command = shlex.join(["python", "benchmarks/bench_qat.py", *argv])
+    args.command = command("bench_qat.py", argv)
     args.date = datetime.date.today().isoformat()
     args.load_start = loadavg()
     print(args.command + "\n\n" + args.machine_line + "\n", flush=True)

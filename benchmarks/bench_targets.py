@@ -21,47 +21,29 @@ x86 CPU without VNNI; see check_non_vnni.py), where no timing is taken.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import bench_ptq as bp
 import torch
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
+from _selection import Workload, add_models_argument, build_workload, command, parse
+from onnxruntime.quantization import QuantType
 
-import lowbit
 from lowbit.targets import cpu_info
 
 LOWBIT_TARGETS = ("x86-vnni", "x86-avx2-u8u8", "x86-avx2-w7")
-ORT_VARIANTS = (("ORT quantize_static (U8 x S8)", {}),
-                ("ORT quantize_static, reduce_range", {"reduce_range": True}),
-                ("ORT quantize_static (U8 x U8)", {"weight_type": QuantType.QUInt8}))
+ORT_VARIANTS = ((" (U8 x S8)", {}),  # (row suffix, quantize_static options)
+                (", reduce_range", {"reduce_range": True}),
+                (" (U8 x U8)", {"weight_type": QuantType.QUInt8}))
 
 
-def run_lowbit(w: bp.Workload, target: str, out: Path) -> bp.Method:
-    calib = [w.args(b) for b in w.calib]
-    start = time.perf_counter()
-    qmodel = lowbit.quantize(w.model, calib, "w8a8", target=target, progress=False)
-    bp.export_lowbit(w, qmodel, out)
-    return bp.Method(f"lowbit w8a8, target {target}", out, time.perf_counter() - start)
-
-
-def run_ort(w: bp.Workload, fp32: Path, out: Path, name: str, options: dict) -> bp.Method:
-    pre = out.with_name(out.stem + ".pre.onnx")
-    start = time.perf_counter()
-    quant_pre_process(str(fp32), str(pre))
-    options = {"weight_type": QuantType.QInt8, **options}
+def run_ort(w: Workload, fp32: Path, out: Path, suffix: str, options: dict) -> bp.Method:
     if w.name == "minilm":  # ORT's default op set wrecks MiniLM (see bench_ptq); its MatMuls only
-        options["op_types_to_quantize"] = ["MatMul"]
-    quantize_static(str(pre), str(out), bp.Reader(w), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, **options)
-    return bp.Method(name + (", MatMul only" if w.name == "minilm" else ""), out, time.perf_counter() - start)
+        suffix, options = suffix + ", MatMul only", {**options, "op_types_to_quantize": ["MatMul"]}
+    return bp.run_ort_static(w, fp32, out, suffix, **options)
 
 
-def qemu_outputs(w: bp.Workload, methods: list[bp.Method]) -> dict[str, torch.Tensor]:
+def qemu_outputs(w: Workload, methods: list[bp.Method]) -> dict[str, torch.Tensor]:
     """Each method's compared outputs on the evaluation set, from ORT on an x86 CPU without VNNI."""
     import numpy as np
     from check_non_vnni import _ort_without_vnni
@@ -76,12 +58,13 @@ def qemu_outputs(w: bp.Workload, methods: list[bp.Method]) -> dict[str, torch.Te
     return {m.name: torch.from_numpy(got[f"m{i}"]) for i, m in enumerate(methods)}
 
 
-def bench(w: bp.Workload, args, tmp: Path) -> str:
+def measure(w: Workload, args, tmp: Path) -> tuple[list[bp.Method], dict[str, dict]]:
+    """Every method's file, scored against FP32 in ORT here (and without VNNI under qemu), and timed."""
     fp32 = tmp / "fp32.onnx"
     bp.export_lowbit(w, w.model, fp32)
     methods = [bp.Method("FP32", fp32)]
-    methods += [run_lowbit(w, t, tmp / f"lowbit_{t}.onnx") for t in LOWBIT_TARGETS]
-    methods += [run_ort(w, fp32, tmp / f"ort{i}.onnx", name, opts) for i, (name, opts) in enumerate(ORT_VARIANTS)]
+    methods += [bp.run_lowbit(w, None, tmp / f"lowbit_{t}.onnx", target=t) for t in LOWBIT_TARGETS]
+    methods += [run_ort(w, fp32, tmp / f"ort{i}.onnx", suffix, opts) for i, (suffix, opts) in enumerate(ORT_VARIANTS)]
     ref = bp.ort_outputs(w, fp32, w.evals)
     for m in methods[1:]:
         m.scores = bp.score(w, ref, bp.ort_outputs(w, m.path, w.evals))
@@ -90,8 +73,12 @@ def bench(w: bp.Workload, args, tmp: Path) -> str:
     if args.qemu:
         outs = qemu_outputs(w, methods)
         no_vnni = {name: bp.score(w, outs["FP32"], out) for name, out in outs.items() if name != "FP32"}
-    bp.THREADS, bp.BATCHES = (1,), (1, 8)
-    bp.interleaved_latency(w, methods, args.runs)
+    bp.interleaved_latency(w, methods, args.runs, thread_counts=(1,), batches=(1, 8))
+    return methods, no_vnni
+
+
+def bench(w: Workload, args, tmp: Path) -> str:
+    methods, no_vnni = measure(w, args, tmp)
     base = methods[0].latency
     key = "nn_agreement" if w.embedding else "top1_agreement"
     metric = "cosine" if w.embedding else "kl"
@@ -109,29 +96,27 @@ def bench(w: bp.Workload, args, tmp: Path) -> str:
             row += f" {no_vnni[m.name][key]:.1%} | {no_vnni[m.name][metric]:.4f} |"
         lines.append(row)
     fp = ", ".join(f"batch {b}: {base[f't1b{b}']['median_ms']:.2f} ms" for b in (1, 8))
-    lines.append(f"\nFP32 at 1 thread: {fp}; {bp.Workload.n(w, w.evals)} evaluation inputs.")
+    lines.append(f"\nFP32 at 1 thread: {fp}; {w.n(w.evals)} evaluation inputs.")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18", "minilm"],
-                        choices=["mobilenet_v2", "resnet18", "minilm"])
+    add_models_argument(parser)
     parser.add_argument("--runs", type=int, default=60, help="timed runs per method and batch size")
     parser.add_argument("--n-calib", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=256)
     parser.add_argument("--qemu", action="store_true", help="also measure fidelity on a CPU without VNNI (qemu)")
-    args = parser.parse_args(argv)
-    args.n_select = 32  # bench_ptq workloads draw a selection set; unused here
+    args, argv = parse(parser, argv)
+    args.n_select = 32  # the workloads draw a selection set; unused here
     torch.manual_seed(0)
     info = bp.machine()
-    print(f"`{shlex.join(['python', 'benchmarks/bench_targets.py', *argv])}`\n\n"
+    print(f"`{command('bench_targets.py', argv)}`\n\n"
           f"Machine: {cpu_info().describe()}, {info['cores']} cores; onnxruntime {info['onnxruntime']}, "
           f"torch {info['torch']}\n", flush=True)
     for name in args.models:
         with tempfile.TemporaryDirectory(prefix=f"bench_targets_{name}_") as tmp:
-            w = bp.build_workload(name, args)
+            w = build_workload(name, args)
             qemu = args.qemu and len(w.input_names) == 1
             print(bench(w, argparse.Namespace(**{**vars(args), "qemu": qemu}), Path(tmp)), flush=True)
 

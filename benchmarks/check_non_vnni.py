@@ -129,15 +129,16 @@ def _same(a, b) -> str:
 def check_mobilenet(targets: list[str], n_photos: int, n_calib: int) -> list[str]:
     """MobileNetV2 W8A8 per target: simulation and emulation against ORT-without-VNNI on photos."""
     import torch
+    from _selection import CALIB_BATCH, EVAL_BATCH, image_batches  # (imported here: not under qemu)
 
     import lowbit
     from lowbit.report.fidelity import fidelity
     from lowbit.runtime import emulate_ort
-    from lowbit.zoo import imagenet_photos, mobilenet_v2, photo_batches
+    from lowbit.zoo import mobilenet_v2
 
     model = mobilenet_v2()
-    calib = photo_batches(n_calib, seed=0, batch_size=16)
-    photos = imagenet_photos(n_photos, seed=1)
+    calib = image_batches(n_calib, "calib", CALIB_BATCH)  # bench_ptq's calibration and evaluation photos
+    photos = torch.cat(image_batches(n_photos, "eval", EVAL_BATCH))
     with torch.no_grad():
         fp32 = model(photos)
     feeds, expect = {}, {}

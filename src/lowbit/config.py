@@ -31,6 +31,7 @@ from torch import nn
 from .nn.modules import TensorQuant
 from .nn.registry import contraction_types, kind_of
 from .numerics import INT4_WEIGHT, INT8_WEIGHT, UINT4_ACTIVATION, UINT8_ACTIVATION, QuantSpec
+from .numerics.spec import preset
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -285,9 +286,4 @@ CONFIGS: Mapping[str, QuantConfig] = MappingProxyType(_CONFIGS)
 
 def get_config(config: QuantConfig | str) -> QuantConfig:
     """Resolve a preset name or pass a QuantConfig through."""
-    if isinstance(config, QuantConfig):
-        return config
-    try:
-        return CONFIGS[config]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown config {config!r}; presets: {', '.join(CONFIGS)}") from None
+    return preset(config, QuantConfig, CONFIGS, "config")

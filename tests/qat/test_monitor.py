@@ -1,4 +1,5 @@
-"""QAT monitoring: TensorBoard event files hold loss, lr, metric, scales, errors and bit-widths."""
+"""QAT monitoring: TensorBoard event files hold loss, lr, metric and the per-layer figures
+(scales, errors, bit-widths) that lowbit.report.layers computes and the monitor only logs."""
 
 import sys
 import types
@@ -11,7 +12,8 @@ from torch import nn
 
 from lowbit.nn.quantizer import Quantizer
 from lowbit.qat import Monitor, fit, prepare_qat
-from lowbit.qat.monitor import bit_widths, quantizer_scales, weight_errors
+from lowbit.report import layers
+from lowbit.report.layers import bit_widths, quantizer_scales, weight_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +51,7 @@ def _events(log_dir):
 def test_fit_writes_loss_lr_metric_scales_errors_and_bit_widths(tmp_path):
     qmodel, batches = _setup()
     result = fit(qmodel, batches, F.cross_entropy, epochs=2, lr=2e-3, eval_fn=lambda m: 0.25, log_dir=tmp_path,
-                 log_every=2, progress=False)
+                 log_every=2, figures=layers, progress=False)
     acc = _events(tmp_path)
     tags = acc.Tags()
 
@@ -103,14 +105,37 @@ def test_scales_and_bit_widths_of_observed_and_dynamic_ranges():
     torch.manual_seed(0)
     qmodel = prepare_qat(Net().eval(), "w8a8", None, learn=None, progress=False)  # weights: dynamic
     scales = quantizer_scales(qmodel)
-    assert "scale/fc.weight/mean" in scales  # from the current weight
+    assert "fc.weight/mean" in scales  # from the current weight
     assert not any("input" in tag for tag in scales)  # observing, no batch seen yet: no range to log
     qmodel(torch.randn(4, 1, 6, 6))  # one training batch: the observed ranges exist now
     scales = quantizer_scales(qmodel)
-    assert scales["scale/features.0.input"] == pytest.approx(float(qmodel.features[0].input_quantizer.scale))
+    assert scales["features.0.input"] == pytest.approx(float(qmodel.features[0].input_quantizer.scale))
     counts = bit_widths(qmodel)
     assert set(counts) == {"int8", "float32"} and sum(counts.values()) == sum(p.numel() for p in qmodel.parameters())
     assert all(q.mode in ("observing", "dynamic") for q in qmodel.modules() if isinstance(q, Quantizer))
+
+
+def test_without_figures_fit_logs_only_the_training_curves(tmp_path):
+    qmodel, batches = _setup()
+    fit(qmodel, batches, F.cross_entropy, epochs=1, log_dir=tmp_path, log_every=1, progress=False)
+    acc = _events(tmp_path)
+    assert {"train/loss", "train/lr", "train/grad_norm"} <= set(acc.Tags()["scalars"])
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith(("scale/", "model/"))]
+    assert not acc.Tags()["histograms"]
+    with pytest.raises(ValueError, match="pass log_dir as well"):
+        fit(qmodel, batches, F.cross_entropy, epochs=1, figures=layers, progress=False)
+
+
+def test_monitor_logs_the_figures_it_is_given(tmp_path):
+    with Monitor(tmp_path) as mon:
+        mon.log_scales({"fc.input": 0.5, "fc.weight/max": 0.25}, step=1)
+        mon.log_weight_errors({"fc.weight": torch.tensor([0.1, -0.1, 0.0])}, step=1)
+        mon.log_bit_widths({"int8": 24, "float32": 8}, "the table", step=0)
+    acc = _events(tmp_path)
+    assert acc.Scalars("scale/fc.input")[0].value == 0.5 and acc.Scalars("scale/fc.weight/max")[0].value == 0.25
+    assert acc.Histograms("quant_error/fc.weight")[0].histogram_value.num == 3
+    assert [acc.Scalars(f"model/params/{k}")[0].value for k in ("int8", "float32")] == [24, 8]
+    assert acc.Tensors("model/bit_widths/text_summary")[0].tensor_proto.string_val[0].decode() == "the table"
 
 
 def test_wandb_offline_mirror_when_installed(tmp_path, monkeypatch):

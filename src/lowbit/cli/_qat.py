@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..report import layers
 from ._common import (
     RECIPE_FORMAT,
     RECIPE_VERSION,
@@ -69,7 +70,8 @@ def qat_from_recipe(recipe: dict, *, checkpoint_dir, log_dir=None, resume=True, 
                  weight_decay=t["weight_decay"], schedule=schedule, teacher=model if t["distill_weight"] else None,
                  distill_weight=t["distill_weight"], temperature=t["temperature"], eval_fn=eval_fn,
                  checkpoint_dir=checkpoint_dir, checkpoint_every=t["checkpoint_every"], resume=resume,
-                 log_dir=log_dir, seed=t["seed"], shuffle=t["shuffle"], progress=progress,
+                 log_dir=log_dir, figures=layers if log_dir else None, seed=t["seed"], shuffle=t["shuffle"],
+                 progress=progress,
                  max_grad_norm=t["max_grad_norm"])
     return model, qmodel, train, result
 

@@ -219,11 +219,16 @@ PRESETS: Mapping[str, QuantSpec] = MappingProxyType(_PRESETS)
 """All named specs, by name."""
 
 
+def preset(value, cls: type, presets: Mapping[str, object], what: str):
+    """``value`` itself when it is a ``cls``, else the preset of that name (ValueError listing the names)."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return presets[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {what} {value!r}; presets: {', '.join(presets)}") from None
+
+
 def get_spec(spec: QuantSpec | str) -> QuantSpec:
     """Resolve a preset name (see ``PRESETS``) or pass a QuantSpec through."""
-    if isinstance(spec, QuantSpec):
-        return spec
-    try:
-        return PRESETS[spec]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown quantization spec {spec!r}; presets: {', '.join(PRESETS)}") from None
+    return preset(spec, QuantSpec, PRESETS, "quantization spec")

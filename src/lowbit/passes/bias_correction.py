@@ -138,12 +138,7 @@ def _layer_errors(qmodel: nn.Module, layers: dict[str, nn.Module], data: Iterabl
             stats[name].add(output - y_fp)
         return measure
 
-    handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in layers.items()]
-    try:
-        _feed(qmodel, data)
-    finally:
-        for h in handles:
-            h.remove()
+    _feed_hooked(qmodel, layers, hook, data, with_kwargs=True)
     return {name: s.mean() for name, s in stats.items() if s.count}
 
 
@@ -162,13 +157,18 @@ def _output_means(model: nn.Module, names: list[str], data: Iterable, stop_after
                 raise _Stop
         return measure
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    _feed_hooked(model, modules, hook, data)
+    return {n: s.mean() for n, s in stats.items() if s.count}
+
+
+def _feed_hooked(model: nn.Module, modules: dict[str, nn.Module], hook, data: Iterable, **options) -> None:
+    """Run ``model`` over ``data`` with the forward hook ``hook(name)`` on each of ``modules``."""
+    handles = [m.register_forward_hook(hook(n), **options) for n, m in modules.items()]
     try:
         _feed(model, data)
     finally:
         for h in handles:
             h.remove()
-    return {n: s.mean() for n, s in stats.items() if s.count}
 
 
 def _execution_order(qmodel: nn.Module, layers: dict[str, nn.Module], data: Iterable) -> list[str]:

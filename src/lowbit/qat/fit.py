@@ -11,10 +11,11 @@ what a QAT fine-tune usually needs and is tedious to get right:
   ``(seed, epoch)``, and a resumed run skips exactly the batches already consumed;
 * a loss or gradient that goes NaN/Inf stops the run, naming the step, before the
   optimizer step, and the last good checkpoint is never overwritten;
-* TensorBoard logging (``monitor.Monitor``) and tqdm progress bars.
+* TensorBoard logging (``monitor.Monitor``): loss, lr, metric and, with ``figures``, the
+  per-layer figures of ``lowbit.report.layers``; tqdm progress bars.
 
     result = lowbit.qat.fit(qmodel, train_batches, F.cross_entropy, epochs=3, teacher=model,
-                            checkpoint_dir="runs/qat", log_dir="runs/qat/tb")
+                            checkpoint_dir="runs/qat", log_dir="runs/qat/tb", figures=lowbit.report.layers)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from ..ptq import run_model
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .distill import distillation_loss
+from .monitor import LayerFigures
 from .optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -121,12 +123,13 @@ class _Loop:
     """One ``fit`` call's state; methods are the pieces of the loop."""
 
     def __init__(self, model, train_data, loss_fn, *, optimizer, schedule, teacher, distill_weight,
-                 temperature, eval_fn, ckpt_path, checkpoint_every, monitor, log_every, seed, shuffle,
+                 temperature, eval_fn, ckpt_path, checkpoint_every, monitor, figures, log_every, seed, shuffle,
                  progress, max_grad_norm):
         self.model, self.train_data, self.loss_fn = model, train_data, loss_fn
         self.optimizer, self.schedule, self.teacher = optimizer, schedule, teacher
         self.distill_weight, self.temperature, self.eval_fn = distill_weight, temperature, eval_fn
         self.ckpt_path, self.checkpoint_every, self.monitor = ckpt_path, checkpoint_every, monitor
+        self.figures: LayerFigures | None = figures  # computes what the monitor logs per layer
         self.log_every, self.seed, self.shuffle = log_every, seed, shuffle
         self.progress, self.max_grad_norm = progress, max_grad_norm
         self.device = next(model.parameters()).device
@@ -173,8 +176,22 @@ class _Loop:
             self.monitor.scalars({"train/loss": self.last_loss, "train/lr": self.optimizer.param_groups[0]["lr"],
                                   "train/grad_norm": float(grad_norm), **parts}, self.step)
             if self.step % self.log_every == 0:
-                self.monitor.log_quantizers(self.model, self.step)
+                self.log_scales()
         return self.last_loss
+
+    # -- per-layer figures: computed by ``figures`` (lowbit.report.layers), logged by the monitor --
+    def log_bit_widths(self) -> None:
+        if self.figures is not None:
+            counts = self.figures.bit_widths(self.model)
+            self.monitor.log_bit_widths(counts, self.figures.bit_width_table(counts), self.step)
+
+    def log_scales(self) -> None:
+        if self.figures is not None:
+            self.monitor.log_scales(self.figures.quantizer_scales(self.model), self.step)
+
+    def log_weight_errors(self) -> None:
+        if self.figures is not None:
+            self.monitor.log_weight_errors(self.figures.weight_errors(self.model), self.step)
 
     def _nonfinite(self, what: str, where: str) -> FloatingPointError:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -218,8 +235,8 @@ class _Loop:
             if self.eval_fn is not None:
                 self.monitor.scalar("eval/metric", self.metrics[-1], self.step)
             if self.step % self.log_every:  # else train_step just logged them
-                self.monitor.log_quantizers(self.model, self.step)
-            self.monitor.log_weight_errors(self.model, self.step)
+                self.log_scales()
+            self.log_weight_errors()
             self.monitor.flush()
         if self.ckpt_path is not None:
             self.save(epoch + 1, 0)
@@ -245,7 +262,8 @@ class _Loop:
         return ck
 
 
-def _check_args(train_data, epochs, distill_weight, checkpoint_every, log_every, max_grad_norm) -> None:
+def _check_args(train_data, epochs, distill_weight, checkpoint_every, log_every, max_grad_norm, log_dir,
+                figures) -> None:
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     if not 0.0 <= distill_weight <= 1.0:
@@ -254,6 +272,8 @@ def _check_args(train_data, epochs, distill_weight, checkpoint_every, log_every,
         raise ValueError("checkpoint_every and log_every must be >= 1")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+    if figures is not None and log_dir is None:
+        raise ValueError("figures are logged to TensorBoard: pass log_dir as well (or figures=None)")
     if iter(train_data) is train_data:
         raise ValueError("train_data must be re-iterable (a list of batches or a DataLoader), not a one-shot "
                          "iterator or generator: each epoch iterates it again")
@@ -278,6 +298,7 @@ def fit(
     resume: bool = True,
     log_dir: str | os.PathLike | None = None,
     log_every: int = 10,
+    figures: LayerFigures | None = None,
     wandb: bool | None = None,
     seed: int = 0,
     shuffle: bool = True,
@@ -301,8 +322,13 @@ def fit(
         eval_fn: ``eval_fn(model) -> float``, called in eval mode after each epoch.
         checkpoint_dir: where ``checkpoint.pt`` is kept (every ``checkpoint_every`` steps and
             after each epoch); with ``resume`` a run continues from it.
-        log_dir: TensorBoard folder (needs ``tensorboard``); ``wandb`` as for ``Monitor``.
+        log_dir: TensorBoard folder (needs ``tensorboard``): loss, lr, gradient norm, metric;
+            ``wandb`` as for ``Monitor``.
         log_every: steps between quantizer-scale logs.
+        figures: what computes the per-layer figures to log with ``log_dir``: pass
+            ``lowbit.report.layers`` for each quantizer's scale (every ``log_every`` steps and
+            each epoch), a histogram of each weight's rounding error (each epoch) and the
+            parameter count per bit-width (at the start); None logs none of them.
         seed: seeds torch / random / numpy at the start and torch at every epoch: the data
             order and random draws of an epoch depend only on the seed and the epoch.
         shuffle: permute a list of batches every epoch (a DataLoader keeps its own order).
@@ -320,8 +346,9 @@ def fit(
     Example:
         >>> qmodel = lowbit.prepare_qat(model, "w4a8", calib_data=[x for x, _ in batches[:8]])
         >>> res = fit(qmodel, batches, F.cross_entropy, epochs=2, teacher=model, checkpoint_dir="runs/qat")
+        >>> res = fit(qmodel, batches, F.cross_entropy, epochs=2, log_dir="runs/tb", figures=lowbit.report.layers)
     """
-    _check_args(train_data, epochs, distill_weight, checkpoint_every, log_every, max_grad_norm)
+    _check_args(train_data, epochs, distill_weight, checkpoint_every, log_every, max_grad_norm, log_dir, figures)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -339,13 +366,13 @@ def fit(
                                                         "distill_weight": distill_weight if teacher else 0.0})
     loop = _Loop(model, train_data, loss_fn, optimizer=optimizer, schedule=schedule, teacher=teacher,
                  distill_weight=distill_weight, temperature=temperature, eval_fn=eval_fn, ckpt_path=ckpt_path,
-                 checkpoint_every=checkpoint_every, monitor=monitor, log_every=log_every, seed=seed,
+                 checkpoint_every=checkpoint_every, monitor=monitor, figures=figures, log_every=log_every, seed=seed,
                  shuffle=shuffle, progress=progress, max_grad_norm=max_grad_norm)
     try:
         ck = loop.resume() if resume else None
         start_epoch, start_batch = (ck.epoch, ck.batch) if ck is not None else (0, 0)
         if monitor is not None:
-            monitor.log_bit_widths(model, loop.step)
+            loop.log_bit_widths()
         for epoch in range(start_epoch, epochs):
             skip = start_batch if epoch == start_epoch else 0
             loop.run_epoch(epoch, epochs, skip, ck if epoch == start_epoch else None)

@@ -7,105 +7,41 @@ What a QAT run adds to the usual loss / metric / learning-rate curves:
     model/params/<dtype>           how many parameters are stored at each bit-width
     model/bit_widths               the same as a text table
 
-    with Monitor("runs/qat") as mon:
-        mon.log_bit_widths(qmodel, step=0)
-        ... mon.scalar("train/loss", loss, step); mon.log_quantizers(qmodel, step) ...
+The monitor only logs: the figures come from ``lowbit.report.layers``, which ``lowbit.qat``
+may not import (report sits above the training algorithms), so the caller passes them in,
+as figures (``log_scales(scales, step)``) or, to ``fit``, as the module that computes them
+(``fit(..., figures=lowbit.report.layers)``; ``LayerFigures`` is what it must provide).
 
-The functions ``quantizer_scales``, ``weight_errors`` and ``bit_widths`` compute the same
-numbers without logging them.
+    from lowbit.report import layers
+    with Monitor("runs/qat") as mon:
+        counts = layers.bit_widths(qmodel)
+        mon.log_bit_widths(counts, layers.bit_width_table(counts), step=0)
+        ... mon.scalar("train/loss", loss, step); mon.log_scales(layers.quantizer_scales(qmodel), step) ...
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from typing import Self
+from collections.abc import Mapping
+from typing import Protocol, Self
 
 import torch
 from torch import nn
 
-from ..numerics import fake_quantize
-from .prepare import _weight_source, quantizers_by_role
-
 log = logging.getLogger(__name__)
 
-def _has_range(q) -> bool:
-    """A range to read now: fixed, learned, dynamic, or observed from at least one batch (a
-    learnable quantizer still observing is waiting for its first batch)."""
-    return q.mode in ("static", "learned", "dynamic") or (q.mode == "observing" and q.is_frozen and q.learn is None)
 
+class LayerFigures(Protocol):
+    """The per-layer figures ``fit`` logs; ``lowbit.report.layers`` provides them."""
 
-# -- what gets logged -----------------------------------------------------------------------
-def _weight_quantizers(model: nn.Module):
-    for module, role, q in quantizers_by_role(model):
-        if role == "weight" and isinstance(getattr(module, "weight", None), torch.Tensor):
-            yield module, q
+    def quantizer_scales(self, model: nn.Module) -> dict[str, float]: ...
 
+    def weight_errors(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 
-@torch.no_grad()
-def quantizer_scales(model: nn.Module) -> dict[str, float]:
-    """``{tag: value}`` for every quantizer with a range: ``scale/<name>`` for a per-tensor
-    scale, ``scale/<name>/mean|min|max`` for per-channel or group-wise scales.  Dynamic
-    weight quantizers report the scale of the current weight; dynamic activation
-    quantizers, which have no scale between batches, are left out."""
-    out: dict[str, float] = {}
-    for module, role, q in quantizers_by_role(model):
-        if not _has_range(q):
-            continue
-        if q.mode == "dynamic":
-            if role != "weight":
-                continue
-            scale, _ = q.qparams_for(_weight_source(module).detach())
-        else:
-            scale, _ = q.qparams_for(torch.empty(0))
-        scale = scale.float()
-        if scale.numel() == 1:
-            out[f"scale/{q.name}"] = float(scale)
-        else:
-            out[f"scale/{q.name}/mean"] = float(scale.mean())
-            out[f"scale/{q.name}/min"] = float(scale.min())
-            out[f"scale/{q.name}/max"] = float(scale.max())
-    return out
+    def bit_widths(self, model: nn.Module) -> dict[str, int]: ...
 
-
-@torch.no_grad()
-def weight_errors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{quantizer name: w - fakequant(w)}`` for each quantized weight (the BN-folded weight
-    of a conv-BN layer, as its quantizer sees it).  Changes no state."""
-    out = {}
-    for module, q in _weight_quantizers(model):
-        if not _has_range(q):
-            continue
-        w = _weight_source(module).detach()
-        scale, zero_point = q.qparams_for(w)
-        out[q.name] = (w - fake_quantize(w, scale, zero_point, q.spec, name=q.name)).flatten()
-    return out
-
-
-def bit_widths(model: nn.Module) -> dict[str, int]:
-    """How many parameters the deployed model stores at each bit-width: quantized weights
-    under their integer type (``"int4"``, ``"int8"``...), everything else under ``"float32"``
-    (biases, BatchNorm, float layers, quantizer scales)."""
-    counts: Counter[str] = Counter()
-    quantized: set[int] = set()
-    for module, q in _weight_quantizers(model):
-        if q.mode == "disabled":
-            continue
-        counts[f"{'int' if q.spec.signed else 'uint'}{q.spec.bits}"] += module.weight.numel()
-        quantized.add(id(module.weight))
-    for p in model.parameters():
-        if id(p) not in quantized:
-            counts["float32"] += p.numel()
-    return dict(sorted(counts.items()))
-
-
-def _bit_width_table(counts: dict[str, int]) -> str:
-    total = sum(counts.values()) or 1
-    bits = sum(n * int("".join(c for c in k if c.isdigit())) for k, n in counts.items())
-    rows = [f"| {k} | {n:,} | {100 * n / total:.1f}% |" for k, n in counts.items()]
-    return "\n".join(["| stored as | parameters | share |", "|---|---:|---:|", *rows, "",
-                      f"mean bits per parameter: {bits / total:.2f}"])
+    def bit_width_table(self, counts: Mapping[str, int]) -> str: ...
 
 
 # -- the writer ----------------------------------------------------------------------------
@@ -157,20 +93,28 @@ class Monitor:
         if self.wandb is not None:
             self.wandb.log(dict(values), step=step)
 
-    def log_quantizers(self, model: nn.Module, step: int) -> None:
-        """Each quantizer's scale (see ``quantizer_scales``)."""
-        self.scalars(quantizer_scales(model), step)
+    def histograms(self, values: Mapping[str, torch.Tensor], step: int) -> None:
+        """One histogram per tag (TensorBoard only)."""
+        for tag, value in values.items():
+            self.writer.add_histogram(tag, value, step)
 
-    def log_weight_errors(self, model: nn.Module, step: int) -> None:
-        """A histogram of ``w - fakequant(w)`` per quantized weight."""
-        for name, err in weight_errors(model).items():
-            self.writer.add_histogram(f"quant_error/{name}", err, step)
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text (markdown) entry (TensorBoard only)."""
+        self.writer.add_text(tag, text, step)
 
-    def log_bit_widths(self, model: nn.Module, step: int) -> None:
-        """Parameter counts per stored bit-width, as scalars and a text table."""
-        counts = bit_widths(model)
+    def log_scales(self, scales: Mapping[str, float], step: int) -> None:
+        """Each quantizer's scale as ``scale/<name>`` (``lowbit.report.layers.quantizer_scales``)."""
+        self.scalars({f"scale/{name}": value for name, value in scales.items()}, step)
+
+    def log_weight_errors(self, errors: Mapping[str, torch.Tensor], step: int) -> None:
+        """A histogram ``quant_error/<name>`` per quantized weight (``lowbit.report.layers.weight_errors``)."""
+        self.histograms({f"quant_error/{name}": err for name, err in errors.items()}, step)
+
+    def log_bit_widths(self, counts: Mapping[str, int], table: str, step: int) -> None:
+        """Parameter counts per stored bit-width as scalars ``model/params/<dtype>``, and ``table``
+        (``lowbit.report.layers.bit_widths`` / ``bit_width_table``) as text."""
         self.scalars({f"model/params/{k}": float(n) for k, n in counts.items()}, step)
-        self.writer.add_text("model/bit_widths", _bit_width_table(counts), step)
+        self.text("model/bit_widths", table, step)
 
     def flush(self) -> None:
         self.writer.flush()
