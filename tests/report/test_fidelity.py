@@ -83,3 +83,45 @@ def test_gradients_are_not_needed():
 def test_identical_outputs_with_an_all_zero_sample_have_cosine_one():
     x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
     assert fidelity(x, x.clone())["cosine"] == pytest.approx(1.0)
+
+
+def test_a_token_mask_leaves_padding_out_of_every_figure():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 8)
+    cand = ref.clone()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    cand[mask == 0] = 100 * torch.randn(3, 8)  # padding positions: far off
+    masked = fidelity(ref, cand, mask)
+    assert masked["cosine"] == pytest.approx(1.0) and masked["max_abs_diff"] == 0.0
+    unmasked = fidelity(ref, cand)
+    assert unmasked["cosine"] < 0.5 and unmasked["max_abs_diff"] > 10
+    with pytest.raises(ValueError, match="does not cover outputs"):
+        fidelity(ref, cand, mask[:, :4])
+
+
+def test_compare_counts_real_tokens_of_per_token_outputs():
+    """A per-token output and a tokenizer-style attention_mask: the FP32 rows agree on real
+    tokens, whatever the padding positions hold, and the report says so."""
+    from torch import nn
+
+    import lowbit
+
+    class PerToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.ff = nn.Embedding(16, 8), nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask):
+            return self.ff(self.embed(input_ids))
+
+    torch.manual_seed(0)
+    model = PerToken().eval()
+    batch = {"input_ids": torch.randint(0, 16, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.int64)}
+    batch["attention_mask"][:, 4:] = 0
+    qmodel = lowbit.quantize(model, [batch], "w8a8", progress=False)
+    report = lowbit.compare(model, qmodel, inputs=batch)
+    assert any("real tokens only" in note for note in report.notes)
+    rows = {r["model"]: r["metrics"] for r in report.rows}
+    with torch.no_grad():
+        expected = fidelity(model(**batch), qmodel(**batch), batch["attention_mask"])
+    assert rows["quantized"] == pytest.approx(expected)

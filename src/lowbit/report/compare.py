@@ -165,8 +165,12 @@ def compare(
             if emulate:
                 _emulation_parity(report, qmodel, inputs, ort_out)
             report.latency = _latency_grid(fp32_onnx, onnx, inputs, threads, batch_sizes, latency_runs)
+        mask = _token_mask(inputs, ref)
+        if mask is not None:
+            report.notes.append("Fidelity to FP32 counts real tokens only (the inputs' attention_mask): "
+                                "padding positions hold values no consumer reads.")
         for name, (where, predict, out, size) in predictors.items():
-            metrics = fidelity(ref, out)
+            metrics = fidelity(ref, out, mask)
             if eval_fn is not None:
                 with torch.no_grad():
                     user = eval_fn(lambda batch, p=predict: _first_tensor(run_model(p, batch)))
@@ -175,6 +179,14 @@ def compare(
     report.notes.append(f"Latency: ONNX Runtime CPU provider, {platform.machine()}, inter-op threads 1, "
                         f"{latency_runs} timed runs after 10 warm-up runs.")
     return report
+
+
+def _token_mask(inputs, output: torch.Tensor) -> torch.Tensor | None:
+    """The inputs' ``attention_mask`` when the output is per token (``(batch, sequence, ...)``)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or output.dim() < 3 or tuple(mask.shape) != tuple(output.shape[:2]):
+        return None
+    return mask
 
 
 def _metrics(parity: dict) -> str:

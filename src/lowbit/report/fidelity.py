@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 
-def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+def fidelity(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
     """Agreement of ``candidate`` outputs with ``reference`` outputs (same shape, batch first).
+
+    ``mask``: for per-token outputs ``(batch, sequence, ...)``, a ``(batch, sequence)`` mask of
+    the positions that count (a tokenizer's ``attention_mask``); the others are left out of
+    every figure.  Padding positions carry values no consumer reads (attention and pooling
+    mask them), and they can differ a lot between two models that agree on every real token.
 
     Returns:
         ``cosine``: mean per-sample cosine similarity of the flattened outputs;
@@ -19,6 +24,12 @@ def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, floa
     cand = candidate.detach().float()
     if ref.shape != cand.shape:
         raise ValueError(f"output shapes differ: reference {tuple(ref.shape)} vs candidate {tuple(cand.shape)}")
+    if mask is not None:
+        if tuple(mask.shape) != tuple(ref.shape[:2]) or ref.dim() < 3:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not cover outputs {tuple(ref.shape)} "
+                             "(expected (batch, sequence) for outputs (batch, sequence, ...))")
+        keep = mask.bool().reshape(*mask.shape, *([1] * (ref.dim() - 2)))
+        ref, cand = ref * keep, cand * keep  # left-out positions: zero in both, no part in any figure
     flat_r, flat_c = ref.reshape(ref.shape[0], -1), cand.reshape(cand.shape[0], -1)
     cosine = F.cosine_similarity(flat_r, flat_c, dim=1, eps=1e-12)
     # Two all-zero samples are identical: count them as cosine 1, not 0.
