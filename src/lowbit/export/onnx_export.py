@@ -60,7 +60,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..nn.convert import convert, is_qat_model
+from ..nn import convert, is_qat_model
 from ..targets import TARGET_METADATA, Target, resolve_target
 from . import _activations, _blocked, _bn_fold, _external, _opset, _ort_layout, _passes
 from ._graph import Graph

@@ -7,8 +7,8 @@
 Everything here imports only ``lowbit.numerics`` and ``lowbit.observers`` (layers below it).
 """
 
+from ._convert import convert, is_qat_model
 from .conv_bn import ConvBn2d, QuantConvBn2d
-from .convert import convert, is_qat_model
 from .integer import IntegerBias, IntegerParams, IntegerTensor
 from .modules import (
     QuantAdd,

@@ -14,7 +14,7 @@ Under ``torchrun``: ``lowbit.qat.prepare_ddp(qmodel)`` after prepare_qat, then w
 (see ``lowbit.examples.qat_ddp``).
 """
 
-from ..nn.convert import convert
+from ..nn import convert
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .distill import distillation_loss
 from .distributed import (
