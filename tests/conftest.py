@@ -10,3 +10,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def flip_bytes():
+    """``flip_bytes(path, offset, n=64)``: invert ``n`` bytes of the file from ``offset`` (damage it)."""
+    def flip(path, offset, n=64):
+        raw = bytearray(path.read_bytes())
+        for i in range(offset, offset + n):
+            raw[i] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    return flip

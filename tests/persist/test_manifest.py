@@ -36,34 +36,27 @@ def _rewrite_manifest(folder, change):
     (folder / "manifest.json").write_bytes(manifest.encode(data))
 
 
-def _flip(path, offset, n=64):
-    raw = bytearray(path.read_bytes())
-    for i in range(offset, offset + n):
-        raw[i] ^= 0xFF
-    path.write_bytes(bytes(raw))
-
-
 @pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(b""), r"model.safetensors is empty \(0 bytes\)"),
-    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"model.safetensors is truncated"),
-    (lambda p: _flip(p, p.stat().st_size // 2), r"model.safetensors is corrupted: its sha256 does not match"),
-    (lambda p: _flip(p, 8, n=4), r"model.safetensors is corrupted"),  # inside the safetensors header
+    (lambda p, flip: p.write_bytes(b""), r"model.safetensors is empty \(0 bytes\)"),
+    (lambda p, flip: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"model.safetensors is truncated"),
+    (lambda p, flip: flip(p, p.stat().st_size // 2), r"model.safetensors is corrupted: its sha256 does not match"),
+    (lambda p, flip: flip(p, 8, n=4), r"model.safetensors is corrupted"),  # inside the safetensors header
 ])
-def test_damaged_tensors_file_is_refused_with_its_name(saved, damage, message):
-    damage(saved / "model.safetensors")
+def test_damaged_tensors_file_is_refused_with_its_name(saved, damage, message, flip_bytes):
+    damage(saved / "model.safetensors", flip_bytes)
     with pytest.raises(ValueError, match=message):
         lowbit.load(small(1), saved)
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(b""), r"manifest.json is empty \(0 bytes\)"),
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), r"manifest.json is truncated or corrupted: not valid JSON"),
-    (lambda p: p.write_text(p.read_text().replace('"static"', '"dynamic"', 1)),
+    (lambda p, flip: p.write_bytes(b""), r"manifest.json is empty \(0 bytes\)"),
+    (lambda p, flip: p.write_bytes(p.read_bytes()[:100]), r"manifest.json is truncated or corrupted: not valid JSON"),
+    (lambda p, flip: p.write_text(p.read_text().replace('"static"', '"dynamic"', 1)),
      r"manifest.json is corrupted: its content does not match its checksum"),
-    (lambda p: p.write_text("[1, 2]"), r"manifest.json is not a lowbit saved-model manifest"),
+    (lambda p, flip: p.write_text("[1, 2]"), r"manifest.json is not a lowbit saved-model manifest"),
 ])
-def test_damaged_manifest_is_refused_with_its_name(saved, damage, message):
-    damage(saved / "manifest.json")
+def test_damaged_manifest_is_refused_with_its_name(saved, damage, message, flip_bytes):
+    damage(saved / "manifest.json", flip_bytes)
     with pytest.raises(ValueError, match=message):
         lowbit.load(small(1), saved)
 

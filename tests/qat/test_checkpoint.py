@@ -215,31 +215,24 @@ def test_writes_are_atomic_and_never_store_nan_weights(tmp_path, monkeypatch):
         save_checkpoint(tmp_path / "x.pt", _prepared(), extra={"fn": print})
 
 
-def _flip(path, offset, n=64):
-    raw = bytearray(path.read_bytes())
-    for i in range(offset, offset + n):
-        raw[i] ^= 0xFF
-    path.write_bytes(bytes(raw))
-
-
 @pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(b""), r"ck.pt is empty \(0 bytes\)"),
-    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"ck.pt is truncated or corrupted"),
-    (lambda p: _flip(p, p.stat().st_size // 2), r"ck.pt is corrupted: its content does not match the sha256"),
-    (lambda p: _flip(p, p.stat().st_size - 40, n=4), r"ck.pt is corrupted: its checksum trailer is missing"),
-    (lambda p: _flip(p, p.stat().st_size - 8, n=8), r"ck.pt is corrupted: its content does not match"),
+    (lambda p, flip: p.write_bytes(b""), r"ck.pt is empty \(0 bytes\)"),
+    (lambda p, flip: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"ck.pt is truncated or corrupted"),
+    (lambda p, flip: flip(p, p.stat().st_size // 2), r"ck.pt is corrupted: its content does not match the sha256"),
+    (lambda p, flip: flip(p, p.stat().st_size - 40, n=4), r"ck.pt is corrupted: its checksum trailer is missing"),
+    (lambda p, flip: flip(p, p.stat().st_size - 8, n=8), r"ck.pt is corrupted: its content does not match"),
 ])
-def test_an_empty_truncated_or_corrupted_checkpoint_is_refused_with_its_name(tmp_path, damage, message):
+def test_an_empty_truncated_or_corrupted_checkpoint_is_refused_with_its_name(tmp_path, damage, message, flip_bytes):
     path = save_checkpoint(tmp_path / "ck.pt", _prepared(), step=1)
-    damage(path)
+    damage(path, flip_bytes)
     with pytest.raises(ValueError, match=message + ".*(resume=False|--no-resume)"):
         load_checkpoint(path, _prepared())
 
 
-def test_fit_does_not_resume_silently_from_a_corrupted_checkpoint(tmp_path):
+def test_fit_does_not_resume_silently_from_a_corrupted_checkpoint(tmp_path, flip_bytes):
     setup = SETUPS["list-lsq"]
     _run(setup, tmp_path)
-    _flip(tmp_path / "checkpoint.pt", 2000)  # 64 flipped bytes in the middle
+    flip_bytes(tmp_path / "checkpoint.pt", 2000)  # 64 flipped bytes in the middle
     with pytest.raises(ValueError, match="checkpoint.pt is corrupted"):
         _run(setup, tmp_path)
 

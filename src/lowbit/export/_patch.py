@@ -15,13 +15,14 @@ reported with the quantizer's name and the fix, not as a tracer stack trace.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..nn.integer import IntegerTensor, static_integers
+from ..nn.integer import IntegerParams, IntegerTensor, static_integers
 from ..nn.modules import QuantEmbedding, has_quantizers, is_quantized
 from ..nn.quantizer import Quantizer
 from ..numerics import QuantSpec
@@ -50,9 +51,9 @@ def _qparams(t: IntegerTensor) -> QParams:
     return QParams(name=t.name, spec=t.spec, scale=t.scale, zero_point=t.zero_point, quantized=t.values)
 
 
-def _weight_params(layer: nn.Module) -> QParams:
-    """Integer weight plus qparams, as ``layer.integer_params()`` gives them."""
-    return _qparams(layer.integer_params().weight)
+# ``layer -> layer.integer_params()``, computed once per layer for one export (the weight and
+# the bias of a layer are patched separately and both read it).
+IntegerView = Callable[[nn.Module], IntegerParams]
 
 
 def _static_params(q: Quantizer) -> QParams:
@@ -69,7 +70,7 @@ def _check_dynamic_activation(q: Quantizer) -> None:
         )
 
 
-def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module], opset: int | None):
+def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module], opset: int | None, view: IntegerView):
     """The export-time forward of one quantizer, or None to keep its own (identity) forward."""
     if q.mode == "disabled":
         return None
@@ -80,7 +81,7 @@ def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module], opset: int
     if isinstance(owner, QuantEmbedding):
         return None  # the embedding's own export forward reads the integer table
     check_exportable(q.spec, q.name, opset=opset, role="activation" if owner is None else "weight")
-    weight_params = None if owner is None else _weight_params(owner)
+    weight_params = None if owner is None else _qparams(view(owner).weight)
     if q.mode == "dynamic" and owner is None:
         _check_dynamic_activation(q)
         return lambda x: _symbolic.dynamic_qdq(x, q, q.name)
@@ -101,7 +102,7 @@ def _quantizer_forward(q: Quantizer, weight_of: dict[int, nn.Module], opset: int
     return forward
 
 
-def _embedding_forward(m: QuantEmbedding, opset: int | None):
+def _embedding_forward(m: QuantEmbedding, opset: int | None, view: IntegerView):
     q = m.weight_quantizer
     if q is None or q.mode == "disabled":
         return None
@@ -109,7 +110,7 @@ def _embedding_forward(m: QuantEmbedding, opset: int | None):
         raise ValueError(f"{q.name}: Embedding(max_norm=...) renormalises the table at run time, which an "
                          "integer table cannot do; drop max_norm or keep this embedding in float")
     check_exportable(q.spec, q.name, opset=opset, role="embedding")
-    params = _weight_params(m)
+    params = _qparams(view(m).weight)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         out = _symbolic.embedding_dq(ids, params)
@@ -118,11 +119,11 @@ def _embedding_forward(m: QuantEmbedding, opset: int | None):
     return forward
 
 
-def _bias_forward(layer: nn.Module):
+def _bias_forward(layer: nn.Module, view: IntegerView):
     """The export-time ``_quant_bias`` of one layer (an int32 constant and its DequantizeLinear),
     or None to keep its own float bias: where, and only where, ``layer.integer_params()`` puts
     the bias on the int32 grid, as the simulation does."""
-    ints = layer.integer_params().bias if is_quantized(layer) else None
+    ints = view(layer).bias if is_quantized(layer) else None
     if ints is None:
         return None
     params = BiasParams(name=ints.name, quantized=ints.values, scale=ints.scale)
@@ -160,6 +161,7 @@ def export_mode(model: nn.Module, *, opset: int | None = None) -> Iterator[int]:
         ...     torch.onnx.export(qmodel, (x,), f, dynamo=False)
     """
     weight_of = _weight_owners(model)
+    view: IntegerView = functools.cache(lambda layer: layer.integer_params())
     patches: list[tuple[nn.Module, str, object]] = []  # (module, attribute, its previous instance value)
     hooks = []
 
@@ -174,11 +176,11 @@ def export_mode(model: nn.Module, *, opset: int | None = None) -> Iterator[int]:
                 hooks.append(module.register_state_dict_post_hook(_drop_extra_state))
         for module in model.modules():
             if isinstance(module, Quantizer):
-                patch(module, "forward", _quantizer_forward(module, weight_of, opset))
+                patch(module, "forward", _quantizer_forward(module, weight_of, opset, view))
             elif isinstance(module, QuantEmbedding):
-                patch(module, "forward", _embedding_forward(module, opset))
+                patch(module, "forward", _embedding_forward(module, opset, view))
             elif is_quantized(module):
-                patch(module, "_quant_bias", _bias_forward(module))
+                patch(module, "_quant_bias", _bias_forward(module, view))
         log.debug("export mode: %d quantizers / embeddings / biases emit Q/DQ", len(patches))
         yield len(patches)
     finally:
