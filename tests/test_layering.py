@@ -29,10 +29,12 @@ LAYERS: dict[str, int] = {
     "passes": 4, "export": 4,
     "ptq": 5, "runtime": 5,
     "qat": 6,
-    "persist": 7, "report": 7, "analysis": 7,
+    "persist": 7, "report": 7,
+    # sensitivity, mixed precision, autoquant: they run the algorithms and measure with report
+    "analysis": 8,
     # faces
-    "cli": 8, "demo": 8, "examples": 8,
-    "__init__": 9, "__main__": 9,  # the package itself and `python -m lowbit`
+    "cli": 9, "demo": 9, "examples": 9,
+    "__init__": 10, "__main__": 10,  # the package itself and `python -m lowbit`
 }
 
 ROOT = Path(lowbit.__file__).parent

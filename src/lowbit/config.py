@@ -64,6 +64,11 @@ class Rule:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError("Rule.pattern must be a non-empty glob string")
 
+    @classmethod
+    def exact(cls, name: str, layer: LayerQuant | None) -> Rule:
+        """A rule for the one module called ``name`` (glob characters in it matched literally)."""
+        return cls(pattern=_escape_glob(name) if name else "*", layer=layer)
+
     def matches(self, name: str, module: nn.Module) -> bool:
         if self.pattern in POSITIONS:  # unbound: QuantConfig.bind(model) names the layer
             return False
@@ -130,9 +135,13 @@ class QuantConfig:
                 if name is None:
                     continue  # no compute layer: nothing to name
                 # (the model itself, named "": a one-layer model, which "*" matches and nothing else)
-                rule = dataclasses.replace(rule, pattern=_escape_glob(name) if name else "*")
+                rule = Rule.exact(name, rule.layer)
             rules.append(rule)
         return dataclasses.replace(self, rules=tuple(rules))
+
+    def without_positions(self) -> QuantConfig:
+        """A copy without the ``"@first"`` / ``"@last"`` rules: every layer as the rest are."""
+        return dataclasses.replace(self, rules=tuple(r for r in self.rules if r.pattern not in POSITIONS))
 
     def with_rules(self, *rules: Rule) -> QuantConfig:
         """A copy with ``rules`` taking precedence over the existing ones."""
