@@ -5,7 +5,14 @@
   switching layers' quantizers on and off.
 """
 
-from ._layers import assignment_config, choice_config, choice_name, decision_layers, float_only, quantized_only
+from ._layers import (
+    assignment_config,
+    choice_config,
+    choice_name,
+    decision_layers,
+    float_only,
+    quantized_only,
+)
 from .result import LayerSensitivity, SensitivityReport
 
 __all__ = [
