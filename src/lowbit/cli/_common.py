@@ -148,6 +148,8 @@ RECIPE_FIELDS = {
                  "optional": {"command", "data", "options", "target"}},
     "qat": {"required": {"format", "version", "command", "model", "data", "config", "options", "training"},
             "optional": {"target"}},
+    "sensitivity": {"required": {"format", "version", "command", "model", "config", "method"},
+                    "optional": {"data", "options", "target"}},
 }
 
 

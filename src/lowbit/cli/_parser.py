@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._analysis import cmd_autoquant, cmd_report, cmd_sensitivity
 from ._ptq import cmd_export, cmd_quantize
 from ._qat import cmd_qat
 from ._tools import cmd_bench, cmd_inspect
@@ -125,6 +126,61 @@ def _add_tools(sub) -> None:
     i.set_defaults(func=cmd_inspect)
 
 
+def _add_analysis(sub) -> None:
+    from ..analysis.autoquant import RUNGS
+
+    s = sub.add_parser("sensitivity", help="which layers lose the most when quantized (sqnr, ablation, hessian)",
+                       description="Per-layer sensitivity of a model to a quantization config: writes "
+                                   "OUT/sensitivity.json, sensitivity.md and recipe.json (replay with --recipe).")
+    s.add_argument("model", nargs="?", help=MODEL_HELP)
+    s.add_argument("--data", metavar="MODULE:FUNCTION", help="calibration inputs, as for lowbit quantize")
+    s.add_argument("--recipe", help="replay a sensitivity recipe.json")
+    _common_config(s, "w8a8", "w8a8, w4a8, ...")
+    s.add_argument("--method", choices=["sqnr", "ablation", "hessian"], default="sqnr",
+                   help="sqnr: output / weight / input SQNR per layer (fast); ablation: output divergence with only "
+                        "this layer quantized and with only it float; hessian: Hutchinson trace x weight "
+                        "perturbation (HAWQ-V2)")
+    s.add_argument("--batches", type=int, default=4, help="batches the measurements run on (default 4)")
+    s.add_argument("--probes", type=int, default=16, help="Hutchinson probes for --method hessian (default 16)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the Hessian probes")
+    s.add_argument("--top", type=int, default=20, help="rows printed, most sensitive first (default 20)")
+    s.add_argument("--out", default="runs/sensitivity", help="output folder (default runs/sensitivity)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_sensitivity)
+
+    a = sub.add_parser("autoquant", help="escalate PTQ -> ranges -> algorithms -> selective float -> mixed -> QAT "
+                                         "until the metric drop is within --max-drop",
+                       description="The autoquant ladder.  Always writes its best model (OUT/model.onnx), "
+                                   "OUT/recipe.json replaying it (lowbit export), autoquant.json / .md with every "
+                                   "rung tried and the reason, and report.json (lowbit report OUT makes the HTML).")
+    a.add_argument("model", help=MODEL_HELP)
+    a.add_argument("--data", metavar="MODULE:FUNCTION",
+                   help="model inputs; the last quarter of the batches is held out for evaluation")
+    a.add_argument("--eval", metavar="MODULE:FUNCTION",
+                   help="returns eval_fn(model) -> float, higher is better (default: top-1 agreement with FP32 for "
+                        "logits, cosine otherwise, on the held-out batches)")
+    a.add_argument("--max-drop", type=float, required=True, help="the largest acceptable drop of the metric")
+    a.add_argument("--budget", metavar="KEY=NUMBER",
+                   help="size_mb=..., avg_weight_bits=... or latency_ratio=... (vs uniform w8a8, measured in ORT)")
+    a.add_argument("--train-data", metavar="MODULE:FUNCTION",
+                   help="as lowbit qat --data: enables the QAT rung (distilled from FP32)")
+    a.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs on the last rung (default 1)")
+    a.add_argument("--rungs", nargs="+", default=list(RUNGS), choices=list(RUNGS), help="rungs to climb")
+    _common_config(a, "w8a8", "w8a8, w4a8, ...")
+    a.add_argument("--strict", action="store_true", help="exit with status 1 when no rung met the target")
+    a.add_argument("--out", default="runs/autoquant", help="output folder (default runs/autoquant)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_autoquant)
+
+    r = sub.add_parser("report", help="one self-contained HTML report of a quantize / sensitivity / autoquant folder",
+                       description="Reads report.json, sensitivity.json and autoquant.json from FOLDER and writes "
+                                   "FOLDER/report.html (tables and plots, no external files).")
+    r.add_argument("folder", help="the --out folder of lowbit quantize, sensitivity or autoquant")
+    r.add_argument("--out", help="the .html file to write (default FOLDER/report.html)")
+    r.add_argument("--title", default="lowbit report", help="the page title")
+    r.set_defaults(func=cmd_report)
+
+
 def build_parser(description: str, version: str) -> argparse.ArgumentParser:
     """The ``lowbit`` parser; ``description`` is the usage text shown by ``lowbit --help``."""
     parser = argparse.ArgumentParser(prog="lowbit", description=description,
@@ -136,6 +192,7 @@ def build_parser(description: str, version: str) -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_qat(sub)
     _add_tools(sub)
+    _add_analysis(sub)
     for command in sub.choices.values():  # also accepted after the command: lowbit quantize ... --debug
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what each layer got")

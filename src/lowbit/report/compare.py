@@ -23,7 +23,7 @@ from torch import nn
 from ..nn.walk import run_model
 from ..runtime.emulate import EmulationError, emulate_ort
 from ..runtime.ort import OrtModel, measure_latency
-from .fidelity import fidelity
+from .fidelity import fidelity, first_tensor, token_mask
 
 
 def _slice_batch(inputs, n: int):
@@ -41,14 +41,6 @@ def _batch_rows(inputs) -> int:
         return inputs.shape[0]
     values = inputs.values() if isinstance(inputs, Mapping) else inputs
     return min(len(v) for v in values)
-
-
-def _first_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):  # HF ModelOutput
-        return next(iter(output.values()))
-    return output[0]
 
 
 @dataclass
@@ -140,8 +132,8 @@ def compare(
     fp32_model.eval()
     qmodel.eval()
     with torch.no_grad():
-        ref = _first_tensor(run_model(fp32_model, inputs))
-        sim = _first_tensor(run_model(qmodel, inputs))
+        ref = first_tensor(run_model(fp32_model, inputs))
+        sim = first_tensor(run_model(qmodel, inputs))
     predictors: dict[str, tuple[str, Callable, torch.Tensor, float | None]] = {
         "fp32": ("pytorch", fp32_model, ref, None),
         "quantized": ("pytorch", qmodel, sim, None),
@@ -154,9 +146,9 @@ def compare(
                 fp32_onnx = Path(tmp) / "fp32.onnx"
                 export_onnx(fp32_model, fp32_onnx, inputs)
             ort_fp32, ort_q = OrtModel(fp32_onnx, threads=max(threads)), OrtModel(onnx, threads=max(threads))
-            predictors["fp32 onnx"] = ("ort", ort_fp32, _first_tensor(run_model(ort_fp32, inputs)),
+            predictors["fp32 onnx"] = ("ort", ort_fp32, first_tensor(run_model(ort_fp32, inputs)),
                                        os.path.getsize(fp32_onnx) / 1e6)
-            predictors["quantized onnx"] = ("ort", ort_q, _first_tensor(run_model(ort_q, inputs)),
+            predictors["quantized onnx"] = ("ort", ort_q, first_tensor(run_model(ort_q, inputs)),
                                             os.path.getsize(onnx) / 1e6)
             ort_out = predictors["quantized onnx"][2]
             report.parity["simulation"] = fidelity(sim, ort_out)
@@ -165,7 +157,7 @@ def compare(
             if emulate:
                 _emulation_parity(report, qmodel, inputs, ort_out)
             report.latency = _latency_grid(fp32_onnx, onnx, inputs, threads, batch_sizes, latency_runs)
-        mask = _token_mask(inputs, ref)
+        mask = token_mask(inputs, ref)
         if mask is not None:
             report.notes.append("Fidelity to FP32 counts real tokens only (the inputs' attention_mask): "
                                 "padding positions hold values no consumer reads.")
@@ -173,20 +165,12 @@ def compare(
             metrics = fidelity(ref, out, mask)
             if eval_fn is not None:
                 with torch.no_grad():
-                    user = eval_fn(lambda batch, p=predict: _first_tensor(run_model(p, batch)))
+                    user = eval_fn(lambda batch, p=predict: first_tensor(run_model(p, batch)))
                 metrics.update(user if isinstance(user, Mapping) else {"metric": float(user)})
             report.rows.append({"model": name, "where": where, "size_mb": size, "metrics": metrics})
     report.notes.append(f"Latency: ONNX Runtime CPU provider, {platform.machine()}, inter-op threads 1, "
                         f"{latency_runs} timed runs after 10 warm-up runs.")
     return report
-
-
-def _token_mask(inputs, output: torch.Tensor) -> torch.Tensor | None:
-    """The inputs' ``attention_mask`` when the output is per token (``(batch, sequence, ...)``)."""
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if not isinstance(mask, torch.Tensor) or output.dim() < 3 or tuple(mask.shape) != tuple(output.shape[:2]):
-        return None
-    return mask
 
 
 def _metrics(parity: dict) -> str:
@@ -196,7 +180,7 @@ def _metrics(parity: dict) -> str:
 def _emulation_parity(report: Comparison, qmodel: nn.Module, inputs, ort_out: torch.Tensor) -> None:
     """Run ``qmodel`` as ORT's integer kernels (``emulate_ort``) and add its parity with ORT."""
     try:
-        emulated = _first_tensor(run_model(emulate_ort(qmodel), inputs))
+        emulated = first_tensor(run_model(emulate_ort(qmodel), inputs))
     except (EmulationError, OverflowError) as exc:
         report.notes.append(f"Integer emulation of ORT: not applicable to this model ({exc})")
         return

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
+
+
+def first_tensor(output) -> torch.Tensor:
+    """The tensor a model's output leads with: itself, a ModelOutput's first field, a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):  # HF ModelOutput
+        return next(iter(output.values()))
+    return output[0]
+
+
+def token_mask(inputs, output: torch.Tensor) -> torch.Tensor | None:
+    """The inputs' ``attention_mask`` when the output is per token (``(batch, sequence, ...)``)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or output.dim() < 3 or tuple(mask.shape) != tuple(output.shape[:2]):
+        return None
+    return mask
 
 
 def fidelity(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
