@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# A test that wants a real (offline) W&B run turns it on itself (tests/qat/test_monitor_wandb.py);
+# everywhere else an installed wandb would start a run per QAT log folder, slowly.
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 @pytest.fixture(scope="module")

@@ -145,11 +145,15 @@ def test_wandb_offline_mirror_when_installed(tmp_path, monkeypatch):
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: calls.append(("init", kw)) or run
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # (tests/conftest.py disables W&B elsewhere)
     with Monitor(tmp_path, config={"lr": 1e-4}) as mon:
         mon.scalar("train/loss", 0.5, step=3)
     assert calls[0] == ("init", {"mode": "offline", "dir": str(tmp_path), "project": "lowbit-qat",
                                  "config": {"lr": 1e-4}})
     assert calls[1:] == [("log", {"train/loss": 0.5}, 3), ("finish",)]
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb's own off switch is obeyed
+    Monitor(tmp_path).close()
+    assert calls[-2][1]["mode"] == "disabled"
 
 
 def test_missing_packages_are_clear_errors_or_skipped(tmp_path, monkeypatch):

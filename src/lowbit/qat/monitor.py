@@ -67,7 +67,9 @@ def _wandb_run(log_dir, config: dict | None, required: bool):
         if required:
             raise ImportError("wandb=True needs the wandb package (pip install wandb), or pass wandb=None") from None
         return None
-    return wandb.init(mode="offline", dir=str(log_dir), project="lowbit-qat", config=config or {})
+    # Offline always (no network); WANDB_MODE=disabled, wandb's own switch, turns it off.
+    mode = "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
+    return wandb.init(mode=mode, dir=str(log_dir), project="lowbit-qat", config=config or {})
 
 
 class Monitor:
@@ -94,13 +96,22 @@ class Monitor:
             self.wandb.log(dict(values), step=step)
 
     def histograms(self, values: Mapping[str, torch.Tensor], step: int) -> None:
-        """One histogram per tag (TensorBoard only)."""
+        """One histogram per tag."""
         for tag, value in values.items():
             self.writer.add_histogram(tag, value, step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Histogram(value.detach().float().cpu().numpy()) for tag, value in values.items()},
+                           step=step)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        """A text (markdown) entry (TensorBoard only)."""
+        """A text (markdown) entry; W&B gets it as a one-cell table."""
         self.writer.add_text(tag, text, step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Table(columns=["text"], data=[[text]])}, step=step)
 
     def log_scales(self, scales: Mapping[str, float], step: int) -> None:
         """Each quantizer's scale as ``scale/<name>`` (``lowbit.report.layers.quantizer_scales``)."""
