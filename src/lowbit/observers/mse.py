@@ -55,22 +55,42 @@ def _bin_weights(counts: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_sq_error(
-    weights: torch.Tensor, edges: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, name: str
+    weights: torch.Tensor, edges, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, name: str
 ) -> torch.Tensor:
     """``expected_sq_error`` with the candidate-independent ``_bin_weights`` precomputed.
 
-    ``lo`` / ``hi`` are [n_rows] (one range per row) or [n_rows, k] (``k`` candidate ranges
-    per row, scored at once); the result has their shape.  Each candidate's error is computed
-    by the same elementwise operations and the same per-row sum whichever way it is batched.
+    ``edges`` is [n_rows, n_bins + 1] (contiguous bins) or a pair ``(left, right)`` of
+    [n_rows, n_bins] edges (a row's occupied bins only: ``_occupied_bins``).  ``lo`` / ``hi``
+    are [n_rows] (one range per row) or [n_rows, k] (``k`` candidate ranges per row, scored at
+    once); the result has their shape.  Each candidate's error is computed by the same
+    elementwise operations and the same per-row sum whichever way it is batched.
     """
     scale, zero_point = compute_qparams(lo.float(), hi.float(), spec, name)
     step = scale.double().unsqueeze(-1)  # [n_rows, (k,) 1]
     z = zero_point.double().unsqueeze(-1)
+    pairs = isinstance(edges, tuple)
     if lo.dim() == 2:
-        edges, weights = edges.unsqueeze(1), weights.unsqueeze(1)
-    g = _sq_error_antiderivative(edges / step, spec.qmin - z, spec.qmax - z)
+        edges = tuple(e.unsqueeze(1) for e in edges) if pairs else edges.unsqueeze(1)
+        weights = weights.unsqueeze(1)
+    lo_code, hi_code = spec.qmin - z, spec.qmax - z
     # Mean error over bin [a, b] = step**2 * (G(b/step) - G(a/step)) / ((b - a) / step).
-    return step.squeeze(-1) ** 3 * ((g[..., 1:] - g[..., :-1]) * weights).sum(-1)
+    if pairs:
+        diff = _sq_error_antiderivative(edges[1] / step, lo_code, hi_code).sub_(
+            _sq_error_antiderivative(edges[0] / step, lo_code, hi_code))
+    else:
+        g = _sq_error_antiderivative(edges / step, lo_code, hi_code)
+        diff = g[..., 1:] - g[..., :-1]
+    return step.squeeze(-1) ** 3 * (diff * weights).sum(-1)
+
+
+def _occupied_bins(weights: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Each row's bins with data, left-aligned and padded with empty bins (weight 0, so they add
+    exactly 0): ``(weights, (left edges, right edges))``, [n_rows, most occupied bins of a row].
+    A weight row holds a few hundred values in 2048 bins: scoring only those is several times
+    (a depthwise 3x3 kernel: 200 times) less work for the same sum of nonzero terms."""
+    width = int((weights > 0).sum(1).max())
+    order = torch.argsort((weights == 0).to(torch.int8), dim=1, stable=True)[:, :max(1, width)]
+    return weights.gather(1, order), (edges[:, :-1].gather(1, order), edges[:, 1:].gather(1, order))
 
 
 def expected_sq_error(
@@ -170,6 +190,8 @@ class MSEObserver(HistogramObserver):
         """Best ``(lo, hi)`` (float64) for a chunk of rows, starting from the full range ``(lo, hi)``."""
         counts, edges = self._occupied_histogram(rows)
         weights = _bin_weights(counts, edges)
+        if 4 * int((counts > 0).sum(1).max()) < counts.shape[1]:  # sparse rows (weights): their bins only
+            weights, edges = _occupied_bins(weights, edges)
         ratios = torch.tensor(self.ratios(), dtype=torch.float64, device=lo.device)
 
         def error(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,7 +199,8 @@ class MSEObserver(HistogramObserver):
             if keep is None:
                 return self._candidate_errors(weights, edges, a, b)
             err = torch.full(a.shape, float("inf"), dtype=torch.float64, device=a.device)
-            err[keep] = self._candidate_errors(weights[keep], edges[keep], a[keep], b[keep])
+            kept = tuple(e[keep] for e in edges) if isinstance(edges, tuple) else edges[keep]
+            err[keep] = self._candidate_errors(weights[keep], kept, a[keep], b[keep])
             return err
 
         best = (lo, hi, torch.full_like(lo, float("inf")))
@@ -196,12 +219,10 @@ class MSEObserver(HistogramObserver):
                 best = self._pick(error(fixed_lo, scaled_hi, keep), fixed_lo, scaled_hi, best)
         return best[0], best[1]
 
-    def _candidate_errors(
-        self, weights: torch.Tensor, edges: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-    ) -> torch.Tensor:
+    def _candidate_errors(self, weights: torch.Tensor, edges, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """``_mean_sq_error`` of [n, k] candidate ranges, in slices of candidates that fit in cache."""
         n, k = lo.shape
-        per_slice = max(1, _WORK_ELEMENTS // max(1, n * edges.shape[1]))
+        per_slice = max(1, _WORK_ELEMENTS // max(1, n * weights.shape[1]))
         if per_slice >= k:
             return _mean_sq_error(weights, edges, lo, hi, self.spec, self.name)
         return torch.cat(
