@@ -8,9 +8,13 @@
     print(lowbit.inspect_onnx("model.int8.onnx"))                        # which kernels run in integers
     print(lowbit.compare(model, qmodel, inputs=batch, onnx="model.int8.onnx"))   # accuracy / size / latency
     lowbit.save(qmodel, "runs/w8a8"); qmodel = lowbit.load(model, "runs/w8a8")   # rebuild on a fresh model
+    print(lowbit.sensitivity(model, calib_batches, "w4a8").to_markdown())       # which layers lose the most
+    mixed = lowbit.mixed_precision(model, calib_batches, ("w4a8", "w8a8"), {"avg_weight_bits": 5.0})
+    result = lowbit.autoquant(model, calib_batches, eval_fn, max_drop=0.01)     # the ladder, with its reason
 """
 
-from . import numerics, observers, ptq, qat
+from . import analysis, numerics, observers, ptq, qat
+from .analysis import autoquant, mixed_precision, sensitivity
 from .config import CONFIGS, LayerQuant, QuantConfig, Rule
 from .export import export_onnx, inspect_onnx
 from .nn.modules import TensorQuant
@@ -29,10 +33,13 @@ __all__ = [
     "QuantSpec",
     "Rule",
     "TensorQuant",
+    "analysis",
+    "autoquant",
     "compare",
     "export_onnx",
     "inspect_onnx",
     "load",
+    "mixed_precision",
     "numerics",
     "observers",
     "prepare_qat",
@@ -40,4 +47,5 @@ __all__ = [
     "qat",
     "quantize",
     "save",
+    "sensitivity",
 ]

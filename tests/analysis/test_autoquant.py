@@ -117,3 +117,35 @@ def test_agreement_metric():
     assert agreement(model, held)(other) < 0.5
     with pytest.raises(ValueError, match="metric must be one of"):
         agreement(model, held, "accuracy")
+
+
+def _drop_of_ptq(model, calib, eval_fn, config):
+    return eval_fn(model) - eval_fn(lowbit.quantize(model, calib, config, progress=False))
+
+
+def test_selective_keeps_the_most_sensitive_layers_float_until_the_target_is_met():
+    model, calib = _net(), _data()
+    eval_fn = _neg_mse(model, _data(2))
+    max_drop = _drop_of_ptq(model, calib, eval_fn, "w4a8") / 20
+    result = autoquant(model, calib, eval_fn, max_drop, config="w4a8", rungs=("ptq", "selective"),
+                       max_float_layers=3)
+    assert result.met and result.steps[result.chosen].rung == "selective"
+    ranked = [row.name for row in result.sensitivity.ranked()]
+    chosen = result.steps[result.chosen].tried
+    assert ranked[0] in chosen  # the most sensitive layer is among those kept float
+    kept_float = [n for n in ranked if result.config.resolve(n, model.get_submodule(n))[0] is None]
+    assert kept_float == ranked[:len(kept_float)]  # and they are the most sensitive ones, in order
+
+
+def test_mixed_finds_the_cheapest_front_point_that_meets_the_target():
+    model, calib = _net(), _data()
+    eval_fn = _neg_mse(model, _data(2))
+    max_drop = _drop_of_ptq(model, calib, eval_fn, "w4a8") / 20
+    result = autoquant(model, calib, eval_fn, max_drop, config="w4a8", rungs=("ptq", "mixed"),
+                       budget={"avg_weight_bits": 16.0})
+    mixed = [s for s in result.steps if s.rung == "mixed"]
+    assert result.met and result.steps[result.chosen].rung == "mixed"
+    assert all(s.avg_weight_bits <= 16.0 for s in mixed)
+    met = [s for s in mixed if s.met]
+    assert result.steps[result.chosen] is min(met, key=lambda s: s.avg_weight_bits)  # the cheapest that met
+    assert result.mixed is not None and result.mixed.front

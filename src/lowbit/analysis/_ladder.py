@@ -9,6 +9,7 @@ and the rung stops at the first that meets the target.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import tempfile
@@ -23,8 +24,9 @@ from torch import nn
 from ..config import QuantConfig, Rule, get_config
 from ..ptq import STEPS, quantize
 from ..targets import resolve_target
+from ._autoquant import AutoQuantResult, Rung
+from ._layers import FLOAT_BITS, assignment_config, choice_name
 from ._measure import Deployed, footprint
-from .autoquant import AutoQuantResult, Rung
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Ladder:
         self.target = resolve_target(target)
         self.candidates: list[_Candidate] = []
         self.reference_ms: float | None = None
-        self.sensitivity = self.mixed = None
+        self.sensitivity = self.mixed_result = None
         self.tmp = ""
         with torch.no_grad():
             self.fp32_metric = float(eval_fn(self.model))
@@ -108,8 +110,13 @@ class Ladder:
         return math.inf if value is None else value / limit - 1
 
     def _rank(self, cand: _Candidate) -> tuple:
-        """Sort key, best first: met, within budget (else least excess), highest metric."""
-        return (not cand.row.met, self._excess(cand.row), -cand.row.metric)
+        """Sort key, best first: candidates that met the target, the fewest weight bits first (the
+        mixed and selective rungs' cheaper points), then the highest metric; then the others,
+        within budget (else the least excess) and by metric."""
+        row = cand.row
+        if row.met:
+            return (0, round(row.avg_weight_bits, 6), -row.metric)
+        return (1, self._excess(row), -row.metric)
 
     def best(self, *, ptq_only: bool = False) -> _Candidate:
         pool = [c for c in self.candidates if c.model is not None and not (ptq_only and c.training)]
@@ -150,7 +157,7 @@ class Ladder:
             self._try("algorithms", f"{base.config.name} + {' + '.join(names)}", base.config, names)
 
     def selective(self) -> None:
-        from .sensitivity import sensitivity
+        from ._sensitivity import sensitivity
 
         base = self.best(ptq_only=True)
         report = sensitivity(self.model, self.calib, config=base.config, method="sqnr", qmodel=base.model,
@@ -166,6 +173,41 @@ class Ladder:
             self._try("selective", f"{_describe(base)}, {k} most sensitive layer(s) float: {shown}", config,
                       _user_steps(base.algorithms))
             k *= 2
+
+    def mixed(self) -> None:
+        """Mixed precision among the best config, its 8-bit-weight variant and float: the cheapest
+        point of the solver's Pareto front that meets the target, found by bisection (the point
+        with the least predicted error within the budget first; if even it misses, so do the rest)."""
+        from .mixed import mixed_precision
+
+        base = self.best(ptq_only=True)
+        choices = _mixed_choices(base.config)
+        by_name = {choice_name(c): c for c in choices}
+        # the selective rung's analysis holds for this config when it has no position rules
+        reuse = self.sensitivity is not None and base.config.without_positions() == base.config
+        given = {base.config.name: self.sensitivity} if reuse else {}
+        budget = dict([self.budget]) if self.budget else {"avg_weight_bits": float(FLOAT_BITS)}
+        example = None if self.deployed is None else self.deployed.example_inputs
+        result = mixed_precision(self.model, self.calib, choices, budget, sensitivities=given, target=self.target,
+                                 base=base.config, example_inputs=example)
+        self.mixed_result = result
+        key = next(iter(budget))
+        front = sorted((p for p in result.front if p.resources[key] <= budget[key] * (1 + 1e-9)),
+                       key=lambda p: p.resources[key])
+        lo, hi = 0, len(front) - 1
+        tried_hi = False
+        while front and lo <= hi:
+            mid = hi if not tried_hi else (lo + hi) // 2
+            point = front[mid]
+            config = assignment_config(self.model, {n: by_name[c] for n, c in point.assignment.items()}, base.config,
+                                       self.target, name=f"mixed-{base.config.name}")
+            counts = ", ".join(f"{sum(c == name for c in point.assignment.values())} {name}" for name in by_name)
+            cand = self._try("mixed", f"{_describe(base)} mixed ({counts}; predicted {key} "
+                             f"{point.resources[key]:.3g})", config, _user_steps(base.algorithms))
+            if not tried_hi and not cand.row.met:
+                return  # the least predicted error within budget misses: cheaper points will too
+            tried_hi = True
+            hi, lo = (mid - 1, lo) if cand.row.met else (hi, mid + 1)
 
     def qat(self) -> None:
         from ..qat import fit, prepare_qat
@@ -221,7 +263,7 @@ class Ladder:
                 reason += f" Not tried: {', '.join(skipped)}."
         return AutoQuantResult(model=best.model, config=best.config, recipe=self._recipe(best), steps=[
             c.row for c in self.candidates], chosen=index, met=row.met, reason=reason, fp32_metric=self.fp32_metric,
-            max_drop=self.max_drop, budget=budget, sensitivity=self.sensitivity, mixed=self.mixed)
+            max_drop=self.max_drop, budget=budget, sensitivity=self.sensitivity, mixed=self.mixed_result)
 
     def _recipe(self, cand: _Candidate) -> dict:
         """The chosen candidate as the CLI's recipe fields (without model and data)."""
@@ -230,6 +272,18 @@ class Ladder:
             return {"command": "quantize", **common,
                     "options": {"algorithms": [s.to_dict() for s in cand.algorithms]}}
         return {"command": "qat", **common, "options": {"learn": "lsq", "fold_bn": True}, "training": cand.training}
+
+
+def _mixed_choices(config: QuantConfig) -> tuple:
+    """What the mixed rung lets a layer have: ``config``, the same with 8-bit weights where its
+    default weights are narrower, and float."""
+    weight = config.default.weight if config.default else None
+    if weight is None or weight.spec.bits >= 8:
+        return (config, None)
+    wide = dataclasses.replace(weight, spec=dataclasses.replace(weight.spec, bits=8, narrow_range=True))
+    widened = dataclasses.replace(config, name=f"{config.name}-w8",
+                                  default=dataclasses.replace(config.default, weight=wide))
+    return (config, widened, None)
 
 
 def _user_steps(steps) -> list[str]:

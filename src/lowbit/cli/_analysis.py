@@ -68,7 +68,7 @@ def _sensitivity_recipe(args) -> dict:
 
 def cmd_sensitivity(args) -> int:
     """Per-layer sensitivity: OUT/sensitivity.json, sensitivity.md and recipe.json."""
-    from ..analysis.sensitivity import sensitivity
+    from ..analysis._sensitivity import sensitivity
 
     recipe = _sensitivity_recipe(args)
     options = dict(recipe.get("options", {}))
@@ -127,8 +127,8 @@ def _replay_recipe(args, chosen: dict) -> dict:
 
 def cmd_autoquant(args) -> int:
     """The ladder: OUT/autoquant.json / .md, recipe.json, model.onnx, fp32.onnx, report.json."""
+    from ..analysis._autoquant import autoquant
     from ..analysis._measure import layer_bits
-    from ..analysis.autoquant import autoquant
     from ..export import export_onnx
     from ..report import compare
 

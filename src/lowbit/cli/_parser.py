@@ -127,7 +127,7 @@ def _add_tools(sub) -> None:
 
 
 def _add_analysis(sub) -> None:
-    from ..analysis.autoquant import RUNGS
+    from ..analysis._autoquant import RUNGS
 
     s = sub.add_parser("sensitivity", help="which layers lose the most when quantized (sqnr, ablation, hessian)",
                        description="Per-layer sensitivity of a model to a quantization config: writes "

@@ -3,6 +3,7 @@
     qmodel = lowbit.quantize(model, calib, "w8a8", algorithms=[CLE(), SmoothQuant(alpha=0.8), BiasCorrection()])
 
 * ``steps``: the PTQ algorithms as ordered, serialisable steps, and their registry;
+* ``adaround``: AdaRound, the weights' rounding chosen layer by layer (the ``AdaRound`` step);
 * ``_parse``: the short forms of steps (``"cle,smoothquant(alpha=0.8)"``) and quantize's flags;
 * ``_quantize``: ``quantize`` (the pipeline) and ``rebuild`` (its replay without data);
 * ``_layers``: residual adds and pool inputs (resolved through the config's rules), layer swap;
@@ -17,6 +18,7 @@ from ._quantize import QuantSummary, quantize, rebuild
 from .steps import (
     CLE,
     STEPS,
+    AdaRound,
     BiasCorrection,
     FoldBatchNorm,
     SmoothQuant,
@@ -26,8 +28,8 @@ from .steps import (
 )
 
 __all__ = [
-    "CLE", "STEPS", "BiasCorrection", "FoldBatchNorm", "QuantSummary", "SmoothQuant", "Step", "StepContext",
-    "as_batches", "calibrate", "calibrate_activations", "check_has_data", "insert_graph_quantizers",
+    "CLE", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm", "QuantSummary", "SmoothQuant", "Step",
+    "StepContext", "as_batches", "calibrate", "calibrate_activations", "check_has_data", "insert_graph_quantizers",
     "iter_quantizers", "parse_step", "parse_steps", "quantize", "quantizers_by_role", "rebuild",
     "register_step", "resolve_algorithms", "run_model", "swap_layers",
 ]

@@ -7,10 +7,12 @@ runs in one phase of ``lowbit.quantize``::
                 FoldBatchNorm, CLE, SmoothQuant (next: AWQ)
     (residual adds and pools get quantizers, layers are swapped, activations calibrated)
     calibrated  on the quantized model, after calibration (each step in list order)
-                BiasCorrection (next: AdaRound, GPTQ, layer by layer with ``ctx.calib_data``)
+                AdaRound, BiasCorrection (next: GPTQ, layer by layer with ``ctx.calib_data``)
 
 so ``quantize(model, calib, "w8a8", algorithms=[CLE(), SmoothQuant(alpha=0.8), BiasCorrection()])``
-runs CLE, then SmoothQuant, then calibrates, then corrects biases.  A list whose phases go back
+runs CLE, then SmoothQuant, then calibrates, then corrects biases.  ``AdaRound`` (adaptive
+rounding of the weights, ``lowbit.ptq.adaround``) goes before ``BiasCorrection`` when both run:
+the bias then corrects the mean error of the rounding AdaRound chose.  A list whose phases go back
 (``[BiasCorrection(), CLE()]``) is an error before any work: a float-model step cannot run on a
 model that has already been quantized.
 
@@ -53,6 +55,7 @@ from torch import nn
 from .. import passes
 from ..config import QuantConfig
 from ..passes.smooth import SmoothedGroup, SmoothReport, insert_smoothed_inputs
+from .adaround import adaround
 
 FLOAT = "float"  # on the float model, before layers are swapped
 CALIBRATED = "calibrated"  # on the quantized model, after calibration
@@ -185,6 +188,12 @@ def _check_bool(step: Step, field: str) -> None:
         raise TypeError(f"{type(step).__name__}.{field} must be true or false, got {getattr(step, field)!r}")
 
 
+def _check_int(step: Step, field: str, low: int) -> None:
+    value = getattr(step, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{type(step).__name__}.{field} must be an integer >= {low}, got {value!r}")
+
+
 def _check_number(step: Step, field: str, low: float, high: float, *, open_low: bool = False) -> None:
     """``field`` is a number in [low, high] (or (low, high]), stored as a float."""
     value = getattr(step, field)
@@ -298,6 +307,42 @@ class BiasCorrection(Step):
         return passes.correct_bias(None, model, ctx.calib_data, reference=self.reference)
 
 
+@register_step
+@dataclass(frozen=True, kw_only=True)
+class AdaRound(Step):
+    """AdaRound (Nagel et al. 2020; ``lowbit.ptq.adaround``) on the calibrated model: each gemm /
+    conv layer's weights rounded up or down, layer by layer, so that its output on the first
+    ``batches`` calibration items stays close to the float output; the rounding is written into
+    the weights (export, save and load are unchanged).  ``iterations`` Adam steps per layer
+    (learning rate ``lr``) on ``batch_size`` rows each, regulariser weight ``reg_weight`` after
+    the first ``warmup`` of them; ``sequential``: inputs from the quantized model (the layers
+    before already rounded) or, False, from the float model.  Run it before BiasCorrection.
+    Report: ``{layer: {"loss_nearest", "loss_adaround", "changed"}}`` (output MSE on the rows fitted)."""
+
+    name = "adaround"
+    phase = CALIBRATED
+    needs_data = True
+    iterations: int = 200
+    reg_weight: float = 0.01
+    batch_size: int = 256
+    batches: int = 4
+    sequential: bool = True
+    lr: float = 0.01
+    warmup: float = 0.2
+
+    def __post_init__(self) -> None:
+        for field in ("iterations", "batch_size", "batches"):
+            _check_int(self, field, 1)
+        _check_number(self, "reg_weight", 0.0, float("inf"))
+        _check_bool(self, "sequential")
+        _check_number(self, "lr", 0.0, float("inf"), open_low=True)
+        _check_number(self, "warmup", 0.0, 1.0)
+
+    def run(self, model, ctx):
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return model, adaround(model, ctx.calib_data, **options)
+
+
 # -- lists of steps ----------------------------------------------------------------------------
 def check_order(steps: Sequence[Step]) -> None:
     """ValueError when a step comes after one of a later phase (see the module docstring)."""
@@ -324,5 +369,5 @@ def steps_from_flags(*, fold_bn: bool = True, equalize: bool = False, equalize_r
     return tuple(steps)
 
 
-__all__ = ["CALIBRATED", "CLE", "FLOAT", "PHASES", "STEPS", "BiasCorrection", "FoldBatchNorm", "SmoothQuant", "Step",
-           "StepContext", "check_order", "register_step", "step_class", "steps_from_flags"]
+__all__ = ["CALIBRATED", "CLE", "FLOAT", "PHASES", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm",
+           "SmoothQuant", "Step", "StepContext", "check_order", "register_step", "step_class", "steps_from_flags"]

@@ -18,7 +18,9 @@ The rungs, in order (``lowbit.analysis._ladder``)::
 
 Each rung starts from the best candidate of the rungs before it and the ladder stops at the
 first rung with a candidate whose metric drop is at most ``max_drop`` and which fits
-``budget``.  When none does, the result is the best trade-off found: the highest metric among
+``budget``; of its candidates that did, the one with the fewest weight bits (then the highest
+metric) is chosen.  Within a rung candidates go cheapest first and the rung stops at the first
+that meets the target (the mixed rung bisects its Pareto front).  When none does, the result is the best trade-off found: the highest metric among
 the candidates within budget (the smallest budget excess when none is), and ``reason`` says so.
 """
 
