@@ -19,6 +19,7 @@ from torch import nn
 import lowbit
 from lowbit.ptq import (
     CLE,
+    AdaRound,
     BiasCorrection,
     FoldBatchNorm,
     SmoothQuant,
@@ -82,8 +83,8 @@ def _onnx_sha(qmodel: nn.Module, x: torch.Tensor, path) -> str:
 # -- registry, JSON and short forms ------------------------------------------------------------
 def test_registry_holds_lowbits_steps_with_their_phases():
     assert dict(STEPS) == {"fold_bn": FoldBatchNorm, "cle": CLE, "smoothquant": SmoothQuant,
-                           "bias_correction": BiasCorrection}
-    assert [cls.phase for cls in STEPS.values()] == ["float", "float", "float", "calibrated"]
+                           "bias_correction": BiasCorrection, "adaround": AdaRound}
+    assert [cls.phase for cls in STEPS.values()] == ["float", "float", "float", "calibrated", "calibrated"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         SmoothQuant().alpha = 0.5
 

@@ -30,6 +30,7 @@ from ._measure import Deployed, footprint
 
 log = logging.getLogger(__name__)
 
+UNIFORM_RUNGS = ("ptq", "ranges", "algorithms")  # every layer quantized alike
 OBSERVERS = ("percentile", "entropy", "minmax", "mse")  # the ranges rung tries these, in order
 ALGORITHM_LISTS = (("cle",), ("bias_correction",), ("cle", "bias_correction"))
 QAT_TRAINING = {"weight_decay": 0.0, "distill_weight": 0.5, "temperature": 2.0, "seed": 0}
@@ -118,12 +119,16 @@ class Ladder:
             return (0, round(row.avg_weight_bits, 6), -row.metric)
         return (1, self._excess(row), -row.metric)
 
-    def best(self, *, ptq_only: bool = False) -> _Candidate:
-        pool = [c for c in self.candidates if c.model is not None and not (ptq_only and c.training)]
+    def best(self, *, ptq_only: bool = False, uniform: bool = False) -> _Candidate:
+        """The best candidate so far (``_rank``); ``ptq_only``: not trained; ``uniform``: from the
+        rungs that quantize every layer alike (ptq, ranges, algorithms), the base of the rungs
+        that decide per layer."""
+        pool = [c for c in self.candidates if c.model is not None and not (ptq_only and c.training)
+                and not (uniform and c.row.rung not in UNIFORM_RUNGS)]
         return min(pool, key=self._rank)
 
     def _drop_unused_models(self) -> None:
-        keep = {id(self.best()), id(self.best(ptq_only=True))}
+        keep = {id(self.best()), id(self.best(ptq_only=True)), id(self.best(uniform=True))}
         for c in self.candidates:
             if id(c) not in keep:
                 c.model = None
@@ -150,7 +155,11 @@ class Ladder:
             if not self._met_in("algorithms"):
                 tried.append(self._try("algorithms", f"{_describe(base)} + {' + '.join(names)}", base.config,
                                        list(names)))
-        if "adaround" in STEPS and not self._met_in("algorithms"):
+        # AdaRound (Nagel et al. 2020) is the fix for narrow weights, and costs minutes on a CNN:
+        # tried only when some default weight has fewer than 8 bits.
+        narrow = base.config.default is not None and base.config.default.weight is not None \
+            and base.config.default.weight.spec.bits < 8
+        if narrow and "adaround" in STEPS and not self._met_in("algorithms"):
             best = min(tried, key=self._rank) if tried else base
             names = [s for s in _user_steps(best.algorithms) if s != "bias_correction"]
             names += ["adaround"] + (["bias_correction"] if "bias_correction" in _user_steps(best.algorithms) else [])
@@ -159,7 +168,7 @@ class Ladder:
     def selective(self) -> None:
         from ._sensitivity import sensitivity
 
-        base = self.best(ptq_only=True)
+        base = self.best(uniform=True)
         report = sensitivity(self.model, self.calib, config=base.config, method="sqnr", qmodel=base.model,
                              target=self.target)
         self.sensitivity = report
@@ -180,7 +189,7 @@ class Ladder:
         with the least predicted error within the budget first; if even it misses, so do the rest)."""
         from .mixed import mixed_precision
 
-        base = self.best(ptq_only=True)
+        base = self.best(uniform=True)
         choices = _mixed_choices(base.config)
         by_name = {choice_name(c): c for c in choices}
         # the selective rung's analysis holds for this config when it has no position rules

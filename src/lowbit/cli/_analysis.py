@@ -110,11 +110,12 @@ def _train_data(ref: str | None):
     return load_qat_data(ref)[0]
 
 
-def _replay_recipe(args, chosen: dict) -> dict:
-    """The chosen model's recipe as ``lowbit export`` reads it."""
+def _replay_recipe(args, chosen: dict, n_calib: int) -> dict:
+    """The chosen model's recipe as ``lowbit export`` reads it (calibrated on the first ``n_calib``
+    batches of --data, as autoquant was)."""
     recipe = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "model": args.model, **chosen}
     if chosen["command"] == "quantize":
-        recipe["data"] = args.data
+        recipe.update(data=args.data, calib_batches=n_calib)
         return recipe
     t = chosen["training"]
     recipe["data"] = args.train_data
@@ -148,7 +149,7 @@ def cmd_autoquant(args) -> int:
     data = {**result.to_dict(), "metric": metric, "evaluation": where, "bits": layer_bits(result.model)}
     (out / "autoquant.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / "autoquant.md").write_text(f"Metric: {metric}, {where}.\n\n{result.to_markdown()}\n")
-    write_json(out / "recipe.json", _replay_recipe(args, result.recipe))
+    write_json(out / "recipe.json", _replay_recipe(args, result.recipe, len(calib)))
     print(f"Metric: {metric}, {where}.\n\n{result.to_markdown()}")
     print(f"\nwrote {out}/model.onnx, fp32.onnx, recipe.json (replay: lowbit export {out}/recipe.json --out ...), "
           "autoquant.json, autoquant.md, report.json")

@@ -144,8 +144,9 @@ def existing_file(path: str, what: str) -> Path:
 # -- recipes -----------------------------------------------------------------------------------
 # Top-level fields of a recipe, by command; unknown fields are errors, not ignored.
 RECIPE_FIELDS = {
+    # calib_batches: calibrate on the first N batches of data (lowbit autoquant holds the rest out)
     "quantize": {"required": {"format", "version", "model", "config"},
-                 "optional": {"command", "data", "options", "target"}},
+                 "optional": {"command", "data", "options", "target", "calib_batches"}},
     "qat": {"required": {"format", "version", "command", "model", "data", "config", "options", "training"},
             "optional": {"target"}},
     "sensitivity": {"required": {"format", "version", "command", "model", "config", "method"},

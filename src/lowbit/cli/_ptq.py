@@ -62,6 +62,8 @@ def quantize_from_recipe(recipe: dict, where: str = "recipe"):
     config = config_from_dict(recipe["config"], f"{where}: config")
     model = load_model(recipe["model"])
     batches = load_data(recipe.get("data"), recipe["model"])
+    if "calib_batches" in recipe:
+        batches = batches[:recipe["calib_batches"]]
     qmodel = quantize(model, batches, config, target=recipe.get("target", LEGACY_TARGET), **options)
     return model, qmodel, batches
 
