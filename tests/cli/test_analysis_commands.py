@@ -8,7 +8,6 @@ import json
 import textwrap
 
 import pytest
-
 from tests.cli.test_entry_point import run
 
 USER_MODULE = textwrap.dedent('''
