@@ -11,7 +11,7 @@ The rungs, in order (``lowbit.analysis._ladder``)::
 
     ptq         the preset config as it is
     ranges      other activation range estimators (percentile, entropy, min-max, MSE)
-    algorithms  CLE, bias correction, AdaRound on the best ranges
+    algorithms  CLE, bias correction, SmoothQuant, AdaRound (weights under 8 bits) on the best ranges
     selective   the most sensitive layers (SQNR sensitivity) kept float, 1, 2, 4 ... of them
     mixed       mixed precision (lowbit.analysis.mixed_precision) on its Pareto front, cheapest first
     qat         quantization-aware training with distillation from FP32 (only with train_data)

@@ -30,9 +30,10 @@ from ._measure import Deployed, footprint
 
 log = logging.getLogger(__name__)
 
+LATENCY_NOISE = 0.05  # run-to-run spread of a median ORT latency on a busy 2-core machine
 UNIFORM_RUNGS = ("ptq", "ranges", "algorithms")  # every layer quantized alike
 OBSERVERS = ("percentile", "entropy", "minmax", "mse")  # the ranges rung tries these, in order
-ALGORITHM_LISTS = (("cle",), ("bias_correction",), ("cle", "bias_correction"))
+ALGORITHM_LISTS = (("cle",), ("bias_correction",), ("smoothquant",), ("cle", "bias_correction"))
 QAT_TRAINING = {"weight_decay": 0.0, "distill_weight": 0.5, "temperature": 2.0, "seed": 0}
 
 
@@ -100,7 +101,10 @@ class Ladder:
             return True
         key, limit = self.budget
         value = getattr(row, key)
-        return value is not None and value <= limit * (1 + 1e-9)
+        # A latency is a measurement: within LATENCY_NOISE of the limit counts as within it, or a
+        # file with the reference's very kernels would miss a ratio of 1.0 half of the time.
+        slack = LATENCY_NOISE if key == "latency_ratio" else 1e-9
+        return value is not None and value <= limit * (1 + slack)
 
     def _excess(self, row: Rung) -> float:
         """How far over budget, as a fraction of the budget (0 within it)."""
