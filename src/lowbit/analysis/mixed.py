@@ -25,12 +25,10 @@ budget is found exactly by an integer program (``_solver``).  The budget is one 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
@@ -53,7 +51,7 @@ from ._layers import (
     weight_bits,
     weight_count,
 )
-from .result import SensitivityReport
+from .result import JsonFile, SensitivityReport
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +82,7 @@ class FrontPoint:
 
 
 @dataclass
-class MixedPrecisionResult:
+class MixedPrecisionResult(JsonFile):
     """What ``mixed_precision`` chose, and the trade-off it chose from.
 
     ``config`` builds the model: ``lowbit.quantize(model, calib, config=result.config)``.
@@ -126,15 +124,6 @@ class MixedPrecisionResult:
                    layers=[LayerInfo(**layer) for layer in data.pop("layers")],
                    sensitivities={k: SensitivityReport.from_dict(r) for k, r in data.pop("sensitivities").items()},
                    latency=None if latency is None else LatencyTable.from_dict(latency), **data)
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load_json(cls, path: str | Path) -> MixedPrecisionResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_markdown(self) -> str:
         """The budget and prediction, a table of the layers' choices, and the front."""

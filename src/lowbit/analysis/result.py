@@ -24,6 +24,19 @@ FORMAT = "lowbit.SensitivityReport"
 VERSION = 1
 
 
+class JsonFile:
+    """``save_json`` / ``load_json`` for a result with ``to_dict`` / ``from_dict``."""
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 @dataclass
 class LayerSensitivity:
     """One layer's row."""
@@ -37,7 +50,7 @@ class LayerSensitivity:
 
 
 @dataclass
-class SensitivityReport:
+class SensitivityReport(JsonFile):
     """Rows in the model's layer order, and how they were measured."""
 
     method: str  # "sqnr", "ablation" or "hessian"
@@ -75,15 +88,6 @@ class SensitivityReport:
             raise ValueError(f"sensitivity report version is not {VERSION}")
         layers = [LayerSensitivity(**row) for row in data.pop("layers")]
         return cls(layers=layers, **data)
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load_json(cls, path: str | Path) -> SensitivityReport:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_markdown(self, top: int | None = None) -> str:
         """A table, most sensitive first (``top`` rows, all by default)."""

@@ -90,7 +90,12 @@ def sensitivity_bars(names: Sequence[str], costs: Sequence[float], *, unit: str,
         ax.set_xscale("log")
         ax.set_xlim(left=min(c for c in costs if math.isfinite(c) and c > 0) / 2)
     ax.set_xlabel(f"cost: {unit}" + (" (log scale)" if _spans_decades(costs) else ""), fontsize=9)
-    ax.tick_params(labeltop=len(names) > 25)  # a tall chart: the scale at both ends
+    return _finish_bars(fig, ax, len(names), title)
+
+
+def _finish_bars(fig, ax, n_bars: int, title: str) -> bytes:
+    """Grid, title and style of a horizontal bar chart; its PNG."""
+    ax.tick_params(labeltop=n_bars > 25)  # a tall chart: the scale at both ends
     ax.grid(axis="x", color="#e3e7eb", linewidth=0.8)
     ax.set_axisbelow(True)
     if title:
@@ -113,13 +118,7 @@ def bits_bars(names: Sequence[str], bits: Sequence[int], *, title: str = "") -> 
     ax.set_xticks(ticks, [("float" if t == 32 else str(t)) for t in ticks])
     ax.set_xlim(1.5, 40)
     ax.set_xlabel("weight bits", fontsize=9)
-    ax.tick_params(labeltop=len(names) > 25)
-    ax.grid(axis="x", color="#e3e7eb", linewidth=0.8)
-    ax.set_axisbelow(True)
-    if title:
-        ax.set_title(title, fontsize=10, loc="left")
-    _style(ax)
-    return _png(fig)
+    return _finish_bars(fig, ax, len(names), title)
 
 
 def pareto(xs: Sequence[float], ys: Sequence[float], *, chosen: int | None, x_label: str, y_label: str,
