@@ -149,8 +149,9 @@ class Ladder:
         current = getattr(base.config.default.input if base.config.default else None, "observer", None)
         for observer in OBSERVERS:
             if observer != current and not self._met_in("ranges"):
-                self._try("ranges", f"{base.config.name}, activation ranges by {observer}",
-                          base.config.with_observer(observer), _user_steps(base.algorithms))
+                config = dataclasses.replace(base.config.with_observer(observer), name=f"{base.config.name}-{observer}")
+                self._try("ranges", f"{base.config.name}, activation ranges by {observer}", config,
+                          _user_steps(base.algorithms))
 
     def algorithms(self) -> None:
         base = self.best(ptq_only=True)
