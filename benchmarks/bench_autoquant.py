@@ -26,7 +26,9 @@ import torch
 from _selection import Workload, build_workload, command, log_to_stderr, parse
 from bench_ptq import PACKAGES, Method, export_lowbit, interleaved_latency, ort_outputs, run_ort_static, score
 
+import lowbit
 from lowbit.analysis import RUNGS, autoquant
+from lowbit.analysis._measure import layer_bits
 
 log = logging.getLogger("bench_autoquant")
 METRIC = {False: "top1_agreement", True: "cosine"}  # by Workload.embedding
@@ -82,7 +84,20 @@ def bench_model(w: Workload, args, tmp: Path) -> str:
     lines.append("| FP32, ONNX Runtime | " + " | ".join("" for _ in keys) + f" | {base:.2f} | 1.00 |")
     ratio = ours.latency["t1b1"]["median_ms"] / ort.latency["t1b1"]["median_ms"]
     lines += ["", f"- lowbit autoquant / ORT quantize_static latency: {ratio:.2f}"]
+    if args.html:
+        write_html(args.html.with_name(f"{args.html.stem}-{w.name}.html"), w, result, ours.path)
     return "\n".join(lines) + "\n"
+
+
+def write_html(path: Path, w: Workload, result, onnx: Path) -> None:
+    """The result as ``lowbit report`` shows it: the ladder, sensitivity, bits, front, kernels."""
+    mixed = result.mixed.to_dict() if result.mixed is not None else {}
+    lowbit.report.html(path, title=f"autoquant: {w.title}", sensitivity=result.sensitivity,
+                       bits=layer_bits(result.model), front=mixed or None, ladder=result.to_dict(),
+                       kernels=lowbit.inspect_onnx(onnx),
+                       notes=[(f"Metric: {METRIC[w.embedding]} with FP32 on the selection inputs (PyTorch "
+                              "simulation); latency of each candidate's exported file in ONNX Runtime.")])
+    log.info("wrote %s", path)
 
 
 def _budget(text: str | None) -> dict | None:
@@ -103,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-select", type=int, default=128)
     parser.add_argument("--n-eval", type=int, default=256)
     parser.add_argument("--out-md", type=Path)
+    parser.add_argument("--html", type=Path, help="also write an HTML report per model (NAME-<model>.html)")
     args, argv = parse(parser, argv)
     log_to_stderr(log)
     logging.getLogger("lowbit.analysis").setLevel(logging.INFO)
