@@ -149,3 +149,12 @@ def test_mixed_finds_the_cheapest_front_point_that_meets_the_target():
     met = [s for s in mixed if s.met]
     assert result.steps[result.chosen] is min(met, key=lambda s: s.avg_weight_bits)  # the cheapest that met
     assert result.mixed is not None and result.mixed.front
+
+
+def test_an_infeasible_mixed_budget_is_said_not_raised():
+    model, calib = _net(), _data()
+    eval_fn = _neg_mse(model, _data(2))
+    result = autoquant(model, calib, eval_fn, 0.0, config="w4a8", rungs=("ptq", "mixed"),
+                       budget={"avg_weight_bits": 3.0})
+    assert [s.rung for s in result.steps] == ["ptq"] and not result.met
+    assert "Mixed: no assignment of" in result.reason and "smallest achievable avg_weight_bits is 4" in result.reason

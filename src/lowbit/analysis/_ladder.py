@@ -27,6 +27,7 @@ from ..targets import resolve_target
 from ._autoquant import AutoQuantResult, Rung
 from ._layers import FLOAT_BITS, assignment_config, choice_name
 from ._measure import Deployed, footprint
+from ._solver import InfeasibleBudget
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Ladder:
         self.reference_ms: float | None = None
         self.sensitivity = self.mixed_result = None
         self.tmp = ""
+        self.notes: list[str] = []  # rungs that could not run, and why (said in the reason)
         with torch.no_grad():
             self.fp32_metric = float(eval_fn(self.model))
 
@@ -200,12 +202,17 @@ class Ladder:
         # the selective rung's analysis holds for this config when it has no position rules
         reuse = self.sensitivity is not None and base.config.without_positions() == base.config
         given = {base.config.name: self.sensitivity} if reuse else {}
-        budget = dict([self.budget]) if self.budget else {"avg_weight_bits": float(FLOAT_BITS)}
+        key, limit = self.budget if self.budget else ("avg_weight_bits", float(FLOAT_BITS))
+        budget = {key: limit * (1 + LATENCY_NOISE) if key == "latency_ratio" else limit}  # as _fits reads it
         example = None if self.deployed is None else self.deployed.example_inputs
-        result = mixed_precision(self.model, self.calib, choices, budget, sensitivities=given, target=self.target,
-                                 base=base.config, example_inputs=example)
+        try:
+            result = mixed_precision(self.model, self.calib, choices, budget, sensitivities=given,
+                                     target=self.target, base=base.config, example_inputs=example)
+        except InfeasibleBudget as exc:
+            self.notes.append(f"mixed: {exc}")
+            log.info("autoquant mixed: %s", exc)
+            return
         self.mixed_result = result
-        key = next(iter(budget))
         front = sorted((p for p in result.front if p.resources[key] <= budget[key] * (1 + 1e-9)),
                        key=lambda p: p.resources[key])
         lo, hi = 0, len(front) - 1
@@ -275,6 +282,8 @@ class Ladder:
                       f"{fits}.")
             if skipped:
                 reason += f" Not tried: {', '.join(skipped)}."
+            if self.notes:
+                reason += " " + " ".join(n[0].upper() + n[1:] + "." for n in self.notes)
         return AutoQuantResult(model=best.model, config=best.config, recipe=self._recipe(best), steps=[
             c.row for c in self.candidates], chosen=index, met=row.met, reason=reason, fp32_metric=self.fp32_metric,
             max_drop=self.max_drop, budget=budget, sensitivity=self.sensitivity, mixed=self.mixed_result)

@@ -37,9 +37,10 @@ class Solution:
 class InfeasibleBudget(ValueError):
     """No assignment fits the budget; ``smallest`` is the least resource any assignment needs."""
 
-    def __init__(self, budget: float, smallest: float):
+    def __init__(self, budget: float, smallest: float, message: str | None = None):
         self.budget, self.smallest = budget, smallest
-        super().__init__(f"no assignment fits the budget {budget:.6g}: the smallest achievable is {smallest:.6g}")
+        super().__init__(message or f"no assignment fits the budget {budget:.6g}: the smallest achievable is "
+                                    f"{smallest:.6g}")
 
 
 def _checked(costs, resources) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -333,8 +333,8 @@ def mixed_precision(model: nn.Module, calib_data, choices: Sequence[Choice] = ("
     matrix, offset = resources.matrix[kind], resources.offset[kind]
     smallest = offset + _solver.smallest_resource(matrix)
     if value < smallest - 1e-9 * max(1.0, abs(smallest)):  # before the (slow) sensitivity analyses
-        raise ValueError(f"no assignment of {names} fits {kind} <= {value:g}: the smallest achievable {kind} "
-                         f"is {smallest:.4g}")
+        raise _solver.InfeasibleBudget(value, smallest, f"no assignment of {names} fits {kind} <= {value:g}: the "
+                                       f"smallest achievable {kind} is {smallest:.4g}")
     reports = _sensitivities(model, calib_data, choices, method, target, sensitivities, sensitivity_options)
     costs = _costs(reports, layers, names)
     best = _solver.solve(costs, matrix, value - offset)
