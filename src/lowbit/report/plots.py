@@ -166,5 +166,11 @@ def latency_bars(cells: Sequence[str], series: dict[str, Sequence[float | None]]
 
 
 def _short(name: str, width: int = 38) -> str:
-    """A layer name that fits the axis: the middle elided, both ends kept."""
-    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-(width // 2 - 1):]
+    """A layer name that fits the axis: its end kept (where the block index and the layer are,
+    ``…layer.3.attention.self.query``), whole dotted parts dropped from the front."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    while len(parts) > 1 and len(".".join(parts)) > width - 1:
+        parts.pop(0)
+    return "…" + ".".join(parts)[-(width - 1):]
