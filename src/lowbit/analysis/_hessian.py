@@ -55,9 +55,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
+from ..report.fidelity import first_tensor
 from ._ablation import is_logits
 from ._layers import quantized_only
-from ._sqnr import EvalSet, eval_mode, output_tensor, weight_delta
+from ._sqnr import EvalSet, eval_mode, weight_delta
 
 LossFn = Callable[[torch.Tensor, object], torch.Tensor]
 COST_UNIT = ("1/2 Tr(H)/n ||Q(W) - W||^2: second-order estimate of the loss increase from this layer's "
@@ -92,9 +93,9 @@ def _rademacher(weights: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor
 def _call(model: nn.Module, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
     """``model``'s output tensor on ``batch`` with ``params`` in place of its own."""
     if isinstance(batch, Mapping):
-        return output_tensor(functional_call(model, params, (), dict(batch)))
+        return first_tensor(functional_call(model, params, (), dict(batch)))
     args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-    return output_tensor(functional_call(model, params, args))
+    return first_tensor(functional_call(model, params, args))
 
 
 def traces(qmodel: nn.Module, batches: Sequence, names: Sequence[str], loss_fn: LossFn, probes: int,

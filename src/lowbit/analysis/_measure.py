@@ -26,7 +26,7 @@ from ._layers import FLOAT_BITS
 
 log = logging.getLogger(__name__)
 
-BUDGET_KEYS = ("size_mb", "avg_weight_bits", "latency_ratio")
+BUDGET_KEYS = ("avg_weight_bits", "size_mb", "latency_ratio")
 
 
 def check_budget(budget: Mapping | None) -> tuple[str, float] | None:
@@ -34,7 +34,7 @@ def check_budget(budget: Mapping | None) -> tuple[str, float] | None:
     if budget is None:
         return None
     if not isinstance(budget, Mapping) or len(budget) != 1 or next(iter(budget)) not in BUDGET_KEYS:
-        raise ValueError(f"budget must be a mapping with exactly one of {BUDGET_KEYS}, e.g. "
+        raise ValueError(f"budget must be a mapping with exactly one of {', '.join(BUDGET_KEYS)}, e.g. "
                          f'{{"avg_weight_bits": 5.0}}; got {budget!r}')
     key, limit = next(iter(budget.items()))
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,22 +33,10 @@ from torch import nn
 from ..nn.modules import has_quantizers
 from ..nn.walk import run_model
 from ..numerics import fake_quantize
+from ..report.fidelity import first_tensor
 from ._layers import float_only, quantized_only
 
 COST_UNIT = "noise-to-signal power ratio of the model output with only this layer quantized (1 / linear SQNR)"
-
-
-def output_tensor(out) -> torch.Tensor:
-    """The model output compared: a tensor, or the first tensor of a tuple / list / dict (an HF
-    ModelOutput's ``logits`` or ``last_hidden_state``)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"sensitivity: the model returned {type(out).__name__}, not a tensor or a tuple / dict "
-                    "holding one; wrap the model so that it returns its output tensor")
 
 
 @contextlib.contextmanager
@@ -83,7 +71,7 @@ class EvalSet:
     @torch.no_grad()
     def outputs(self, model: nn.Module) -> list[torch.Tensor]:
         with eval_mode(model):
-            return [output_tensor(run_model(model, b)).detach().double().cpu() for b in self.batches]
+            return [first_tensor(run_model(model, b)).detach().double().cpu() for b in self.batches]
 
     def noise(self, model: nn.Module) -> float:
         """Sum of squared differences between ``model``'s outputs and FP32's."""

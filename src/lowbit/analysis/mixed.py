@@ -51,11 +51,11 @@ from ._layers import (
     weight_bits,
     weight_count,
 )
+from ._measure import check_budget
 from .result import JsonFile, SensitivityReport
 
 log = logging.getLogger(__name__)
 
-BUDGETS = ("avg_weight_bits", "size_mb", "latency_ratio")
 LATENCY_REFERENCE = "w8a8"  # latency_ratio is relative to every layer at this choice
 DEFAULT_BUDGET = MappingProxyType({"avg_weight_bits": 5.0})
 FORMAT = "lowbit.MixedPrecisionResult"
@@ -155,14 +155,6 @@ def _pairs(values: Mapping[str, float]) -> str:
 
 
 # -- the problem --------------------------------------------------------------------------------
-def _budget(budget: Mapping[str, float]) -> tuple[str, float]:
-    if not isinstance(budget, Mapping) or len(budget) != 1 or next(iter(budget)) not in BUDGETS:
-        raise ValueError(f"budget must be a dict with exactly one of {', '.join(BUDGETS)} "
-                         f"(e.g. {{'avg_weight_bits': 5.0}}), got {budget!r}")
-    (kind, value), = budget.items()
-    return kind, float(value)
-
-
 def _layer_infos(model: nn.Module, layers: Sequence[str], choices: Sequence[Choice], target) -> list[LayerInfo]:
     configs = {choice_name(c): choice_config(c, target) for c in choices}
     infos = []
@@ -313,7 +305,7 @@ def mixed_precision(model: nn.Module, calib_data, choices: Sequence[Choice] = ("
         >>> qmodel = lowbit.quantize(model, calib, config=result.config)
     """
     start = time.perf_counter()
-    kind, value = _budget(budget)
+    kind, value = check_budget(budget)
     target = resolve_target(target)
     if not isinstance(calib_data, torch.Tensor | Sequence) and iter(calib_data) is calib_data:
         calib_data = list(calib_data)  # a one-shot iterator: read by every analysis and calibration

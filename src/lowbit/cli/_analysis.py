@@ -28,7 +28,6 @@ from ._common import (
 from ._ptq import resolve_config
 
 SENSITIVITY_OPTIONS = ("batches", "probes", "seed")
-BUDGET_KEYS = ("size_mb", "avg_weight_bits", "latency_ratio")
 
 
 def _held_out(batches: list) -> tuple[list, list, str]:
@@ -96,6 +95,8 @@ def _budget(text: str | None) -> dict | None:
         number = float(value)
     except ValueError:
         number = None
+    from ..analysis._measure import BUDGET_KEYS
+
     if key not in BUDGET_KEYS or number is None:
         raise UserError(f"--budget {text!r}: expected KEY=NUMBER with KEY one of {', '.join(BUDGET_KEYS)}, "
                         "e.g. avg_weight_bits=5")

@@ -9,12 +9,16 @@ import torch.nn.functional as F
 
 
 def first_tensor(output) -> torch.Tensor:
-    """The tensor a model's output leads with: itself, a ModelOutput's first field, a tuple's first."""
+    """The tensor a model's output leads with: itself, or the first tensor of a tuple / list /
+    dict (an HF ModelOutput's ``logits`` or ``last_hidden_state``)."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, Mapping):  # HF ModelOutput
-        return next(iter(output.values()))
-    return output[0]
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"the model returned {type(output).__name__}, not a tensor or a tuple / dict holding one; "
+                    "wrap the model so that it returns its output tensor")
 
 
 def token_mask(inputs, output: torch.Tensor) -> torch.Tensor | None:
