@@ -12,16 +12,27 @@ from lowbit import config as config_module
 from lowbit.config import (
     CONFIG_FORMAT_VERSION,
     CONFIGS,
+    W3A16_G128,
+    W4A16_G32,
+    W4A16_G128,
     W8,
     W8A8,
     W8A8_DYNAMIC,
+    W8A16,
     LayerQuant,
     QuantConfig,
     Rule,
     get_config,
 )
 from lowbit.nn.modules import QuantLinear, TensorQuant
-from lowbit.numerics import INT4_WEIGHT_G128, INT8_ACTIVATION, INT8_WEIGHT, UINT8_ACTIVATION
+from lowbit.numerics import (
+    INT3_WEIGHT_G128,
+    INT4_WEIGHT_G32,
+    INT4_WEIGHT_G128,
+    INT8_ACTIVATION,
+    INT8_WEIGHT,
+    UINT8_ACTIVATION,
+)
 
 W_INT8 = LayerQuant(weight=TensorQuant(spec=INT8_WEIGHT))
 W_INT4 = LayerQuant(weight=TensorQuant(spec=INT4_WEIGHT_G128))
@@ -285,6 +296,24 @@ def test_preset_semantics():
     for cfg in CONFIGS.values():  # embeddings quantize their table, never their integer indices
         layer = cfg.resolve("emb", emb)[0]
         assert layer.weight is not None and layer.input is None
+
+
+def test_llm_weight_only_presets():
+    # Every Linear, the last one (lm_head) included, gets the weight grid with a plain min-max range
+    # (round-to-nearest); no activation is quantized; embeddings keep int8 rows as in every preset.
+    lm_head, emb = nn.Linear(576, 48), nn.Embedding(48, 576)
+    expected = {"w4a16-g128": (W4A16_G128, INT4_WEIGHT_G128), "w4a16-g32": (W4A16_G32, INT4_WEIGHT_G32),
+                "w3a16-g128": (W3A16_G128, INT3_WEIGHT_G128), "w8a16": (W8A16, INT8_WEIGHT)}
+    for name, (cfg, spec) in expected.items():
+        assert CONFIGS[name] is cfg
+        bound = cfg.bind(nn.Sequential(nn.Linear(48, 576), lm_head))  # no @first / @last rule to bind
+        layer, why = bound.resolve("1", lm_head)
+        assert why == "default" and layer.input is None and layer.output is None
+        assert layer.weight == TensorQuant(spec=spec)  # min-max, static
+        assert cfg.resolve("embed", emb)[0] == LayerQuant(weight=TensorQuant(spec=INT8_WEIGHT))
+    assert INT4_WEIGHT_G32.symmetric and INT4_WEIGHT_G32.group_size == 32 and INT4_WEIGHT_G32.axis == 1
+    assert (INT3_WEIGHT_G128.bits, INT3_WEIGHT_G128.qmin, INT3_WEIGHT_G128.qmax) == (3, -4, 3)
+    assert W8A16 == dataclasses.replace(W8, name="w8a16")
 
 
 def test_get_config():

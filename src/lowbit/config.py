@@ -11,9 +11,14 @@ are the model's first and last compute layer (Linear / Conv, or any registered g
 kind, in module registration order; embeddings are not counted).  ``QuantConfig.bind(model)``
 turns them into exact names just before layers are swapped, so a recipe keeps the position,
 not one model's layer names.
-The 4-bit presets use them to keep the first and last layers at 8 bits, the usual protocol
-for low-bit networks (Esser et al. 2020, LSQ): the input image and the logits are where
-4 bits cost the most.
+The 4-bit presets for QAT (``w4a8``, ``w4a4``) use them to keep the first and last layers at
+8 bits, the usual protocol for low-bit networks (Esser et al. 2020, LSQ): the input image and
+the logits are where 4 bits cost the most.
+
+The weight-only presets for LLMs (``w4a16-g128``, ``w4a16-g32``, ``w3a16-g128``, ``w8a16``)
+quantize every Linear, ``lm_head`` included, by round-to-nearest on each group's (or row's)
+min-max range, and leave activations float, so they need no calibration data:
+``lowbit.quantize(model, None, "w4a16-g128")``.
 
     cfg = W8A8.with_rules(Rule(pattern="classifier.*", layer=None))   # keep the head in float
 """
@@ -30,7 +35,16 @@ from torch import nn
 
 from .nn.modules import TensorQuant
 from .nn.registry import contraction_types, kind_of
-from .numerics import INT4_WEIGHT, INT8_WEIGHT, UINT4_ACTIVATION, UINT8_ACTIVATION, QuantSpec
+from .numerics import (
+    INT3_WEIGHT_G128,
+    INT4_WEIGHT,
+    INT4_WEIGHT_G32,
+    INT4_WEIGHT_G128,
+    INT8_WEIGHT,
+    UINT4_ACTIVATION,
+    UINT8_ACTIVATION,
+    QuantSpec,
+)
 from .numerics.spec import preset
 
 CONFIG_FORMAT_VERSION = 1
@@ -288,6 +302,44 @@ W4A4 = _config(QuantConfig(
 aggressive, for QAT.  ONNX Runtime has no 4-bit activation kernels: export clips to the 4-bit
 range before each QuantizeLinear, which keeps the numbers exact but leaves the clipped layers
 in float there."""
+
+# -- weight-only presets for LLMs: round-to-nearest (RTN), the baseline GPTQ / AWQ improve on ----
+# Every Linear takes the weight grid (lm_head too); embeddings int8 per row as in every preset, because
+# export cannot write a group-wise table yet (the rows are dequantized after the Gather) and a table is
+# read a row per token, so its bits cost memory, not arithmetic.  lm_head is often tied to the embedding
+# (SmolLM2): tying is safe, since fake-quantization never writes the weight; each layer quantizes the
+# shared float table its own way.
+
+
+def _weight_only(name: str, spec: QuantSpec) -> QuantConfig:
+    return QuantConfig(name=name, rules=(_EMBEDDING_W8,), default=LayerQuant(weight=TensorQuant(spec=spec)))
+
+
+W4A16_G128 = _config(_weight_only("w4a16-g128", INT4_WEIGHT_G128))
+"""Weight-only INT4 for LLMs: int4 symmetric, one scale per 128 consecutive input features of each
+output row (the last group shorter where 128 does not divide ``in_features``: SmolLM2's 576 is
+4 x 128 + 64), set by the group's absolute maximum (round-to-nearest).  Activations stay float; no
+calibration data.  Exports as blocked DequantizeLinear (opset 21), which ONNX Runtime runs as
+MatMulNBits on a 3-D input."""
+
+W4A16_G32 = _config(_weight_only("w4a16-g32", INT4_WEIGHT_G32))
+"""Weight-only INT4, groups of 32 along the input dimension, otherwise as ``w4a16-g128``.
+
+Symmetric (zero-point 0) like ``w4a16-g128``, so the two differ only in group size, and the grid is
+GGUF's Q4_0 (a scale per 32), with no zero-points to store.  Not asymmetric: SmolLM2's GGUF weights
+were stored on an asymmetric group-32 grid with a float minimum (Q4_1), which an asymmetric g32 grid
+all but reproduces, so judging 4-bit quantization with it would flatter any method; a symmetric grid
+does not line up with it.  For the asymmetric grid, use
+``QuantSpec(bits=4, signed=False, symmetric=False, granularity="group", axis=1, group_size=32)``."""
+
+W3A16_G128 = _config(_weight_only("w3a16-g128", INT3_WEIGHT_G128))
+"""Weight-only INT3 (-4..3, symmetric), groups of 128 along the input dimension, otherwise as
+``w4a16-g128``.  ONNX has no 3-bit type: export stores the values in 8-bit integers, so the ONNX
+file is no smaller than ``w8a16``'s; the simulation has the 3-bit accuracy."""
+
+W8A16 = _config(dataclasses.replace(W8, name="w8a16"))
+"""Weight-only INT8, one scale per output channel, min-max: the ``w8`` preset under the name the
+LLM presets share."""
 
 CONFIGS: Mapping[str, QuantConfig] = MappingProxyType(_CONFIGS)
 """Preset configs by name."""

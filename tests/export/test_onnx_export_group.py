@@ -155,3 +155,38 @@ def test_emulation_refuses_group_wise_layers():
     quantized_input = lowbit.quantize(_mlp(), [x], _config(INT4_G16, UINT8_ACTIVATION), progress=False)
     with pytest.raises(EmulationError, match=r"0\.weight: .*blocked DequantizeLinear, so ORT runs 0 as a float"):
         emulate_ort(quantized_input, cpu="x86-vnni")
+
+
+# -- a ragged last group: SmolLM2's hidden size 576 in groups of 128 (4 x 128 + 64) -------------------
+def _wide_mlp() -> nn.Module:
+    # 576 = 4 x 128 + 64; the second layer's 32 inputs are one short group of 32.
+    return nn.Sequential(nn.Linear(576, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+@pytest.mark.parametrize("shape", [(4, 576), (2, 5, 576)], ids=["gemm", "matmul"])
+def test_ragged_groups_export_and_run(kind, shape, tmp_path):
+    from onnx.reference import ReferenceEvaluator
+
+    spec = SPECS[kind].replace(group_size=128)
+    torch.manual_seed(4)
+    x = torch.randn(*shape)
+    qmodel, model, simulated = _export(_wide_mlp, _config(spec), x, tmp_path / "m.onnx")
+    dqs = _blocked_dqs(model)
+    assert len(dqs) == 2 and all(attr(n, "block_size") == 128 for n in dqs)
+    scales = sorted(tuple(_inits(model)[n.input[1]].dims) for n in dqs)
+    # ceil(576 / 128) = 5 and ceil(32 / 128) = 1 scales along the input axis (transposed for MatMul).
+    assert scales == ([(1, 8), (5, 32)] if len(shape) == 3 else [(8, 1), (32, 5)])
+    assert tuple(qmodel[0].integer_params().weight.scale.shape) == (32, 5)
+    # ONNX's reference evaluator and ORT (level basic: DQ -> float Gemm / MatMul) give the simulation.
+    (reference,) = ReferenceEvaluator(str(tmp_path / "m.onnx")).run(None, {model.graph.input[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(reference), simulated, rtol=1e-5, atol=1e-5)
+    exact = OrtModel(tmp_path / "m.onnx", optimization="basic")(x)
+    torch.testing.assert_close(exact, simulated, rtol=1e-5, atol=1e-5)
+    default = OrtModel(tmp_path / "m.onnx")(x)
+    kernels = inspect_onnx(tmp_path / "m.onnx").op_counts
+    if len(shape) == 3:  # MatMulNBits pads K to whole blocks (both layers); int8 activations by default
+        assert kernels.get("MatMulNBits") == 2
+        assert float((default - simulated).abs().max()) < 0.02 * float(simulated.abs().max())
+    else:
+        torch.testing.assert_close(default, simulated, rtol=1e-5, atol=1e-5)

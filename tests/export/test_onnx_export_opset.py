@@ -13,6 +13,7 @@ from torch import nn
 import lowbit
 from lowbit.config import CONFIGS
 from lowbit.export import export_onnx, inspect_onnx
+from lowbit.export._blocked import uses_blocked
 from lowbit.export._opset import DEFAULT_OPSET, MAX_OPSET, stamp_opset
 from lowbit.runtime.ort import OrtModel
 
@@ -54,17 +55,24 @@ def _opset_of(model: onnx.ModelProto) -> int:
 def test_higher_opsets_give_the_same_outputs_and_kernels(config, tmp_path):
     for i, (qmodel, x) in enumerate(_models(config)):
         default = export_onnx(qmodel, tmp_path / f"{i}-default.onnx", x)
-        assert _opset_of(default) == DEFAULT_OPSET
+        # Group-wise weights need blocked DequantizeLinear: opset 21 by default, and 20 is refused.
+        blocked = uses_blocked(qmodel)
+        assert _opset_of(default) == (21 if blocked else DEFAULT_OPSET)
+        if blocked:
+            with pytest.raises(ValueError, match="blocked DequantizeLinear from opset 21 on"):
+                export_onnx(qmodel, tmp_path / f"{i}-20.onnx", x, opset=20)
+        opsets = (21, MAX_OPSET) if blocked else (20, 21, MAX_OPSET)
         runs = {}
-        for opset in (20, 21, MAX_OPSET):
+        for opset in opsets:
             path = tmp_path / f"{i}-{opset}.onnx"
             model = export_onnx(qmodel, path, x, opset=opset)
             assert _opset_of(model) == opset
             assert model.ir_version == max(9, helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
             runs[opset] = (OrtModel(path)(x), inspect_onnx(path).op_counts)
-        for opset in (21, MAX_OPSET):
-            torch.testing.assert_close(runs[opset][0], runs[20][0], rtol=0, atol=0, msg=f"{config} opset {opset}")
-            assert runs[opset][1] == runs[20][1], f"{config}: ORT runs other kernels at opset {opset}"
+        base = runs[opsets[0]]
+        for opset in opsets[1:]:
+            torch.testing.assert_close(runs[opset][0], base[0], rtol=0, atol=0, msg=f"{config} opset {opset}")
+            assert runs[opset][1] == base[1], f"{config}: ORT runs other kernels at opset {opset}"
 
 
 def test_default_is_opset_19_byte_for_byte(tmp_path):

@@ -36,7 +36,7 @@ def per_element(p: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
         view = [1] * len(shape)
         view[axis] = -1
         return p.reshape(view).expand(shape)
-    return p.repeat_interleave(spec.group_size, dim=axis)
+    return p.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])  # last group may be short
 
 
 def round_ste(t):
@@ -100,6 +100,10 @@ LAYOUTS = [
     pytest.param((4, 6, 5), {"granularity": "channel", "axis": 1}, id="channel-axis1"),
     pytest.param((8, 12), {"granularity": "group", "axis": 1, "group_size": 4}, id="group-axis1"),
     pytest.param((6, 3, 5), {"granularity": "group", "axis": 0, "group_size": 2}, id="group-axis0"),
+    # Ragged: the last group is shorter (10 = 4 + 4 + 2; 7 = 3 + 3 + 1; 6 < 8: one short group).
+    pytest.param((8, 10), {"granularity": "group", "axis": 1, "group_size": 4}, id="group-ragged-axis1"),
+    pytest.param((7, 3, 5), {"granularity": "group", "axis": 0, "group_size": 3}, id="group-ragged-axis0"),
+    pytest.param((5, 6), {"granularity": "group", "axis": -1, "group_size": 8}, id="group-one-short"),
 ]
 GRIDS = [
     pytest.param({"bits": 8}, id="int8-sym"),

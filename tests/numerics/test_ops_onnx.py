@@ -60,6 +60,11 @@ LAYOUTS = [
     pytest.param((8, 6), "group", 0, 2, id="block-axis0"),
     pytest.param((2, 6, 4), "group", 1, 3, id="block-3d"),
     pytest.param((2, 3, 8), "group", -1, 8, id="block-one-per-row"),
+    # Ragged: the block size does not divide the axis, so the last block is shorter (ceil(D / B) scales).
+    pytest.param((4, 10), "group", 1, 4, id="ragged-axis1"),
+    pytest.param((7, 3), "group", 0, 3, id="ragged-axis0"),
+    pytest.param((2, 7, 3), "group", 1, 5, id="ragged-3d"),
+    pytest.param((3, 5), "group", -1, 8, id="ragged-one-short-block"),
 ]
 
 
@@ -153,7 +158,7 @@ def _per_element(p: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
         view = [1] * len(shape)
         view[axis] = -1
         return p.reshape(view)
-    return p.repeat_interleave(spec.group_size, dim=axis)
+    return p.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])
 
 
 def lowbit_outputs(spec, x, scale, zp, codes):

@@ -249,7 +249,7 @@ def test_tensor_minmax_does_not_track_gradients():
     [
         (QuantSpec(granularity="channel", axis=2), (3, 4)),
         (QuantSpec(granularity="channel", axis=-3), (3, 4)),
-        (QuantSpec(granularity="group", axis=1, group_size=3), (3, 4)),
+        (QuantSpec(granularity="group", axis=2, group_size=3), (3, 4)),
     ],
 )
 def test_layout_errors_through_range_paths(spec, shape):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -162,12 +163,21 @@ def test_axis_out_of_range_names_tensor_and_valid_range(axis):
     assert "-3..2" in str(info.value)
 
 
-def test_group_size_must_divide_dimension():
-    spec = QuantSpec(granularity="group", axis=1, group_size=128)
-    with pytest.raises(
-        ValueError, match=r"fc\.weight: group_size 128 does not divide dimension 1 of size 300"
-    ):
-        spec.param_shape((16, 300), name="fc.weight")
+@pytest.mark.parametrize(
+    "shape, group_size, expected",
+    [
+        ((16, 300), 128, (16, 3)),  # 128 + 128 + 44: the last group is shorter (ONNX: ceil(D / B))
+        ((16, 576), 128, (16, 5)),  # SmolLM2's hidden size
+        ((16, 576), 32, (16, 18)),  # divides: as before
+        ((16, 40), 128, (16, 1)),  # wider than the dimension: one short group
+        ((16, 1), 7, (16, 1)),
+        ((16, 0), 4, (16, 0)),  # no elements, no groups
+    ],
+)
+def test_group_size_need_not_divide_dimension(shape, group_size, expected):
+    spec = QuantSpec(granularity="group", axis=1, group_size=group_size)
+    assert spec.param_shape(shape, name="fc.weight") == expected
+    assert spec.param_shape(shape) == (*shape[:1], math.ceil(shape[1] / group_size))
 
 
 def test_resolved_axis():

@@ -4,7 +4,8 @@ A weight quantized group-wise (``QuantSpec(granularity="group", axis=a, group_si
 per run of ``n`` consecutive elements along ``a``, for a Linear / Conv weight the input dimension
 ``a=1``) is written as its integers -- ONNX INT4 / UINT4 for a 4-bit grid (``QuantSpec.onnx_type``),
 INT8 / UINT8 otherwise -- and ``DequantizeLinear(axis=a, block_size=n)``, whose scale and
-zero-point have the weight's rank with ``shape[a] / n`` entries along ``a``: lowbit's own layout
+zero-point have the weight's rank with ``ceil(shape[a] / n)`` entries along ``a`` (the last block
+shorter when ``n`` does not divide the axis, as ONNX defines it): lowbit's own layout
 (``QuantSpec.param_shape``), so the constants are ``layer.integer_params()`` unchanged.  It feeds
 the float op (Gemm, MatMul, Conv): weight-only arithmetic, whether the layer's input is float or
 quantized per tensor.  The bias stays float, as in the simulation.
@@ -20,8 +21,10 @@ weight and run the float kernel, equal to the simulation up to float rounding.  
 (Linear on a 3-D input) its graph optimizer (level ``extended`` and above) substitutes MatMulNBits,
 which by default (``session.qdq_matmulnbits_accuracy_level`` 4) quantizes the activations to int8
 per block: faster, but about 0.5% off the simulation; accuracy level 1 or 0 (float), or
-optimization ``basic``, keeps it exact.  With a quantized input, 4-bit blocked weights stay
-``DQ -> float MatMul``; 8-bit ones ORT fuses into MatMulIntegerToFloat / DynamicQuantizeMatMul,
+optimization ``basic``, keeps it exact.  A ragged last block runs the same way: ORT's blocked
+DequantizeLinear takes it, and its MatMulNBits substitution pads K up to whole blocks (in_features
+576 and 32 at block 128 both become MatMulNBits).  With a quantized input, 4-bit blocked weights
+stay ``DQ -> float MatMul``; 8-bit ones ORT fuses into MatMulIntegerToFloat / DynamicQuantizeMatMul,
 which reject blocked scales at run time, so export refuses that one combination.
 """
 

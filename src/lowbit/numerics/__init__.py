@@ -1,9 +1,21 @@
 """Layer 1: quantization numerics as pure functions (ONNX QuantizeLinear semantics)."""
 
 from .ops import dequantize, fake_quantize, lsq_grad_scale, quantize
-from .qparams import check_finite, compute_qparams, finite_row_ranges, row_ranges, rows_view, tensor_minmax
+from .qparams import (
+    check_finite,
+    compute_qparams,
+    expand_param,
+    finite_row_ranges,
+    group_padding,
+    ragged_rows,
+    row_ranges,
+    rows_view,
+    tensor_minmax,
+)
 from .spec import (
+    INT3_WEIGHT_G128,
     INT4_WEIGHT,
+    INT4_WEIGHT_G32,
     INT4_WEIGHT_G128,
     INT8_ACTIVATION,
     INT8_WEIGHT,
@@ -18,7 +30,9 @@ from .spec import (
 )
 
 __all__ = [
+    "INT3_WEIGHT_G128",
     "INT4_WEIGHT",
+    "INT4_WEIGHT_G32",
     "INT4_WEIGHT_G128",
     "INT8_ACTIVATION",
     "INT8_WEIGHT",
@@ -32,11 +46,14 @@ __all__ = [
     "check_finite",
     "compute_qparams",
     "dequantize",
+    "expand_param",
     "fake_quantize",
     "finite_row_ranges",
     "get_spec",
+    "group_padding",
     "lsq_grad_scale",
     "quantize",
+    "ragged_rows",
     "row_ranges",
     "rows_view",
     "tensor_minmax",

@@ -15,12 +15,13 @@ import math
 
 import torch
 
-from .qparams import group_view, param_view
+from .qparams import group_view, param_view, ungroup
 from .spec import QuantSpec
 
 
 def _prepare(x, scale, zero_point, spec: QuantSpec, name: str):
-    """Validate parameter shapes and return broadcastable views."""
+    """Validate parameter shapes; return ``group_view`` of ``x``, the parameters broadcastable
+    against it, and its axis (for ``ungroup``)."""
     expected = spec.param_shape(x.shape, name)
     for label, p in (("scale", scale), ("zero_point", zero_point)):
         if p is not None and tuple(p.shape) != expected:
@@ -38,7 +39,7 @@ def _prepare(x, scale, zero_point, spec: QuantSpec, name: str):
     view, axis = group_view(x, spec, name)
     s = param_view(scale, view.dim(), spec, axis)
     z = None if zero_point is None else param_view(zero_point, view.dim(), spec, axis)
-    return view, s, z
+    return view, s, z, axis
 
 
 def _as_param(p, dtype=torch.float32) -> torch.Tensor | None:
@@ -71,12 +72,12 @@ def quantize(
         tensor([  3, -20], dtype=torch.int8)
     """
     scale, zero_point = _as_param(scale), _as_param(zero_point, torch.int32)
-    view, s, z = _prepare(x, scale, zero_point, spec, name)
+    view, s, z, axis = _prepare(x, scale, zero_point, spec, name)
     q = torch.div(view.float(), s.float()).round_()
     if z is not None:
         q.add_(z)
     q.clamp_(spec.qmin, spec.qmax)
-    return q.to(spec.storage_dtype).reshape(x.shape)
+    return ungroup(q.to(spec.storage_dtype), x.shape, spec, axis)
 
 
 def dequantize(
@@ -88,11 +89,11 @@ def dequantize(
 ) -> torch.Tensor:
     """Map integers back to float32: ``(q - zero_point) * scale``."""
     scale, zero_point = _as_param(scale), _as_param(zero_point, torch.int32)
-    view, s, z = _prepare(q, scale, zero_point, spec, name)
+    view, s, z, axis = _prepare(q, scale, zero_point, spec, name)
     out = view.to(torch.float32)
     if z is not None:
         out = out - z.to(torch.float32)
-    return (out * s.float()).reshape(q.shape)
+    return ungroup(out * s.float(), q.shape, spec, axis)
 
 
 def _inside_mask(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -111,13 +112,21 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax):
+        # clamp(round(x/s) + z, qmin, qmax) - z == clamp(round(x/s), qmin - z, qmax - z) for an
+        # integer z (every sum is an integer far inside float32's exact range), so the zero-point
+        # costs no pass over x.  Only the sign of a zero can differ (-0.0 where the two-pass form
+        # gives +0.0), which no comparison, sum or product downstream can tell apart.
+        if z is None:
+            lo, hi = qmin, qmax
+        elif z.numel() == 1:  # scalar bounds: a tensor-bound clamp is several times slower
+            lo, hi = qmin - float(z), qmax - float(z)
+        else:
+            lo, hi = (qmin - z).to(x.dtype), (qmax - z).to(x.dtype)
         t = torch.div(x, s).round_()
-        if z is not None:
-            t.add_(z)
-        q = t.clamp(qmin, qmax)
+        if not ctx.needs_input_grad[0]:  # inference / calibration: no mask, no second buffer
+            return t.clamp_(lo, hi).mul_(s)
+        q = t.clamp(lo, hi)
         ctx.save_for_backward(_inside_mask(q, t))
-        if z is not None:
-            q.sub_(z)
         return q.mul_(s)
 
     @staticmethod
@@ -175,7 +184,8 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
 
 def lsq_grad_scale(x: torch.Tensor, spec: QuantSpec) -> float:
-    """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale."""
+    """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale (rounded down to an
+    integer: with a ragged last group, the average over the groups)."""
     elems_per_scale = x.numel() // max(1, math.prod(spec.param_shape(x.shape)))
     return 1.0 / math.sqrt(max(1, elems_per_scale) * max(1, spec.qmax))
 
@@ -213,7 +223,7 @@ def fake_quantize(
         >>> fake_quantize(w, s, None, INT8_WEIGHT, learned=True).sum().backward()
     """
     scale, zero_point = _as_param(scale), _as_param(zero_point, torch.int32)
-    view, s, z = _prepare(x, scale, zero_point, spec, name)
+    view, s, z, axis = _prepare(x, scale, zero_point, spec, name)
     if view.dtype != torch.float32:
         view = view.float()
     if not learned:
@@ -226,4 +236,4 @@ def fake_quantize(
         if z is not None and not z.is_floating_point():
             z = z.float()
         out = _FakeQuantLSQ.apply(view, s, z, spec.qmin, spec.qmax, float(grad_scale))
-    return out.reshape(x.shape).to(x.dtype)
+    return ungroup(out, x.shape, spec, axis).to(x.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .spec import QuantSpec
@@ -21,6 +23,17 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         )
 
 
+def group_padding(shape: torch.Size | tuple[int, ...], spec: QuantSpec, name: str = "tensor") -> int:
+    """Elements ``group_view`` appends along the axis to complete a ragged last group:
+    ``ceil(D / group_size) * group_size - D`` for a group-wise ``spec`` whose group size does
+    not divide the axis' size ``D``, else 0."""
+    if spec.granularity != "group":
+        return 0
+    size = tuple(shape)[spec.resolved_axis(len(shape), name)]
+    assert spec.group_size is not None
+    return -size % spec.group_size
+
+
 def group_view(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[torch.Tensor, int]:
     """View of ``x`` in which each scale of ``spec`` owns one slice.
 
@@ -30,17 +43,40 @@ def group_view(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[
       * group:   ``x`` reshaped so ``axis`` splits into ``(n_groups, group_size)``;
                  the group axis is ``axis`` and the members lie on ``axis + 1``.
     A parameter of ``spec.param_shape(x.shape)`` broadcasts against the view after
-    ``param_view``.
+    ``param_view``; ``ungroup`` turns a result laid out as the view back into ``x``'s shape.
+
+    A ragged last group (``group_size`` does not divide the axis) is padded to a whole group
+    with copies of its own last element (``group_padding`` of them): the padded view is a new
+    tensor, not a view of ``x``.  Copies of a member leave the group's min and max, so its
+    range and scale, unchanged, whatever the sign of the data (zeros would widen an
+    all-positive group's affine range); anything that counts values (a histogram) must
+    discount them (``ragged_rows``).  When the size divides the axis this is a plain reshape,
+    no copy.
     """
-    spec.param_shape(x.shape, name)  # validates axis and divisibility
+    spec.param_shape(x.shape, name)  # validates the axis
     if spec.granularity == "tensor":
         return x, -1
     axis = spec.resolved_axis(x.dim(), name)
     if spec.granularity == "channel":
         return x, axis
     shape = x.shape
-    n_groups = shape[axis] // spec.group_size
+    pad = group_padding(shape, spec, name)
+    if pad:
+        edge = x.narrow(axis, shape[axis] - 1, 1)
+        x = torch.cat([x, edge.expand(shape[:axis] + (pad,) + shape[axis + 1 :])], dim=axis)
+    n_groups = x.shape[axis] // spec.group_size
     return x.reshape(shape[:axis] + (n_groups, spec.group_size) + shape[axis + 1 :]), axis
+
+
+def ungroup(view: torch.Tensor, shape: torch.Size | tuple[int, ...], spec: QuantSpec, axis: int) -> torch.Tensor:
+    """The inverse of ``group_view``: ``view`` (laid out as ``group_view`` of a tensor of
+    ``shape`` with ``axis``) back in ``shape``, the padding of a ragged last group cut off (a
+    contiguous copy then; otherwise a reshape, as before groups could be ragged)."""
+    shape = tuple(shape)
+    if spec.granularity != "group" or view.shape[axis] * view.shape[axis + 1] == shape[axis]:
+        return view.reshape(shape)
+    padded = shape[:axis] + (view.shape[axis] * view.shape[axis + 1],) + shape[axis + 1 :]
+    return view.reshape(padded).narrow(axis, 0, shape[axis]).contiguous()
 
 
 def param_view(p: torch.Tensor, x_dim: int, spec: QuantSpec, axis: int) -> torch.Tensor:
@@ -54,10 +90,40 @@ def param_view(p: torch.Tensor, x_dim: int, spec: QuantSpec, axis: int) -> torch
     return p.unsqueeze(axis + 1)
 
 
+def expand_param(p: torch.Tensor, shape: torch.Size | tuple[int, ...], spec: QuantSpec,
+                 name: str = "tensor") -> torch.Tensor:
+    """A scale / zero-point of ``spec`` (laid out for a tensor of ``shape``) with one value per
+    element of that tensor: what each element is quantized with.  For code that works element
+    by element (AdaRound's grid, GPTQ's column updates, references in tests).
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity="group", axis=1, group_size=4)
+        >>> expand_param(torch.tensor([[1.0, 2.0]]), (1, 6), spec).tolist()
+        [[1.0, 1.0, 1.0, 1.0, 2.0, 2.0]]
+    """
+    shape = tuple(shape)
+    expected = spec.param_shape(shape, name)
+    if tuple(p.shape) != expected:
+        raise ValueError(f"{name}: parameter has shape {tuple(p.shape)} but {spec.describe()} on a tensor of "
+                         f"shape {shape} needs {expected}")
+    if spec.granularity == "tensor":
+        return p.expand(shape)
+    axis = spec.resolved_axis(len(shape), name)
+    if spec.granularity == "channel":
+        view = [1] * len(shape)
+        view[axis] = -1
+        return p.reshape(view).expand(shape)
+    return p.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])
+
+
 def rows_view(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[torch.Tensor, tuple[int, ...]]:
     """``x`` as a 2-D ``[n_params, elements]`` matrix: row i holds the elements that
     share scale i.  Returns ``(rows, param_shape)``; ``values.reshape(param_shape)``
     turns one value per row back into the spec's scale layout.
+
+    The rows of a ragged last group end with copies of that group's last element (see
+    ``group_view``; ``ragged_rows`` says which rows and how many copies): their min and
+    max are exact, counts are not.
     """
     param_shape = spec.param_shape(x.shape, name)
     if spec.granularity == "tensor":
@@ -66,6 +132,20 @@ def rows_view(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[t
     if spec.granularity == "channel":
         return view.movedim(axis, 0).reshape(view.shape[axis], -1), param_shape
     return view.movedim(axis + 1, -1).reshape(-1, spec.group_size), param_shape
+
+
+def ragged_rows(shape: torch.Size | tuple[int, ...], spec: QuantSpec,
+                name: str = "tensor") -> tuple[torch.Tensor, int] | None:
+    """Which rows of ``rows_view`` (of a tensor of ``shape``) hold a ragged last group, and how
+    many padding copies of its last element each ends with: ``(row indices (int64), copies)``;
+    None when no group is ragged."""
+    pad = group_padding(shape, spec, name)
+    if not pad:
+        return None
+    param_shape = spec.param_shape(shape, name)
+    axis = spec.resolved_axis(len(param_shape), name)
+    index = torch.arange(math.prod(param_shape)).reshape(param_shape).select(axis, param_shape[axis] - 1)
+    return index.reshape(-1), pad
 
 
 def row_ranges(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

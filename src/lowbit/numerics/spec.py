@@ -7,8 +7,14 @@ layout of scale and zero-point follows ONNX QuantizeLinear (opset 21):
 * ``granularity="tensor"``:  scalar scale, shape ``()``.
 * ``granularity="channel"``: 1-D scale of length ``x.shape[axis]``.
 * ``granularity="group"``:   ONNX "blocked" quantization: scale has the rank of
-  ``x`` with ``x.shape[axis] // group_size`` entries along ``axis``; every run of
-  ``group_size`` consecutive elements along ``axis`` shares one scale.
+  ``x`` with ``ceil(x.shape[axis] / group_size)`` entries along ``axis``; every run of
+  ``group_size`` consecutive elements along ``axis`` shares one scale.  When
+  ``group_size`` does not divide the dimension the last group is shorter (SmolLM2's
+  hidden size 576 in groups of 128: four of 128 and one of 64), as ONNX's opset-21
+  Quantize/DequantizeLinear and ONNX Runtime's MatMulNBits (which pads K to a whole
+  block) lay it out.  Any ``group_size >= 1`` is valid for any dimension: one larger
+  than the dimension gives a single (short) group, so a preset such as group 128 also
+  applies to a layer narrower than 128 instead of failing on it.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ class QuantSpec:
         axis: the channel axis (``channel``) or the axis the blocks run along
             (``group``).  Negative values count from the end.  Must be None for
             ``tensor``.
-        group_size: elements per block along ``axis``; only for ``group``.
+        group_size: elements per block along ``axis``; only for ``group``.  Need not
+            divide the dimension: the last block then holds the remainder.
 
     Example:
         >>> QuantSpec(bits=4, granularity="group", axis=1, group_size=128).qmin
@@ -130,8 +137,9 @@ class QuantSpec:
     def param_shape(self, shape: torch.Size | tuple[int, ...], name: str = "tensor") -> tuple[int, ...]:
         """Shape of scale / zero-point for a tensor of ``shape`` (ONNX layout).
 
-        Raises ValueError naming ``name`` when the axis is out of range or the group
-        size does not divide the dimension.
+        Per group: ``ceil(shape[axis] / group_size)`` entries along the axis (the last
+        group shorter when the size does not divide the dimension).  Raises ValueError
+        naming ``name`` when the axis is out of range.
         """
         shape = tuple(shape)
         if self.granularity == "tensor":
@@ -140,12 +148,7 @@ class QuantSpec:
         if self.granularity == "channel":
             return (shape[axis],)
         assert self.group_size is not None
-        if shape[axis] % self.group_size:
-            raise ValueError(
-                f"{name}: group_size {self.group_size} does not divide dimension {axis} "
-                f"of size {shape[axis]}; pick a group size that divides it"
-            )
-        return shape[:axis] + (shape[axis] // self.group_size,) + shape[axis + 1 :]
+        return shape[:axis] + (-(-shape[axis] // self.group_size),) + shape[axis + 1 :]
 
     def describe(self) -> str:
         """Short human-readable form, e.g. ``int8 sym per-channel(axis=0)``."""
@@ -208,6 +211,16 @@ UINT4_WEIGHT_G128 = _preset(
     QuantSpec(bits=4, signed=False, symmetric=False, granularity="group", axis=1, group_size=128),
 )
 """Weights: uint4 affine with zero-points, blocks of 128 (ONNX Runtime's MatMulNBits layout)."""
+
+INT4_WEIGHT_G32 = _preset(
+    "int4-weight-g32", QuantSpec(bits=4, granularity="group", axis=1, group_size=32)
+)
+"""Weights: int4 symmetric, blocks of 32 along the input dimension (GGUF Q4_0's grid: a scale per 32)."""
+
+INT3_WEIGHT_G128 = _preset(
+    "int3-weight-g128", QuantSpec(bits=3, granularity="group", axis=1, group_size=128)
+)
+"""Weights: int3 symmetric (-4..3), blocks of 128 along the input dimension; stored in 8-bit containers."""
 
 INT4_WEIGHT = _preset("int4-weight", QuantSpec(bits=4, granularity="channel", axis=0))
 """Weights: int4 symmetric per output channel."""

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..numerics import QuantSpec, compute_qparams, finite_row_ranges, get_spec, rows_view
+from ..numerics import QuantSpec, compute_qparams, finite_row_ranges, get_spec, ragged_rows, rows_view
 from .reduction import ADDITIVE_OPS, ReduceOp, check_reductions, merge_states
 
 # Bumped when the meaning of the saved buffers changes.
@@ -122,8 +122,10 @@ class Observer(torch.nn.Module, abc.ABC):
         # empty for per-tensor specs), and how many batches have been folded in.
         self.register_buffer("param_shape", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
-        # During _update: statistics of this batch shared with other observers of the same tensor.
+        # During _update: statistics of this batch shared with other observers of the same tensor,
+        # and the rows of a ragged last group with their number of padding copies (ragged_rows).
         self._memo: dict | None = None
+        self._ragged: tuple[torch.Tensor, int] | None = None
 
     # -- subclass interface ----------------------------------------------------------
     def _add_state(self, name: str, dtype: torch.dtype, per_row: tuple[int, ...] = ()) -> None:
@@ -140,7 +142,9 @@ class Observer(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def _update(self, rows: torch.Tensor, first: bool, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Fold ``rows`` ([n_rows, elements], float32) into the statistics; ``lo`` / ``hi`` are
-        the batch's per-row min and max (already computed, checked finite)."""
+        the batch's per-row min and max (already computed, checked finite).  The rows in
+        ``self._ragged`` (a ragged last group) end with padding copies of their last element,
+        which a statistic that counts values must discount (``HistogramObserver`` does)."""
 
     def _merge_state(self, other: Observer) -> None:
         """Fold the statistics of ``other`` (same class, spec, options, rows; both with data) into
@@ -193,11 +197,11 @@ class Observer(torch.nn.Module, abc.ABC):
                 # One pass gives the row ranges every observer needs (and the finiteness check).
                 lo, hi = finite_row_ranges(rows, x, self.name)
                 memo["range"] = (lo.clone(), hi.clone())
-            self._memo = memo
+            self._memo, self._ragged = memo, ragged_rows(x.shape, self.spec, self.name)
             try:
                 self._fold(rows, lo, hi, shape)
             finally:
-                self._memo = None
+                self._memo = self._ragged = None
         return x
 
     def _fold(self, rows: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, shape: tuple[int, ...]) -> None:

@@ -130,6 +130,19 @@ def bin_counts(
     return _histc_counts(v, total, -half - 0.5, total - half - 0.5).view(n_rows, bins)
 
 
+def discount_padding(counts: torch.Tensor, rows: torch.Tensor, exponent: torch.Tensor, bins: int,
+                     ragged: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """``counts`` (of ``bin_counts(rows, exponent, bins)``) without the padding of a ragged last
+    group: ``ragged`` = (row indices, copies), each such row ending with that many copies of
+    its last element (``lowbit.numerics.ragged_rows``).  Exact: the copies sit in the bin
+    ``bin_indices`` gives their value, the same bin ``bin_counts`` put them in.  In place."""
+    index, copies = ragged
+    index = index.to(rows.device)
+    where = bin_indices(rows[index, -1:], exponent[index], bins).squeeze(1).to(torch.int64)
+    counts[index, where] -= copies
+    return counts
+
+
 def coarsen(counts: torch.Tensor, exponent: torch.Tensor, new_exponent: torch.Tensor) -> torch.Tensor:
     """Counts of [n_rows, bins] at range ``2**exponent`` re-binned at ``2**new_exponent`` (exactly).
 
@@ -228,7 +241,10 @@ class HistogramObserver(Observer):
         if key not in memo:
             batch_exp = range_exponent(torch.maximum(-lo, hi))
             nonnegative = bool((lo >= 0).all())
-            memo[key] = (batch_exp, bin_counts(rows, batch_exp, self.bins, nonnegative))
+            counts = bin_counts(rows, batch_exp, self.bins, nonnegative)
+            if self._ragged is not None:  # a ragged last group: its padding is not data
+                counts = discount_padding(counts, rows, batch_exp, self.bins, self._ragged)
+            memo[key] = (batch_exp, counts)
         batch_exp, batch_counts = memo[key]
         if first:
             self.counts = batch_counts.clone()

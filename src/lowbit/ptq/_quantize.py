@@ -95,7 +95,7 @@ def quantize(
             kwargs; a DataLoader works), or a single tensor, taken as ONE batch.  Needed
             when the config has static activation quantizers, or an algorithm reads data
             (then it must be re-iterable; a one-shot iterator is listed).
-        config: a preset name (``"w8a8"``, ``"w8a8-dynamic"``, ``"w8"``) or a QuantConfig.
+        config: a preset name (``"w8a8"``, ``"w8a8-dynamic"``, ``"w8"``, ``"w4a8"``, the LLM weight-only ``"w4a16-g128"`` ...: ``lowbit.CONFIGS``) or a QuantConfig.
         algorithms: the PTQ algorithms to run, in order (``lowbit.ptq.steps``): steps such as
             ``[CLE(), SmoothQuant(alpha=0.8), BiasCorrection()]``, their short forms
             (``"cle,smoothquant(alpha=0.8),bias_correction"``) or ``to_dict`` mappings.  Each

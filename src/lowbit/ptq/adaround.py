@@ -65,7 +65,7 @@ from ..nn.quantizer import Quantizer
 from ..nn.registry import CONV, GEMM, kind_of
 from ..nn.walk import quantizers_by_role, run_model
 from ..numerics import quantize
-from ..numerics.qparams import group_view, param_view
+from ..numerics.qparams import expand_param
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,9 @@ class _Grid:
 
 def _grid(q: Quantizer, w: torch.Tensor) -> _Grid:
     scale, zero_point = q.qparams_for(w)
-    view, axis = group_view(w, q.spec, q.name)
 
     def spread(p: torch.Tensor) -> torch.Tensor:  # one value per weight element
-        return param_view(p.float(), view.dim(), q.spec, axis).expand(view.shape).reshape(w.shape)
+        return expand_param(p.float(), w.shape, q.spec, q.name)
 
     s = spread(scale)
     ratio = torch.div(w, s)  # the same float32 division quantize() rounds
