@@ -254,6 +254,20 @@ def test_a_passed_qmodel_is_reused():
     assert reused.settings["qmodel"] == "passed in"
 
 
+def test_steps_that_tune_layers_for_quantized_inputs_are_left_out_of_the_analysis():
+    """Bias correction edits each layer's bias for its quantized inputs; switched to float, the
+    layer would keep that edit and the analysis would charge it as noise.  The analysis runs the
+    float-phase steps only, and refuses a passed qmodel that ran such a step."""
+    model, data = _convnet()
+    report = sensitivity(model, data, "w8a8", algorithms=["cle", "bias_correction"], batches=2)
+    assert report.settings["algorithms"] == ["fold_bn", "cle"]
+    corrected = lowbit.quantize(model, data, choice_config("w8a8"), algorithms=["bias_correction"], progress=False)
+    with pytest.raises(ValueError, match="bias_correction.*edit weights or biases"):
+        sensitivity(model, data, "w8a8", qmodel=corrected, batches=2)
+    plain = sensitivity(model, data, "w8a8", algorithms=["bias_correction"], batches=2)
+    assert plain.costs() == pytest.approx(sensitivity(model, data, "w8a8", batches=2).costs(), rel=1e-12)
+
+
 def test_one_shot_iterator_and_single_tensor_data():
     model, data = _mlp()
     it = sensitivity(model, iter(data), "w8a8", batches=2)

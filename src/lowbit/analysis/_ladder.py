@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import QuantConfig, Rule, get_config
 from ..ptq import STEPS, quantize
+from ..ptq.steps import FLOAT
 from ..targets import resolve_target
 from ._autoquant import AutoQuantResult, Rung
 from ._layers import FLOAT_BITS, assignment_config, choice_name
@@ -173,11 +174,15 @@ class Ladder:
             self._try("algorithms", f"{base.config.name} + {' + '.join(names)}", base.config, names)
 
     def selective(self) -> None:
-        from ._sensitivity import sensitivity
+        from ._sensitivity import sensitivity, switchable_steps
 
         base = self.best(uniform=True)
-        report = sensitivity(self.model, self.calib, config=base.config, method="sqnr", qmodel=base.model,
-                             target=self.target)
+        # Measured on the model without the steps that tune layers for their quantized inputs
+        # (bias correction, AdaRound): switched to float, a layer would keep their edits.
+        switchable = switchable_steps(base.algorithms)
+        reuse = all(getattr(step, "phase", FLOAT) == FLOAT for step in base.algorithms)
+        report = sensitivity(self.model, self.calib, config=base.config, method="sqnr",
+                             qmodel=base.model if reuse else None, algorithms=switchable, target=self.target)
         self.sensitivity = report
         ranked = [row.name for row in report.ranked()]
         limit = self.max_float_layers or max(1, len(ranked) // 4)

@@ -34,6 +34,8 @@ from torch import nn
 
 from ..nn.modules import has_quantizers
 from ..ptq import quantize
+from ..ptq._parse import resolve_algorithms
+from ..ptq.steps import FLOAT, Step
 from ..targets import Target
 from . import _ablation, _hessian, _sqnr
 from ._layers import FLOAT_BITS, Choice, choice_config, choice_name, decision_layers
@@ -69,8 +71,11 @@ def sensitivity(model: nn.Module, calib_data=None, config: Choice = "w8a8", meth
         probes: hessian only: Rademacher probes per layer (more: a tighter ``trace_ci95``).
         qmodel: a model ``lowbit.quantize`` already returned for ``model`` with this choice:
             reused (its calibrated ranges) instead of quantizing again; its quantizers' modes
-            are as before when this returns or raises.
-        algorithms: PTQ algorithms for ``lowbit.quantize`` (ignored with ``qmodel``).
+            are as before when this returns or raises.  It must not have run calibrated-phase
+            steps (ValueError).
+        algorithms: PTQ algorithms for ``lowbit.quantize`` (ignored with ``qmodel``); only the
+            float-phase ones run (``switchable_steps``: AdaRound and BiasCorrection tune a layer
+            for its quantized inputs, so they would be measured as noise when it is switched off).
         target: the integer target (``lowbit.targets``) the choice is fitted to.
         seed: seeds the Hessian probes.
         progress: show a progress bar over layers (batches for the Hessian).
@@ -96,8 +101,11 @@ def sensitivity(model: nn.Module, calib_data=None, config: Choice = "w8a8", meth
                                                        batches, "evaluation data" if eval_data is not None
                                                        else "calibration data (the evaluation data by default)"))
     reused = qmodel is not None
-    if not reused:
-        qmodel = quantize(model, calib_data, choice_config(config, target), algorithms=algorithms, progress=False)
+    if reused:
+        _check_switchable(qmodel)
+    else:
+        qmodel = quantize(model, calib_data, choice_config(config, target), algorithms=switchable_steps(algorithms),
+                          progress=False)
     names = _quantized_layers(model, qmodel)
     bar = _bar(progress, method)
     summary = getattr(qmodel, "lowbit_summary", None)
@@ -118,6 +126,26 @@ def sensitivity(model: nn.Module, calib_data=None, config: Choice = "w8a8", meth
     layers = [_row(model, qmodel, name, *rows[name]) for name in names]
     return SensitivityReport(method=method, choice=choice_name(config), cost_unit=unit, layers=layers,
                              baseline=baseline, seconds=time.perf_counter() - start, settings=settings)
+
+
+def switchable_steps(algorithms) -> list[Step] | None:
+    """The steps of ``algorithms`` that keep every layer's float function (the float-phase ones:
+    BatchNorm folding, CLE, SmoothQuant).  Calibrated-phase steps (AdaRound, BiasCorrection) edit a
+    layer's weight or bias to suit its QUANTIZED inputs; with the layer switched back to float those
+    edits would stay and be measured as that layer's noise, so the analysis leaves them out."""
+    if algorithms is None:
+        return None
+    return [step for step in resolve_algorithms(algorithms) if step.phase == FLOAT]
+
+
+def _check_switchable(qmodel: nn.Module) -> None:
+    summary = getattr(qmodel, "lowbit_summary", None)
+    edits = [str(step) for step in (summary.algorithms if summary else ()) if step.phase != FLOAT]
+    if edits:
+        raise ValueError(f"sensitivity: qmodel ran {', '.join(edits)}, which edit weights or biases for the "
+                         "quantized model; with a layer switched to float those edits would be measured as its "
+                         "noise. Pass a qmodel quantized without them, or algorithms= (their float-phase steps "
+                         "are kept)")
 
 
 def _check_args(method, config, eval_fn, loss_fn, batches, probes) -> None:
