@@ -24,6 +24,7 @@ from torch import nn
 
 from ._layers import float_only, quantized_only
 from ._sqnr import EvalSet, eval_mode, noise_ratio
+from ._switch import switched_outputs
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -68,13 +69,20 @@ def _metric(model: nn.Module, evalset: EvalSet, eval_fn: EvalFn | None) -> float
 def measure(model: nn.Module, qmodel: nn.Module, evalset: EvalSet, names: Sequence[str], eval_fn: EvalFn | None,
             bar: Callable[[Iterable], Iterable] = iter) -> tuple[dict[str, tuple[float, dict]], dict]:
     """``{layer: (cost, values)}`` and the baseline."""
-    fp32 = 0.0 if eval_fn is None else _metric(model, evalset, eval_fn)
+    if eval_fn is None:  # the divergence of outputs on the evaluation batches: switched runs
+        with eval_mode(qmodel):
+            outs = switched_outputs(qmodel, evalset.batches, names, bar)
+        rows = {}
+        for name in names:
+            only, without = divergence(evalset, outs.only[name]), divergence(evalset, outs.without[name])
+            rows[name] = (only, {"metric_only": only, "metric_without": without})
+        return rows, {"fp32_metric": 0.0, "quantized_metric": divergence(evalset, outs.full)}
+    fp32 = _metric(model, evalset, eval_fn)
     rows = {}
     for name in bar(names):
         with quantized_only(qmodel, [name]):
             only = _metric(qmodel, evalset, eval_fn)
         with float_only(qmodel, [name]):
             without = _metric(qmodel, evalset, eval_fn)
-        cost = only if eval_fn is None else fp32 - only
-        rows[name] = (cost, {"metric_only": only, "metric_without": without})
+        rows[name] = (fp32 - only, {"metric_only": only, "metric_without": without})
     return rows, {"fp32_metric": fp32, "quantized_metric": _metric(qmodel, evalset, eval_fn)}

@@ -192,7 +192,7 @@ def _bar(progress: bool, method: str) -> Callable[[Iterable], Iterable]:
         return iter
     from tqdm.auto import tqdm
 
-    unit = "batch" if method == "hessian" else "layer"
+    unit = "batch" if method == "hessian" else "layer-batch"  # ablation with eval_fn: layers
     return lambda items: tqdm(items, desc=f"sensitivity ({method})", unit=unit)
 
 

@@ -34,7 +34,7 @@ from ..nn.modules import has_quantizers
 from ..nn.walk import run_model
 from ..numerics import fake_quantize
 from ..report.fidelity import first_tensor
-from ._layers import float_only, quantized_only
+from ._switch import switched_outputs
 
 COST_UNIT = "noise-to-signal power ratio of the model output with only this layer quantized (1 / linear SQNR)"
 
@@ -139,19 +139,34 @@ def _input_noise(layer: nn.Module) -> Iterator[list[float]]:
 def measure(qmodel: nn.Module, evalset: EvalSet, names: Sequence[str],
             bar: Callable[[Iterable], Iterable] = iter) -> tuple[dict[str, tuple[float, dict]], dict]:
     """``{layer: (cost, values)}`` and the baseline (``output_sqnr_db`` fully quantized)."""
+    inputs = {name: [0.0, 0.0] for name in names}
+
+    @contextlib.contextmanager
+    def input_noise(name: str) -> Iterator[None]:
+        with _input_noise(qmodel.get_submodule(name)) as power:
+            yield
+        inputs[name] = [inputs[name][0] + power[0], inputs[name][1] + power[1]]
+
+    with eval_mode(qmodel):
+        outs = switched_outputs(qmodel, evalset.batches, names, bar, around_only=input_noise)
     signal = evalset.signal
     rows = {}
-    for name in bar(names):
-        layer = qmodel.get_submodule(name)
-        with quantized_only(qmodel, [name]), _input_noise(layer) as power:
-            only = evalset.noise(qmodel)
-        with float_only(qmodel, [name]):
-            without = evalset.noise(qmodel)
-        rows[name] = (noise_ratio(signal, only), {
-            "output_sqnr_db_only": sqnr_db(signal, only),
-            "output_sqnr_db_without": sqnr_db(signal, without),
-            "weight_sqnr_db": weight_sqnr_db(layer) if has_quantizers(layer) else math.inf,
-            "input_sqnr_db": sqnr_db(*power) if power[0] or power[1] else math.inf,
-        })
-    full = evalset.noise(qmodel)
+    for name in names:
+        only, without = _noise(outs.only[name], evalset.fp32), _noise(outs.without[name], evalset.fp32)
+        rows[name] = (noise_ratio(signal, only), _values(qmodel.get_submodule(name), signal, only, without,
+                                                         inputs[name]))
+    full = _noise(outs.full, evalset.fp32)
     return rows, {"output_sqnr_db": sqnr_db(signal, full), "noise_ratio": noise_ratio(signal, full)}
+
+
+def _noise(outputs: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:
+    return sum(float(((y - r) ** 2).sum()) for y, r in zip(outputs, references, strict=True))
+
+
+def _values(layer: nn.Module, signal: float, only: float, without: float, power: list[float]) -> dict:
+    return {
+        "output_sqnr_db_only": sqnr_db(signal, only),
+        "output_sqnr_db_without": sqnr_db(signal, without),
+        "weight_sqnr_db": weight_sqnr_db(layer) if has_quantizers(layer) else math.inf,
+        "input_sqnr_db": sqnr_db(*power) if power[0] or power[1] else math.inf,
+    }
