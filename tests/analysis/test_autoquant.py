@@ -158,3 +158,26 @@ def test_an_infeasible_mixed_budget_is_said_not_raised():
                        budget={"avg_weight_bits": 3.0})
     assert [s.rung for s in result.steps] == ["ptq"] and not result.met
     assert "Mixed: no assignment of" in result.reason and "smallest achievable avg_weight_bits is 4" in result.reason
+
+
+def test_selective_also_keeps_float_the_convs_ort_would_run_in_float_anyway():
+    """Conv -> ReLU -> Conv with the second conv kept float: the first conv's output then meets no
+    QuantizeLinear, so ONNX Runtime runs it in float although it is quantized; the selective rung
+    tries it float too (no latency to lose, its noise to gain) and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10)).eval()
+    with torch.no_grad():
+        model[2].weight[3, 5, 1, 1] = 20.0  # per-tensor weights: this layer dominates the noise
+    config = lowbit.config.QuantConfig(name="w8-per-tensor", default=lowbit.config.LayerQuant(
+        weight=lowbit.nn.modules.TensorQuant(spec=lowbit.numerics.INT8_WEIGHT_PER_TENSOR),
+        input=lowbit.config.W8A8.default.input))
+    calib = _data()
+    eval_fn = _neg_mse(model, _data(2))
+    result = autoquant(model, calib, eval_fn, 0.0, config=config, rungs=("ptq", "selective"), max_float_layers=1)
+    assert result.sensitivity.ranked()[0].name == "2"
+    tried = [s.tried for s in result.steps if s.rung == "selective"]
+    assert len(tried) == 2 and "0, which ONNX Runtime would run in float anyway" in tried[1]
+    both = next(s for s in result.steps if s.tried == tried[1])
+    first = next(s for s in result.steps if s.tried == tried[0])
+    assert both.metric >= first.metric  # the extra float conv removes its noise

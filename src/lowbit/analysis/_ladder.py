@@ -46,6 +46,7 @@ class _Candidate:
     config: QuantConfig
     algorithms: tuple  # the steps that ran (lowbit_summary.algorithms), () for QAT
     training: dict | None = None  # QAT settings when trained
+    float_kernels: tuple[str, ...] = ()  # quantized layers that ONNX Runtime runs in float all the same
 
 
 class Ladder:
@@ -86,7 +87,9 @@ class Ladder:
         row.met = row.drop <= self.max_drop and row.within_budget
         row.seconds = time.perf_counter() - start
         algorithms = tuple(getattr(getattr(qmodel, "lowbit_summary", None), "algorithms", ()))
-        cand = _Candidate(row, qmodel, config, algorithms if training is None else (), training)
+        layers = getattr(getattr(qmodel, "lowbit_summary", None), "layers", None)
+        cand = _Candidate(row, qmodel, config, algorithms if training is None else (), training,
+                          tuple(getattr(layers, "float_kernels", {})))
         self.candidates.append(cand)
         log.info("autoquant %s: %s -> metric %.4f (drop %.4f), %.2f bits%s", rung, tried, metric, row.drop,
                  row.avg_weight_bits, "" if row.latency_ms is None else f", {row.latency_ms:.2f} ms")
@@ -189,10 +192,18 @@ class Ladder:
         k = 1
         while k <= min(limit, len(ranked)) and not self._met_in("selective"):
             names = ranked[:k]
-            config = base.config.with_rules(*(Rule.exact(n, None) for n in names))
             shown = ", ".join(names[:4]) + (f" and {k - 4} more" if k > 4 else "")
-            self._try("selective", f"{_describe(base)}, {k} most sensitive layer(s) float: {shown}", config,
-                      _user_steps(base.algorithms))
+            cand = self._try("selective", f"{_describe(base)}, {k} most sensitive layer(s) float: {shown}",
+                             base.config.with_rules(*(Rule.exact(n, None) for n in names)),
+                             _user_steps(base.algorithms))
+            # A quantized conv whose consumers now stay float runs in float in ONNX Runtime anyway
+            # (no QuantizeLinear follows it): keeping it float too costs no latency, only its noise.
+            extra = [n for n in cand.float_kernels if n not in names]
+            if extra and not cand.row.met:
+                self._try("selective", f"{_describe(base)}, {k} most sensitive layer(s) float: {shown}; and "
+                          f"{', '.join(extra)}, which ONNX Runtime would run in float anyway",
+                          base.config.with_rules(*(Rule.exact(n, None) for n in (*names, *extra))),
+                          _user_steps(base.algorithms))
             k *= 2
 
     def mixed(self) -> None:
