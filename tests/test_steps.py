@@ -19,6 +19,8 @@ from torch import nn
 import lowbit
 from lowbit.ptq import (
     CLE,
+    GPTQ,
+    RTN,
     AdaRound,
     BiasCorrection,
     FoldBatchNorm,
@@ -83,8 +85,8 @@ def _onnx_sha(qmodel: nn.Module, x: torch.Tensor, path) -> str:
 # -- registry, JSON and short forms ------------------------------------------------------------
 def test_registry_holds_lowbits_steps_with_their_phases():
     assert dict(STEPS) == {"fold_bn": FoldBatchNorm, "cle": CLE, "smoothquant": SmoothQuant,
-                           "bias_correction": BiasCorrection, "adaround": AdaRound}
-    assert [cls.phase for cls in STEPS.values()] == ["float", "float", "float", "calibrated", "calibrated"]
+                           "bias_correction": BiasCorrection, "adaround": AdaRound, "rtn": RTN, "gptq": GPTQ}
+    assert [cls.phase for cls in STEPS.values()] == ["float"] * 3 + ["calibrated"] * 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         SmoothQuant().alpha = 0.5
 
@@ -109,7 +111,7 @@ def test_short_forms():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("gptq", r"unknown algorithm 'gptq' \(known: fold_bn, cle, smoothquant, bias_correction"),
+    ("nonesuch", r"unknown algorithm 'nonesuch' \(known: fold_bn, cle, smoothquant, bias_correction"),
     ("smoothqunt", r"unknown algorithm 'smoothqunt'; did you mean 'smoothquant'\?"),
     ("cle(relu6=true)", r"algorithm 'cle': unknown field\(s\) \['relu6'\]; CLE takes \['relu6_to_relu', "),
     ("smoothquant(alpha=1.5)", r"SmoothQuant.alpha must be a number in \[0.0, 1.0\], got 1.5"),

@@ -7,7 +7,7 @@ runs in one phase of ``lowbit.quantize``::
                 FoldBatchNorm, CLE, SmoothQuant (next: AWQ)
     (residual adds and pools get quantizers, layers are swapped, activations calibrated)
     calibrated  on the quantized model, after calibration (each step in list order)
-                AdaRound, BiasCorrection (next: GPTQ, layer by layer with ``ctx.calib_data``)
+                RTN, GPTQ (``lowbit.ptq.weight_steps``), AdaRound, BiasCorrection
 
 so ``quantize(model, calib, "w8a8", algorithms=[CLE(), SmoothQuant(alpha=0.8), BiasCorrection()])``
 runs CLE, then SmoothQuant, then calibrates, then corrects biases.  ``AdaRound`` (adaptive

@@ -1,0 +1,184 @@
+"""GPTQ over the layers of a model: which layers it takes, untying shared weights, and the input
+Hessians of the layers in one part of the model (a decoder block, or the whole model), gathered by
+forward pre-hooks and passed to ``lowbit.ptq.gptq.gptq_layer``.  The order of the parts is
+``lowbit.ptq._blocks``'s."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..nn.modules import is_quantized
+from ..nn.registry import CONV, GEMM, kind_of
+from .gptq import Hessian, gptq_layer, unsupported
+
+log = logging.getLogger(__name__)
+
+
+class StopPass(Exception):
+    """Raised by a hook to end a forward pass once what it needs has been seen."""
+
+
+# -- the layers --------------------------------------------------------------------------------
+def candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized gemm / conv layers GPTQ can take (frozen weight quantizer, plain float32 weight), by
+    name in module order; the others are logged with the reason."""
+    found = {}
+    for name, m in model.named_modules():
+        kind = kind_of(m) if is_quantized(m) else None
+        q = getattr(m, "weight_quantizer", None)
+        if kind is None or kind.kernel not in (GEMM, CONV) or q is None or q.mode == "disabled":
+            continue
+        why = unsupported(m)
+        if why is None and (q.mode != "static" or not q.is_frozen):
+            why = f"its weight quantizer is {q.mode!r}, not frozen (static)"
+        elif why is None and m.quantized_weight_source() is not m.weight:
+            why = "its quantized weight is not its plain weight (a QAT conv-BN pair folds it)"
+        elif why is None and m.weight.dtype != torch.float32:
+            why = f"its weight is {m.weight.dtype}, not float32"
+        if why:
+            log.info("gptq: %s skipped: %s", name, why)
+            continue
+        found[name] = m
+    return found
+
+
+def _own_weight(model: nn.Module, layer: nn.Module) -> None:
+    weight = layer.weight
+    layer._parameters["weight"] = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    config = getattr(model, "config", None)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is layer and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # or transformers would tie them again (tie_weights)
+
+
+def untie(model: nn.Module, names: Iterable[str]) -> None:
+    """Give each layer of ``names`` a weight Parameter of its own (``GPTQ.rebuild``: what ``run`` did)."""
+    for name in names:
+        _own_weight(model, model.get_submodule(name))
+
+
+def untie_shared(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[str]:
+    """Untie each of ``layers`` whose weight Parameter another module also holds; their names."""
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    shared = [name for name, layer in layers.items() if holders.get(id(layer.weight), 0) > 1]
+    for name in shared:
+        _own_weight(model, layers[name])
+        log.info("gptq: %s's weight was tied to another module's; it now has its own", name)
+    return shared
+
+
+# -- Hessians over one part of the model -------------------------------------------------------
+Feed = Callable[[int | None], None]
+"""Runs the calibration inputs (the first ``limit``, or all with None) through the part of the
+model that holds the layers; a ``StopPass`` raised by a hook ends that input's pass."""
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _float_input(layer: nn.Module) -> bool:
+    q = layer.input_quantizer
+    return q is None or q.mode == "disabled"
+
+
+def _input_groups(layers: Mapping[str, nn.Module], feed: Feed) -> list[list[str]]:
+    """The layers the first input reaches, in call order, grouped by the tensor they are fed
+    (q/k/v; gate/up), then those it does not reach (a MoE's other experts), one group each.  A
+    layer called twice makes every layer a group of its own."""
+    seen: list[tuple[str, torch.Tensor]] = []  # (the tensors are held, so no id is reused)
+
+    def hook(name):
+        return lambda _m, args, kwargs: seen.append((name, _first_input(args, kwargs)))
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
+    try:
+        feed(1)
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n, _ in seen]
+    unseen = [[n] for n in layers if n not in names]
+    if len(set(names)) < len(names):
+        return [[n] for n in dict.fromkeys(names)] + unseen
+    groups: list[tuple[list[str], torch.Tensor]] = []
+    for name, x in seen:
+        if groups and x is groups[-1][1]:
+            groups[-1][0].append(name)
+        else:
+            groups.append(([name], x))
+    return [names for names, _ in groups] + unseen
+
+
+def _accumulate(layers: Mapping[str, nn.Module], groups: list[list[str]], feed: Feed, *,
+                stop: bool = False) -> dict[str, Hessian]:
+    """The Hessians of the layers of ``groups`` over one pass of every input; the layers of a group
+    share one when their inputs stay float.  ``stop``: end each pass once the last is fed."""
+    hessians: dict[str, Hessian] = {}
+    owners: list[tuple[str, Hessian]] = []
+    for names in groups:
+        if all(_float_input(layers[n]) for n in names):
+            h = Hessian(layers[names[0]], names[0])
+            hessians.update(dict.fromkeys(names, h))
+            owners.append((names[0], h))
+        else:
+            for n in names:
+                hessians[n] = Hessian(layers[n], n)
+                owners.append((n, hessians[n]))
+
+    def hook(h: Hessian, layer: nn.Module, last: bool):
+        def add(_m, args, kwargs):
+            h.add(layer._quant_input(_first_input(args, kwargs)))  # as the layer sees it deployed
+            if last:
+                raise StopPass
+        return add
+
+    handles = [layers[n].register_forward_pre_hook(hook(h, layers[n], stop and i == len(owners) - 1),
+                                                   with_kwargs=True) for i, (n, h) in enumerate(owners)]
+    try:
+        feed(None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def gptq_group(names: list[str], layers: Mapping[str, nn.Module], hessians: Mapping[str, Hessian],
+               options: dict, report: dict) -> list[str]:
+    """GPTQ of the layers ``names`` whose Hessians saw data (``gptq_layer``'s options; reports by
+    name); returns their names."""
+    done = []
+    for name in names:
+        if hessians[name].rows > 0:
+            report[name] = gptq_layer(layers[name], hessians[name].matrix(), name=name, **options)
+            done.append(name)
+    return done
+
+
+def quantize_part(layers: Mapping[str, nn.Module], feed: Feed, options: dict, report: dict, *,
+                  true_sequential: bool) -> list[str]:
+    """GPTQ of the ``layers`` that ``feed`` reaches, with their Hessians over every input: all in
+    one pass, or (``true_sequential``) group after group.  Returns the names reached."""
+    if not layers:
+        return []
+    groups = _input_groups(layers, feed)
+    reached = []
+    hessians = None if true_sequential else _accumulate(layers, groups, feed)
+    for group in groups:  # true_sequential: each group's Hessians once the groups before are quantized
+        found = hessians if hessians is not None else _accumulate(layers, [group], feed, stop=True)
+        reached += gptq_group(group, layers, found, options, report)
+    return reached
+
+
+def log_unreached(layers: Iterable[str], reached: Iterable[str]) -> None:
+    """Log the layers of ``layers`` not in ``reached`` (their weights keep round to nearest)."""
+    for name in sorted(set(layers) - set(reached)):
+        log.info("gptq: %s skipped: the calibration data never reaches it", name)

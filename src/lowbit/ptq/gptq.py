@@ -1,0 +1,386 @@
+"""GPTQ on one weight (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers").
+
+A layer ``y = W x`` is quantized to ``Q`` minimising ``tr((W - Q) H (W - Q)^T)``, ``H = 2/n sum x x^T``
+over its calibration inputs (the input Hessian).  GPTQ rounds the columns of ``W`` one at a time and
+moves the columns not yet rounded to compensate (Optimal Brain Surgeon's update): with ``U`` the
+upper Cholesky factor of ``H^-1``, column ``j`` rounded to ``q_j`` adds ``-(w_j - q_j) / U_jj * U_jk``
+to every later column ``k``.  Around that loop:
+
+* dead inputs (zero on every calibration row, ``H_jj == 0``): column zeroed, ``H_jj`` set to 1,
+  as the paper's code does;
+* damping ``damp * mean(diag H)`` on the diagonal (default 1%), grown tenfold with a logged
+  warning while the Cholesky factorisation fails;
+* ``act_order``: columns by decreasing ``H_jj`` (the most energy first, while the most columns
+  are left to absorb the error);
+* lazy batches: the updates stay inside a block of ``block_size`` columns and reach the later
+  columns as one matrix product per block (the same result, far fewer passes over ``W``);
+* the grid is the layer's own frozen weight quantizer's (``Grid``): scales and zero-points from
+  the ORIGINAL weight ("static groups"), so the exported layout stays plain in any visiting
+  order and the result is on the grid by construction (``gptq_layer`` checks the quantizer maps
+  it to itself).  ``static_groups=False`` (natural order only) refits each group's range, by the
+  quantizer's own estimator, when GPTQ reaches it, and installs the new ranges.
+
+Numbers: ``H`` sums float32 products in float64; the factorisations run in float64, the column
+loop in float32 (as the paper's code), on the transposed weight, ``ROWS_CHUNK`` rows at a time
+(rows are independent given ``H``).  The objective is reported for round to nearest and for
+GPTQ; should GPTQ's be the larger (it is greedy), the round-to-nearest weight is kept.
+
+Example::
+
+    h = Hessian(layer, "fc")
+    for x in inputs:
+        h.add(x)
+    report = gptq_layer(layer, h.matrix(), name="fc")    # writes the weight, returns the objectives
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.quantizer import Quantizer
+from ..nn.registry import CONV, GEMM, kind_of
+from ..numerics import expand_param, fake_quantize
+from ..observers import make_observer
+
+log = logging.getLogger(__name__)
+
+DAMP_GROWTH, DAMP_TRIES = 10.0, 6  # damping grows 0.01 -> 0.1 -> ... while the Cholesky fails
+ROWS_CHUNK = 4096  # weight rows at a time (GPTQ and the objective): bounds the working memory
+
+
+# -- the input Hessian -------------------------------------------------------------------------
+def unsupported(layer: nn.Module) -> str | None:
+    """Why GPTQ cannot take ``layer`` (None when it can): a gemm or a 1-d / 2-d ungrouped conv."""
+    kind = kind_of(layer)
+    if kind is None or kind.kernel not in (GEMM, CONV):
+        return "it is not a gemm or convolution layer"
+    if kind.kernel == CONV and (layer.weight.dim() not in (3, 4) or layer.groups != 1):
+        return "only ungrouped 1-d and 2-d convolutions are supported"
+    return None
+
+
+class Hessian:
+    """Streaming ``H = 2/n sum x x^T`` over the ``n`` input rows ``layer`` (a gemm, or an ungrouped
+    1-d / 2-d conv; ``name`` for messages) contracts: a gemm's tokens (any leading dimensions), a
+    conv's receptive fields (``F.unfold``, in ``weight.flatten(1)``'s order).  Memory: one ``K x K``
+    float64 matrix whatever the number of batches; ``merge`` adds another's statistics (shards)."""
+
+    def __init__(self, layer: nn.Module, name: str) -> None:
+        why = unsupported(layer)
+        if why:
+            raise ValueError(f"{name}: GPTQ cannot take this {type(layer).__name__}: {why}")
+        self.layer, self.name = layer, name
+        self.columns = layer.weight[0].numel()
+        self.sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=layer.weight.device)
+        self.rows = 0
+
+    def _as_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as (rows, columns): what each output position multiplies with the weight."""
+        layer = self.layer
+        if kind_of(layer).kernel == GEMM:
+            return x.reshape(-1, x.shape[-1])
+        if x.dim() == layer.weight.dim() - 1:  # an unbatched input
+            x = x.unsqueeze(0)
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)  # as the layer pads ('same' too)
+        k, s, d = layer.kernel_size, layer.stride, layer.dilation
+        if x.dim() == 3:  # a 1-d conv is a 2-d one of height 1
+            x, k, s, d = x.unsqueeze(2), (1, *k), (1, *s), (1, *d)
+        cols = F.unfold(x, k, dilation=d, stride=s)  # (N, C*kh*kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Fold one batch of the layer's inputs (as the layer receives them) into the sum."""
+        rows = self._as_rows(x.detach()).float()
+        if rows.shape[1] != self.columns:
+            raise ValueError(f"{self.name}: input has {rows.shape[1]} features per row, the weight "
+                             f"{self.columns} columns")
+        self.sum.add_(rows.T @ rows)  # (float32 products, summed in float64)
+        self.rows += rows.shape[0]
+
+    def merge(self, others: list[Hessian]) -> Hessian:
+        """Add the statistics of ``others`` (the same layer's inputs on other shards) to this one."""
+        for other in others:
+            self.sum += other.sum.to(self.sum.device)
+            self.rows += other.rows
+        return self
+
+    def matrix(self) -> torch.Tensor:
+        """``H`` (float64).  ValueError when no row was added or an input held NaN / Inf."""
+        if self.rows == 0:
+            raise ValueError(f"{self.name}: GPTQ saw no input rows (the calibration data never reached it)")
+        h = self.sum * (2.0 / self.rows)
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"{self.name}: its calibration inputs hold NaN or Inf; check the data or the "
+                             "layers before it")
+        return h
+
+
+# -- the grid ----------------------------------------------------------------------------------
+@dataclass
+class Grid:
+    """A weight's integer grid, column by column of the 2-D weight (``weight.flatten(1)``).
+
+    Column ``j`` uses ``scale[:, col_group[j]]`` and ``zero_point[:, col_group[j]]`` (one value
+    per row), codes in ``[qmin, qmax]``.  ``groups``: the column ranges sharing one range per row
+    (a group-wise weight along its input axis; the last may be shorter), else None.
+    """
+
+    scale: torch.Tensor  # (rows, G) float32
+    zero_point: torch.Tensor  # (rows, G) float32, integers
+    col_group: torch.Tensor  # (columns,) int64
+    qmin: int
+    qmax: int
+    groups: list[tuple[int, int]] | None = None
+
+    def round_all(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (rows, columns) rounded to nearest on its grid: ``(clamp(round(w / s) + z) - z) * s``,
+        the arithmetic of ``lowbit.numerics.fake_quantize`` (round half to even)."""
+        s, z = self.scale[:, self.col_group], self.zero_point[:, self.col_group]
+        return (torch.div(w.float(), s).round_().add_(z).clamp_(self.qmin, self.qmax).sub_(z)).mul_(s)
+
+    def rows(self, a: int, b: int) -> Grid:
+        """The grid of rows ``a:b`` (views: a refit writes through to this grid)."""
+        return Grid(scale=self.scale[a:b], zero_point=self.zero_point[a:b], col_group=self.col_group,
+                    qmin=self.qmin, qmax=self.qmax, groups=self.groups)
+
+
+def grid_of(q: Quantizer, weight: torch.Tensor) -> Grid:
+    """The grid of ``q`` (a frozen weight quantizer) laid over ``weight``, column by column."""
+    scale, zero_point = q.qparams_for(weight)
+    spec, rows, cols = q.spec, weight.shape[0], weight[0].numel()
+    if weight.dim() == 2 and spec.granularity == "group" and spec.resolved_axis(2) == 1:
+        size = spec.group_size
+        starts = range(0, cols, size)
+        col_group = torch.arange(cols, device=scale.device) // size
+        return Grid(scale=scale.float(), zero_point=zero_point.float(), col_group=col_group,
+                    qmin=spec.qmin, qmax=spec.qmax, groups=[(a, min(a + size, cols)) for a in starts])
+    # any other layout: one value per element (a view where the layout broadcasts)
+    s, z = (expand_param(p.float(), weight.shape, spec, q.name).reshape(rows, cols)
+            for p in (scale, zero_point))
+    return Grid(s, z, torch.arange(cols, device=s.device), spec.qmin, spec.qmax)
+
+
+# -- the algorithm -----------------------------------------------------------------------------
+Refit = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # columns (rows, k) -> scale, zero-point
+
+
+def objective(weight: torch.Tensor, quantized: torch.Tensor | Callable[[int, int], torch.Tensor],
+              h: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` (2-D ``W``; float32 products summed in float64), ``ROWS_CHUNK`` rows
+    at a time; ``quantized`` is ``Q``, or gives its rows ``a:b`` (so a large ``Q`` need not exist)."""
+    total, h = 0.0, h.float()
+    for a in range(0, weight.shape[0], ROWS_CHUNK):
+        b = min(a + ROWS_CHUNK, weight.shape[0])
+        q = quantized(a, b) if callable(quantized) else quantized[a:b]
+        d = weight[a:b].float() - q.float()
+        total += float(((d @ h) * d).sum(dtype=torch.float64))
+    return total
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
+    """``U``, the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, and the ``damp``
+    that made both factorisations succeed (grown by ``DAMP_GROWTH`` after each failure).  Damps
+    ``h`` in place; at most three ``K x K`` matrices live at once."""
+    mean, added = float(h.diagonal().mean()), 0.0
+    for attempt in range(DAMP_TRIES):
+        h.diagonal().add_(damp * mean - added)
+        added = damp * mean
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        if attempt + 1 < DAMP_TRIES:
+            log.warning("gptq: %s: the Cholesky factorisation failed with damping %g of the mean Hessian "
+                        "diagonal; retrying with %g", name, damp, damp * DAMP_GROWTH)
+            damp *= DAMP_GROWTH
+    raise RuntimeError(f"{name}: GPTQ's Cholesky factorisation failed even with damping {damp:g}; its inputs "
+                       "may span wildly different scales: keep this layer out of GPTQ (a config rule) or "
+                       "check the calibration data")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What ``H`` decides for every row: column order, dead columns and ``U`` in that order, damping."""
+
+    perm: torch.Tensor
+    dead: torch.Tensor
+    u: torch.Tensor
+    damp: float
+
+
+def _plan(h: torch.Tensor, *, damp: float, act_order: bool, name: str, dtype: torch.dtype) -> _Plan:
+    dead = h.diagonal() == 0  # an input never seen: its column cannot matter; H_jj = 1 keeps H invertible
+    if act_order:
+        perm = torch.argsort(torch.where(dead, 1.0, h.diagonal()), descending=True, stable=True)
+        h, dead = h[perm[:, None], perm], dead[perm]  # (one copy: H may be large)
+    else:
+        perm, h = torch.arange(h.shape[0], device=h.device), h.clone()
+    h.diagonal()[dead] = 1.0
+    u, used = _inverse_cholesky(h, damp, name)
+    return _Plan(perm=perm, dead=dead, u=u.to(dtype), damp=used)
+
+
+def _current_group(wt: torch.Tensor, w1t: torch.Tensor, errt: torch.Tensor, u: torch.Tensor,
+                   block: tuple[int, int], i: int, group: tuple[int, int]) -> torch.Tensor:
+    """The columns of ``group`` as they stand when GPTQ reaches its first column (``i`` of the
+    current ``block``), as (columns, rows): those inside the block carry its updates so far, those
+    past it the updates the block will pass on at its end."""
+    (i1, i2), (a, b) = block, group
+    inside = w1t[a - i1:min(b, i2) - i1]
+    if b <= i2:
+        return inside.clone()
+    beyond = wt[i2:b] - u[i1:i1 + i, i2:b].T @ errt[:i]
+    return torch.cat([inside, beyond])
+
+
+def _quantize_rows(weight: torch.Tensor, plan: _Plan, grid: Grid, *, block_size: int, refit: Refit | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """GPTQ's column loop on some rows of a 2-D weight (rows are independent given ``U``).  It runs
+    on the transposed weight, so a column and the columns it updates are contiguous rows."""
+    wt = weight.T[plan.perm].to(dtype)  # (columns in GPTQ's order, rows): a copy, the loop updates it
+    wt[plan.dead] = 0
+    u, cols = plan.u, wt.shape[0]
+    st, zt = grid.scale.T.contiguous(), grid.zero_point.T.contiguous()  # (groups, rows)
+    affine = bool(zt.any()) or refit is not None
+    order, group_of = plan.perm.tolist(), grid.col_group[plan.perm].tolist()
+    starts = {} if refit is None else {a: (a, b) for a, b in grid.groups}
+    out = torch.empty_like(wt)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1t, u1 = wt[i1:i2], u[i1:i2, i1:i2]  # (a view: its updates stay inside the block)
+        errt = torch.empty_like(w1t)
+        for i in range(i2 - i1):
+            g = group_of[i1 + i]
+            if order[i1 + i] in starts:
+                columns = _current_group(wt, w1t, errt, u, (i1, i2), i, starts[order[i1 + i]])
+                scale, zero_point = refit(columns.T.float())
+                st[g], zt[g] = scale.reshape(-1), zero_point.reshape(-1).float()
+                grid.scale[:, g], grid.zero_point[:, g] = st[g], zt[g]
+            col = w1t[i]
+            q = torch.div(col.float(), st[g]).round_()  # lowbit.numerics' arithmetic: round half to even
+            if affine:
+                q = q.add_(zt[g]).clamp_(grid.qmin, grid.qmax).sub_(zt[g]).mul_(st[g])
+            else:
+                q = q.clamp_(grid.qmin, grid.qmax).mul_(st[g])
+            q = q.to(dtype)
+            out[i1 + i] = q
+            e = (col - q).div_(u1[i, i])
+            w1t[i:].addr_(u1[i, i:], e, alpha=-1)  # OBS update of the block's later columns
+            errt[i] = e
+        wt[i2:].addmm_(u[i1:i2, i2:].T, errt, alpha=-1)  # ... and, lazily, of every column after it
+    return out[torch.argsort(plan.perm)].T.float()
+
+
+def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = True, refit: Refit | None = None,
+                  name: str = "weight", dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """GPTQ of ``weight`` (rows, ...: flattened to the (rows, columns) ``h`` indexes; not changed) on
+    ``grid`` (``grid_of``), with the float64 Hessian ``h``; see the module docstring for ``block_size``
+    (columns per lazy batch), ``damp`` (relative, grown on failure) and ``act_order``.  ``refit``
+    (non-static groups, natural order only): called with a group's current columns when GPTQ reaches
+    it, returns each row's new scale and zero-point, written into ``grid``.  ``dtype``: of the column
+    loop (float64 for reference checks).  Returns the quantized weight (rows, columns; float32, on the
+    grid) and the damping used."""
+    if refit is not None and (act_order or grid.groups is None):
+        raise ValueError(f"{name}: refitted (non-static) groups need a group-wise grid and act_order=False")
+    plan = _plan(h, damp=damp, act_order=act_order, name=name, dtype=dtype)
+    flat = weight.detach().reshape(weight.shape[0], -1)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    for a in range(0, flat.shape[0], ROWS_CHUNK):
+        b = min(a + ROWS_CHUNK, flat.shape[0])
+        out[a:b] = _quantize_rows(flat[a:b], plan, grid.rows(a, b), block_size=block_size, refit=refit,
+                                  dtype=dtype)
+    return out, plan.damp
+
+
+# -- one layer ---------------------------------------------------------------------------------
+def _refitter(q: Quantizer) -> Refit:
+    """A group's range from its current columns, by ``q``'s own range estimator (kind and options),
+    one range per row."""
+    rows = q.spec.replace(granularity="channel", axis=0, group_size=None)
+    options = q.observer.get_extra_state()["options"] if q.observer is not None else {}
+    kind = q.observer_kind if q.observer is not None else "minmax"
+
+    def refit(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        observer = make_observer(kind, rows, name=q.name, **options).to(columns.device)
+        observer(columns)
+        return observer.qparams()
+
+    return refit
+
+
+def _on_grid(q: Quantizer, weight: torch.Tensor) -> bool:
+    """Whether ``q`` (static) maps ``weight`` to itself, by ``lowbit.numerics.fake_quantize``; a 2-D
+    weight with one range per row or group of a row ``ROWS_CHUNK`` rows at a time (a large head)."""
+    scale, zero_point = q.qparams_for(weight)
+    spec = q.spec
+    by_rows = weight.dim() == 2 and (spec.granularity == "tensor" or spec.resolved_axis(2) == (
+        1 if spec.granularity == "group" else 0))
+    step = ROWS_CHUNK if by_rows else weight.shape[0]
+    for a in range(0, weight.shape[0], step):
+        s, z = (p if p.dim() == 0 or not by_rows else p[a:a + step] for p in (scale, zero_point))
+        if not torch.equal(fake_quantize(weight[a:a + step], s, z, spec, name=q.name), weight[a:a + step]):
+            return False
+    return True
+
+
+def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int = 128, damp: float = 0.01,
+               act_order: bool = True, static_groups: bool = True) -> dict:
+    """GPTQ of ``layer``'s weight (a quantized gemm / conv with a frozen weight quantizer) on that
+    quantizer's grid, with its input Hessian ``h``, written into the weight.  ``static_groups=False``
+    refits each group of a group-wise Linear weight to the updated columns (with ``act_order=False``,
+    else ValueError) and installs the new ranges in the quantizer; the rest: ``gptq_quantize``.
+
+    Returns:
+        ``{"objective_rtn", "objective_gptq", "kept", "damp", "dead", "seconds"}``: the objective
+        ``tr((W - Q) H (W - Q)^T)`` of round to nearest and of GPTQ, which one the weight holds
+        (``"rtn"`` when GPTQ's was the larger: the weight is left as it was), the damping used, the
+        number of dead inputs, the seconds taken.  RuntimeError if every damping tried failed.
+    """
+    start = time.perf_counter()
+    q = layer.weight_quantizer
+    weight = layer.weight.detach()
+    grid = grid_of(q, weight)
+    refit = None
+    if not static_groups and grid.groups is not None:
+        if act_order:
+            raise ValueError(f"{name}: static_groups=False takes each group's range when GPTQ reaches it, "
+                             "which with act_order is not in column order and export cannot write; use "
+                             "static_groups=True (the default) or act_order=False")
+        grid.scale, grid.zero_point = grid.scale.clone(), grid.zero_point.clone()
+        refit = _refitter(q)
+    flat = weight.reshape(weight.shape[0], -1)
+    rtn = objective(flat, lambda a, b: grid.rows(a, b).round_all(flat[a:b]), h)  # (before a refit moves it)
+    quantized, used = gptq_quantize(weight, h, grid, block_size=block_size, damp=damp, act_order=act_order,
+                                    refit=refit, name=name)
+    report = {"objective_rtn": rtn, "objective_gptq": objective(flat, quantized, h),
+              "kept": "gptq", "damp": used, "dead": int((h.diagonal() == 0).sum())}
+    if report["objective_gptq"] > report["objective_rtn"]:
+        report["kept"] = "rtn"
+        log.info("gptq: %s: GPTQ's objective %.4g exceeds round to nearest's %.4g; keeping round to nearest",
+                 name, report["objective_gptq"], report["objective_rtn"])
+    else:
+        if refit is not None:
+            q.set_qparams(grid.scale.clone(), grid.zero_point.to(torch.int32))
+        with torch.no_grad():
+            layer.weight.copy_(quantized.reshape(weight.shape))
+        del quantized
+        if not _on_grid(q, layer.weight.detach()):
+            raise RuntimeError(f"{name}: GPTQ's weight is not on its quantizer's grid (a lowbit bug)")
+    report["seconds"] = time.perf_counter() - start
+    log.info("gptq: %s objective %.4g (round to nearest %.4g), %.2f s", name, report["objective_gptq"],
+             report["objective_rtn"], report["seconds"])
+    return report
