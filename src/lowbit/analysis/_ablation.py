@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.walk import fixed_weights
 from ._layers import float_only, quantized_only
 from ._sqnr import EvalSet, eval_mode, noise_ratio
 from ._switch import switched_outputs
@@ -70,7 +71,7 @@ def measure(model: nn.Module, qmodel: nn.Module, evalset: EvalSet, names: Sequen
             bar: Callable[[Iterable], Iterable] = iter) -> tuple[dict[str, tuple[float, dict]], dict]:
     """``{layer: (cost, values)}`` and the baseline."""
     if eval_fn is None:  # the divergence of outputs on the evaluation batches: switched runs
-        with eval_mode(qmodel):
+        with eval_mode(qmodel), fixed_weights(qmodel):
             outs = switched_outputs(qmodel, evalset.batches, names, bar)
         rows = {}
         for name in names:

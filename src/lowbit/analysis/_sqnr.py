@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..nn.modules import has_quantizers
-from ..nn.walk import run_model
+from ..nn.walk import fixed_weights, run_model
 from ..numerics import fake_quantize
 from ..report.fidelity import first_tensor
 from ._switch import switched_outputs
@@ -70,7 +70,7 @@ class EvalSet:
 
     @torch.no_grad()
     def outputs(self, model: nn.Module) -> list[torch.Tensor]:
-        with eval_mode(model):
+        with eval_mode(model), fixed_weights(model):
             return [first_tensor(run_model(model, b)).detach().double().cpu() for b in self.batches]
 
     def noise(self, model: nn.Module) -> float:
@@ -147,7 +147,7 @@ def measure(qmodel: nn.Module, evalset: EvalSet, names: Sequence[str],
             yield
         inputs[name] = [inputs[name][0] + power[0], inputs[name][1] + power[1]]
 
-    with eval_mode(qmodel):
+    with eval_mode(qmodel), fixed_weights(qmodel):
         outs = switched_outputs(qmodel, evalset.batches, names, bar, around_only=input_noise)
     signal = evalset.signal
     rows = {}

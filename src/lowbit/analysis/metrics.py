@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..nn.walk import run_model
+from ..nn.walk import fixed_weights, run_model
 from ..report.fidelity import fidelity, first_tensor, token_mask
 
 METRICS = ("auto", "top1_agreement", "cosine", "neg_kl")
@@ -45,7 +45,7 @@ def agreement(fp32_model: nn.Module, batches: Iterable, metric: str = "auto") ->
 
     def eval_fn(model: nn.Module) -> float:
         total = rows = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), fixed_weights(model):
             for batch, ref in zip(batches, references, strict=True):
                 out = first_tensor(run_model(model, batch))
                 got = fidelity(ref, out, token_mask(batch, ref))

@@ -1,4 +1,5 @@
-"""Walking a model: run it on one input item, find its quantizers, replace a submodule.
+"""Walking a model: run it on one input item, find its quantizers, replace a submodule, and
+fake-quantize its frozen weights once for a pass of many batches (``fixed_weights``).
 
 The lowest-level helpers every layer above uses (calibration, the passes, QAT, reports), so
 they live here, next to the modules they walk, and nothing above has to import an algorithm
@@ -7,8 +8,10 @@ to run a model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .modules import has_quantizers
@@ -43,3 +46,51 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def frozen_weights(model: nn.Module) -> list[tuple[nn.Module, Quantizer]]:
+    """(layer, weight quantizer) pairs of ``model`` whose weight quantizer is frozen (static)."""
+    return [(module, q) for module, role, q in quantizers_by_role(model) if role == "weight" and q.mode == "static"]
+
+
+@contextlib.contextmanager
+def fixed_weights(pairs: Sequence[tuple[nn.Module, Quantizer]] | nn.Module) -> Iterator[None]:
+    """Inside, each frozen weight quantizer of ``pairs`` (or of every layer of a model:
+    ``frozen_weights``) returns its layer's fake-quantized weight computed once, instead of
+    fake-quantizing the same constant weight again on every call: for passes over many batches
+    (calibration, evaluation, sensitivity, GPTQ's block passes).  Costs one float copy of each
+    weight while inside.
+
+    Instance-level ``forward`` (as export mode patches it), removed afterwards.  A quantizer fed
+    anything else than its layer's weight, a weight changed since (its version counter), a
+    quantizer switched out of static mode since, or a weight that needs a gradient runs its own
+    forward.
+    """
+    if isinstance(pairs, nn.Module):
+        pairs = frozen_weights(pairs)
+    patched = []
+    try:
+        with torch.no_grad():
+            for module, q in pairs:
+                weight = module.weight
+                if not isinstance(weight, torch.Tensor) or q.mode != "static" or weight.is_inference():
+                    continue  # (an inference tensor has no version counter to check)
+                previous = q.__dict__.get("forward")
+                own = previous if previous is not None else q.forward
+                value = own(weight)
+
+                def forward(x, _w=weight, _version=weight._version, _value=value, _own=own, _q=q):
+                    if (x is _w and x._version == _version and _q.mode == "static"
+                            and not (x.requires_grad and torch.is_grad_enabled())):
+                        return _value
+                    return _own(x)
+
+                patched.append((q, previous))
+                q.forward = forward
+        yield
+    finally:
+        for q, previous in reversed(patched):
+            if previous is None:
+                q.__dict__.pop("forward", None)
+            else:
+                q.forward = previous

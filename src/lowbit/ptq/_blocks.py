@@ -54,8 +54,7 @@ import torch
 from torch import nn
 
 from ..nn.registry import GEMM, kind_of
-from ..nn.walk import run_model
-from ._calibrate import _fixed_weights
+from ..nn.walk import fixed_weights, run_model
 from ._gptq_layers import Feed, StopPass, candidates, gptq_group, log_unreached, quantize_part, untie_shared
 from .gptq import Hessian
 
@@ -242,7 +241,7 @@ def _feed_block(cache: _Cache, block: nn.Module, k: int) -> Feed:
 
 
 def _pairs(layers: Mapping[str, nn.Module]) -> list:
-    """(layer, weight quantizer) pairs for ``_fixed_weights``: each weight fake-quantized once per pass
+    """(layer, weight quantizer) pairs for ``fixed_weights``: each weight fake-quantized once per pass
     rather than once per call (a weight changed since is fake-quantized again, by its version)."""
     return [(layer, layer.weight_quantizer) for layer in layers.values()]
 
@@ -285,11 +284,11 @@ def _stream(model: nn.Module, stack: _Stack, layers: dict[str, nn.Module], items
     tail = {name: layer for name, layer in outer.items() if name not in early}
     with tqdm(total=len(stack.blocks) + bool(tail), desc="gptq", unit="block", disable=not progress) as bar:
         for k, block in enumerate(stack.blocks):
-            with _fixed_weights(_pairs(inside[k])):
+            with fixed_weights(_pairs(inside[k])):
                 reached = quantize_part(inside[k], _feed_block(cache, block, k), options, report,
                                         true_sequential=true_sequential)
             log_unreached(inside[k], reached)
-            with _fixed_weights(_pairs(inside[k])):  # (the weights GPTQ wrote, fake-quantized once)
+            with fixed_weights(_pairs(inside[k])):  # (the weights GPTQ wrote, fake-quantized once)
                 for i in range(len(cache.hidden)):
                     cache.hidden[i] = cache.run(block, k, i)  # the next block's inputs, in place
             bar.update()
@@ -361,7 +360,7 @@ def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | 
                     true_sequential=true_sequential, progress=progress)
         else:
             report["mode"] = "whole_model"
-            with _fixed_weights(_pairs(layers)):
+            with fixed_weights(_pairs(layers)):
                 reached = quantize_part(layers, _feed_items(model, items), options, report["layers"],
                                         true_sequential=true_sequential)
             log_unreached(layers, reached)

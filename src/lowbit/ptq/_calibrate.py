@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..nn.quantizer import Quantizer
-from ..nn.walk import quantizers_by_role, run_model
+from ..nn.walk import fixed_weights, quantizers_by_role, run_model
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def calibrate_activations(model: nn.Module, activation: list[Quantizer], calib_d
         q.mode = "calibrating"
     n_batches = 0
     if activation:
-        with _fixed_weights(list(weights)):
+        with fixed_weights(list(weights)):
             n_batches = _feed(model, calib_data, progress)
 
     uncalibrated = []
@@ -78,39 +77,6 @@ def calibrate_activations(model: nn.Module, activation: list[Quantizer], calib_d
             uncalibrated.append(q.name)
             log.warning("%s saw no calibration data; this tensor stays float", q.name)
     return n_batches, uncalibrated
-
-
-@contextlib.contextmanager
-def _fixed_weights(weights: list[tuple[nn.Module, Quantizer]]) -> Iterator[None]:
-    """While calibrating, each frozen weight quantizer returns its fake-quantized weight computed
-    once, instead of fake-quantizing the same constant weight again on every batch.
-
-    Instance-level ``forward`` (as export mode patches it), removed afterwards; a quantizer fed
-    anything else than its layer's unchanged weight runs its own forward.
-    """
-    patched = []
-    try:
-        with torch.no_grad():
-            for module, q in weights:
-                weight = module.weight
-                if not isinstance(weight, torch.Tensor) or q.mode != "static" or weight.is_inference():
-                    continue  # (an inference tensor has no version counter to check)
-                previous = q.__dict__.get("forward")
-                own = previous if previous is not None else q.forward
-                value = own(weight)
-
-                def forward(x, _w=weight, _version=weight._version, _value=value, _own=own):
-                    return _value if x is _w and x._version == _version else _own(x)
-
-                patched.append((q, previous))
-                q.forward = forward
-        yield
-    finally:
-        for q, previous in reversed(patched):
-            if previous is None:
-                q.__dict__.pop("forward", None)
-            else:
-                q.forward = previous
 
 
 def _feed(model: nn.Module, calib_data: Iterable, progress: bool) -> int:

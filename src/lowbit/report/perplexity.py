@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.walk import fixed_weights
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -112,14 +114,16 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1,
     total = 0.0
     start = time.perf_counter()
     batches = windows.split(batch_size)
-    for i, batch in enumerate(tqdm(batches, desc="perplexity", unit="batch", disable=not progress)):
-        batch = batch.to(device)
-        nll = window_nll(_logits(model(batch), i), batch)
-        bad = (~torch.isfinite(nll)).nonzero().flatten()
-        if bad.numel():
-            raise ValueError(f"perplexity: window {i * batch_size + int(bad[0])} has a non-finite loss "
-                             "(NaN/Inf logits); check the model's (quantized) weights and scales")
-        total += float(nll.sum())
+    # No autograd graph; a quantized model's frozen weights fake-quantized once, not once per batch.
+    with torch.no_grad(), fixed_weights(model):
+        for i, batch in enumerate(tqdm(batches, desc="perplexity", unit="batch", disable=not progress)):
+            batch = batch.to(device)
+            nll = window_nll(_logits(model(batch), i), batch)
+            bad = (~torch.isfinite(nll)).nonzero().flatten()
+            if bad.numel():
+                raise ValueError(f"perplexity: window {i * batch_size + int(bad[0])} has a non-finite loss "
+                                 "(NaN/Inf logits); check the model's (quantized) weights and scales")
+            total += float(nll.sum())
     seconds = time.perf_counter() - start
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     mean = total / tokens
