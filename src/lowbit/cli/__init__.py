@@ -2,6 +2,8 @@
 
     lowbit quantize lowbit.zoo:mobilenet_v2 --data lowbit.zoo:photo_batches --config w8a8 --out runs/mnv2
     lowbit quantize path/to/hf-model-folder --out runs/minilm     # tokenizes bundled sentences
+    lowbit quantize path/to/causal-lm-folder --config w4a16-g128 --algorithms gptq --out runs/lm
+    lowbit perplexity runs/lm/model.onnx --tokenizer path/to/causal-lm-folder  # or a folder, or --recipe
     lowbit qat my.models:cnn --data my.data:digits --config w4a8 --epochs 3 --distill 0.5 --onnx --out runs/qat
     lowbit qat --recipe runs/qat/recipe.json --out runs/qat-again         # replay: the same weights
     lowbit export runs/mnv2/recipe.json --out runs/mnv2/again.onnx        # replay a recipe
@@ -10,7 +12,9 @@
 
 A model is module:function (a Python factory returning an nn.Module; the module is
 imported from the current folder first, like python -m) or a Hugging Face model
-folder; data is module:function returning an iterable of model inputs (tensors,
+folder (a causal LM, whose config.json names a *ForCausalLM, is quantized weight-only,
+calibrated on windows of text and exported with export_llm: see lowbit quantize --help);
+data is module:function returning an iterable of model inputs (tensors,
 tuples, or dicts of keyword tensors, which export as named ONNX inputs with dynamic
 batch and sequence axes).  quantize writes the quantized ONNX file, the FP32 ONNX
 file, recipe.json (everything needed to reproduce the run, the resolved target

@@ -99,6 +99,14 @@ def load_data(ref: str | None, model_ref: str) -> list:
     raise UserError("--data module:function is required for a Python model factory")
 
 
+def reject_options(args, flags: Mapping[str, str], why: str) -> None:
+    """A UserError naming the options of ``flags`` (argparse dest -> flag) that were given, and ``why``
+    they do not apply (their defaults are None, so "given" is "not None")."""
+    given = [flag for dest, flag in flags.items() if getattr(args, dest, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: {why}")
+
+
 def first_batch(batches):
     """The first batch as ``export_onnx`` takes it (a list of tensors becomes a tuple)."""
     first = batches[0]
@@ -145,8 +153,9 @@ def existing_file(path: str, what: str) -> Path:
 # Top-level fields of a recipe, by command; unknown fields are errors, not ignored.
 RECIPE_FIELDS = {
     # calib_batches: calibrate on the first N batches of data (lowbit autoquant holds the rest out)
+    # llm: a causal LM's calibration text and export options (lowbit.cli._llm.LLM_FIELDS)
     "quantize": {"required": {"format", "version", "model", "config"},
-                 "optional": {"command", "data", "options", "target", "calib_batches"}},
+                 "optional": {"command", "data", "options", "target", "calib_batches", "llm"}},
     "qat": {"required": {"format", "version", "command", "model", "data", "config", "options", "training"},
             "optional": {"target"}},
     "sensitivity": {"required": {"format", "version", "command", "model", "config", "method"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ._analysis import cmd_autoquant, cmd_report, cmd_sensitivity
+from ._llm_commands import cmd_perplexity
 from ._ptq import cmd_export, cmd_quantize
 from ._qat import cmd_qat
 from ._tools import cmd_bench, cmd_inspect
@@ -13,13 +14,14 @@ MODEL_HELP = ("module:function returning an nn.Module (the module is looked up i
               "like python -m), or a Hugging Face model folder (loaded offline)")
 
 
-def _common_config(p: argparse.ArgumentParser, default: str, presets: str) -> None:
+def _common_config(p: argparse.ArgumentParser, default: str | None, presets: str,
+                   default_help: str = "") -> None:
     from ..observers import OBSERVERS
     from ..targets import TARGET_NAMES
 
     p.add_argument("--config", default=default,
-                   help=f"preset name ({presets}; default {default}), a QuantConfig .json, or a recipe.json "
-                        "whose config to reuse")
+                   help=f"preset name ({presets}; default {default_help or default}), a QuantConfig .json, "
+                        "or a recipe.json whose config to reuse")
     p.add_argument("--skip", nargs="*", default=[], metavar="GLOB", help="module-name globs to keep in float")
     p.add_argument("--observer", choices=list(OBSERVERS),
                    help="activation range estimator for calibration (default: the preset's)")
@@ -36,23 +38,62 @@ def _algorithms_help() -> str:
             f"{', '.join(STEPS)}.  BatchNorm folding runs first unless listed; recipe.json records the list")
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_llm_text(q: argparse.ArgumentParser) -> None:
+    """The causal-LM options of lowbit quantize (each an error for other models)."""
+    g = q.add_argument_group("causal LMs (a Hugging Face folder whose config.json names a *ForCausalLM)")
+    g.add_argument("--calib-samples", type=_positive, metavar="N",
+                   help="calibration sequences for algorithms that read data (gptq, awq; default 32)")
+    g.add_argument("--seq-len", type=_positive, metavar="L",
+                   help="tokens per calibration sequence, per evaluation window and in the latency prefill "
+                        "(default 512)")
+    g.add_argument("--calib-text", metavar="FILE",
+                   help="plain text to cut calibration sequences from (default: "
+                        "lowbit.zoo.english_text('calib'))")
+    g.add_argument("--eval-windows", type=_positive, metavar="N",
+                   help="evaluation windows of --seq-len tokens for perplexity (default 8)")
+    g.add_argument("--eval-text", metavar="FILE",
+                   help="plain text for perplexity (default: lowbit.zoo.english_text('eval'), no page shared "
+                        "with the calibration text)")
+    g.add_argument("--new-tokens", type=_positive, metavar="N",
+                   help="tokens greedy decoding adds per prompt, PyTorch vs ONNX Runtime (default 16)")
+    g.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level of model.onnx: 4 int8 compute (fastest, default), "
+                        "0/1 float")
+
+
 def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="PTQ a model, export it and report accuracy / size / latency",
                        description="Post-training quantization: calibrate, export OUT/fp32.onnx and "
-                                   "OUT/model.int8.onnx, write OUT/recipe.json and OUT/report.md / report.json.")
+                                   "OUT/model.int8.onnx (a causal LM: OUT/model.onnx, written by "
+                                   "export_llm), write OUT/recipe.json and OUT/report.md / report.json.")
     q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--data", metavar="MODULE:FUNCTION",
                    help="returns an iterable of calibration inputs (tensors, tuples, or dicts of keyword tensors); "
-                        "default for a Hugging Face folder: 128 bundled English sentences, tokenized")
-    _common_config(q, "w8a8", "w8a8, w8a8-dynamic, w8, ...")
+                        "default for a Hugging Face folder: 128 bundled English sentences, tokenized (a "
+                        "causal LM: --calib-samples sequences of --calib-text)")
+    _common_config(q, None, "w8a8, w8a8-dynamic, w8, w4a16-g128, ...", "w8a8; w4a16-g128 for a causal LM")
     q.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="SmoothQuant migration strength before calibration (BERT-style models: 0.8)")
     q.add_argument("--algorithms", metavar="LIST", help=_algorithms_help())
-    q.add_argument("--threads", nargs="+", type=int, default=[1], metavar="N",
-                   help="ONNX Runtime intra-op threads for the latency table (default 1)")
-    q.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",
+    q.add_argument("--threads", nargs="+", type=_positive, metavar="N",
+                   help="ONNX Runtime intra-op threads for the latency table (default 1; 2 for a causal LM)")
+    q.add_argument("--batch", nargs="+", type=_positive, metavar="N",
                    help="batch sizes for the latency table, at most the first calibration batch's (default 1)")
-    q.add_argument("--latency-runs", type=int, default=50, metavar="N", help="timed runs per latency cell")
+    q.add_argument("--latency-runs", type=_positive, metavar="N",
+                   help="timed runs per latency cell (default 50; a causal LM: rounds of one prefill and "
+                        "4 decode steps, default 5)")
+    _add_llm_text(q)
     q.add_argument("--out", default="runs/quantize", help="output folder, created if missing (default runs/quantize)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
@@ -181,6 +222,30 @@ def _add_analysis(sub) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser("perplexity", help="perplexity of a causal LM: a folder, a recipe's quantized model, "
+                                          "or an .onnx file written by lowbit quantize",
+                       description="Perplexity over non-overlapping windows of evaluation text, each scored "
+                                   "on its own (lowbit.report.perplexity).")
+    p.add_argument("model", nargs="?",
+                   help="a Hugging Face causal LM folder, or the model.onnx / fp32.onnx of lowbit quantize "
+                        "(then --tokenizer); with --recipe, the folder to quantize instead of the recipe's")
+    p.add_argument("--recipe", help="a recipe.json of lowbit quantize on a causal LM: rebuild the quantized "
+                                    "model (runs its algorithms again) and measure it in PyTorch")
+    p.add_argument("--tokenizer", metavar="FOLDER", help="the folder whose tokenizer to use (default: the "
+                                                         "model folder; needed for an .onnx model)")
+    p.add_argument("--windows", type=_positive, default=8, metavar="N", help="windows to score (default 8)")
+    p.add_argument("--seq-len", type=_positive, default=512, metavar="L",
+                   help="tokens per window (default 512)")
+    p.add_argument("--eval-text", metavar="FILE",
+                   help="plain text to score (default: lowbit.zoo.english_text('eval'))")
+    p.add_argument("--threads", type=_positive, default=2, metavar="N",
+                   help="ONNX Runtime intra-op threads for an .onnx model (default 2)")
+    p.add_argument("--json", metavar="FILE", help="also write the result to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_perplexity)
+
+
 def build_parser(description: str, version: str) -> argparse.ArgumentParser:
     """The ``lowbit`` parser; ``description`` is the usage text shown by ``lowbit --help``."""
     parser = argparse.ArgumentParser(prog="lowbit", description=description,
@@ -193,6 +258,7 @@ def build_parser(description: str, version: str) -> argparse.ArgumentParser:
     _add_qat(sub)
     _add_tools(sub)
     _add_analysis(sub)
+    _add_perplexity(sub)
     for command in sub.choices.values():  # also accepted after the command: lowbit quantize ... --debug
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what each layer got")

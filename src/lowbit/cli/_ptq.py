@@ -17,12 +17,17 @@ from ._common import (
     output_folder,
     read_json,
     read_recipe,
+    reject_options,
     write_json,
 )
 
 # recipe "options": keyword arguments of lowbit.quantize.  "algorithms" is the resolved list of steps,
 # each as Step.to_dict() writes it (every field, so the recipe replays the same whatever the defaults).
 QUANTIZE_OPTIONS = ("progress", "smoothquant", "algorithms")
+# options of lowbit quantize that only a causal LM takes (dest -> flag)
+LLM_ONLY = {"calib_samples": "--calib-samples", "seq_len": "--seq-len", "calib_text": "--calib-text",
+            "eval_windows": "--eval-windows", "eval_text": "--eval-text", "new_tokens": "--new-tokens",
+            "accuracy_level": "--accuracy-level"}
 # A recipe written before targets existed was quantized, and exported, with int8 weights.
 LEGACY_TARGET = "x86-vnni"
 
@@ -81,12 +86,29 @@ def resolve_steps(algorithms, where: str, smoothquant: float | None = None) -> t
         raise UserError(f"{where}: {exc}") from None
 
 
+def _encoder_defaults(args) -> None:
+    """The defaults of the module:function / encoder path; a UserError for options only a causal LM takes."""
+    reject_options(args, LLM_ONLY, f"for causal LMs only ({args.model} is not a *ForCausalLM folder)")
+    args.config = args.config or "w8a8"
+    args.threads = args.threads or [1]
+    args.latency_runs = args.latency_runs or 50
+    args.batch = args.batch or [1]
+
+
 def cmd_quantize(args) -> int:
-    """PTQ, export FP32 + quantized ONNX, write the recipe and the comparison report."""
+    """PTQ, export FP32 + quantized ONNX, write the recipe and the comparison report (a causal LM:
+    ``lowbit.cli._llm_commands.cmd_quantize_llm``)."""
     from ..export import export_onnx
     from ..report import compare
     from ..targets import resolve_target
+    from ._llm import causal_architecture, refuse_gguf
 
+    refuse_gguf(args.model)
+    if causal_architecture(args.model) is not None:
+        from ._llm_commands import cmd_quantize_llm
+
+        return cmd_quantize_llm(args)
+    _encoder_defaults(args)
     config = resolve_config(args)
     options = {"progress": not args.quiet}
     if args.smoothquant is not None:
@@ -129,6 +151,10 @@ def cmd_export(args) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             _, qmodel, train, _ = qat_from_recipe(recipe, checkpoint_dir=tmp, progress=False, where=args.recipe)
         export_onnx(qmodel, out, first_inputs(train))
+    elif "llm" in recipe:  # a causal LM: export_llm with the recipe's options
+        from ._llm_commands import export_llm_recipe
+
+        export_llm_recipe(recipe, args.recipe, out)
     else:
         _, qmodel, batches = quantize_from_recipe(recipe, args.recipe)
         export_onnx(qmodel, out, first_batch(batches))

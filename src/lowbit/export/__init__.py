@@ -14,7 +14,8 @@ except ModuleNotFoundError as exc:  # only onnx itself missing is turned into ad
     raise ModuleNotFoundError("lowbit.export needs the onnx package: pip install onnx onnxruntime",
                               name="onnx") from exc
 
+from .llm import export_llm
 from .onnx_export import export_onnx
 from .onnx_inspect import OnnxKernelReport, inspect_onnx
 
-__all__ = ["OnnxKernelReport", "export_onnx", "inspect_onnx"]
+__all__ = ["OnnxKernelReport", "export_llm", "export_onnx", "inspect_onnx"]
