@@ -5,7 +5,8 @@
 * ``steps``: the PTQ algorithms as ordered, serialisable steps, and their registry;
 * ``adaround``: AdaRound, the weights' rounding chosen layer by layer (the ``AdaRound`` step);
 * ``gptq``: GPTQ on one weight; ``_blocks`` / ``_gptq_layers``: its driver, causal LMs block by block;
-  ``weight_steps``: the ``GPTQ`` step, and ``RTN``, which names round to nearest;
+* ``awq``: AWQ on the float model, block by block (its searches in ``_awq_search``);
+  ``weight_steps``: the ``GPTQ`` and ``AWQ`` steps, and ``RTN``, which names round to nearest;
 * ``_parse``: the short forms of steps (``"cle,smoothquant(alpha=0.8)"``) and quantize's flags;
 * ``_quantize``: ``quantize`` (the pipeline) and ``rebuild`` (its replay without data);
 * ``_layers``: residual adds and pool inputs (resolved through the config's rules), layer swap;
@@ -28,10 +29,10 @@ from .steps import (
     StepContext,
     register_step,
 )
-from .weight_steps import GPTQ, RTN
+from .weight_steps import AWQ, GPTQ, RTN
 
 __all__ = [
-    "CLE", "GPTQ", "RTN", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm", "QuantSummary",
+    "AWQ", "CLE", "GPTQ", "RTN", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm", "QuantSummary",
     "SmoothQuant", "Step", "StepContext", "as_batches", "calibrate", "calibrate_activations",
     "check_has_data", "insert_graph_quantizers", "iter_quantizers", "parse_step", "parse_steps", "quantize",
     "quantizers_by_role", "rebuild", "register_step", "resolve_algorithms", "run_model", "swap_layers",

@@ -20,7 +20,8 @@ for little gain (a tiny random Llama, W4 g32: KL to the float model 0.0060 again
 hence not the default (nor the paper code's).
 
 What is model-specific is the small ``FAMILIES`` table (by ``config.model_type``: where the blocks
-and the final norm are, under ``model.base_model``).  A model not in it is streamed when it has a
+and the final norm are, under ``model.base_model``; for AWQ, ``lowbit.ptq.awq``, also a block's scale
+groups and the layers its clipping skips).  A model not in it is streamed when it has a
 ``ModuleList`` of two or more blocks of one class holding quantized layers, its head then
 calibrated by one more pass of the whole model.  Every model is first run once on one item to
 check the blocks are chained (block k + 1 takes block k's output) and whether they all receive
@@ -63,15 +64,40 @@ log = logging.getLogger(__name__)
 
 # -- the families ------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ScaleGroup:
+    """AWQ's unit inside a decoder block (paths relative to the block): ``consumers`` read one
+    tensor that ``producer`` (a norm, or a Linear, by its output rows) makes, so ``1 / s`` folds
+    into the producer and ``s`` into the consumers' weight columns; the scale ``s`` is chosen by
+    the output error of ``inspect`` (the module whose output the group's error is measured on)."""
+
+    producer: str
+    consumers: tuple[str, ...]
+    inspect: str
+
+
+@dataclass(frozen=True)
 class Family:
     """Where a family's decoder blocks (a ModuleList) and the modules between the last block and
-    the head are, as paths under the Hugging Face ``model.base_model``."""
+    the head are, as paths under the Hugging Face ``model.base_model``; AWQ's scale groups of one
+    block and the Linears its weight clipping skips (paths relative to the block)."""
 
     blocks: str
     final: tuple[str, ...]
+    scale_groups: tuple[ScaleGroup, ...] = ()
+    clip_skip: tuple[str, ...] = ()
 
 
-_LLAMA = Family(blocks="layers", final=("norm",))
+# AWQ (Lin et al. 2024): v_proj -> o_proj only folds when the shapes allow (not with grouped-query
+# attention, whose v_proj has fewer outputs than o_proj inputs); q and k are not clipped (the paper's
+# code: their error passes through the q.k product, which a per-layer output error does not see).
+_LLAMA_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+_LLAMA = Family(blocks="layers", final=("norm",), scale_groups=_LLAMA_GROUPS,
+                clip_skip=("self_attn.q_proj", "self_attn.k_proj"))
 FAMILIES: Mapping[str, Family] = MappingProxyType({
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
 })
@@ -182,9 +208,10 @@ class _Cache:
         return _output_hidden(block(self.hidden[i], *self.args[i], **kwargs))
 
 
-def _capture(model: nn.Module, blocks: list[nn.Module], items: list, *, per_block: bool) -> _Cache:
+def _capture(model: nn.Module, blocks: list[nn.Module], items: list, *, per_block: bool,
+             who: str = "gptq") -> _Cache:
     """Run ``model`` on every item up to block 0 (``per_block``: up to the last block, keeping each
-    block's keyword arguments) and keep what block 0 receives."""
+    block's keyword arguments) and keep what block 0 receives (``who`` runs it: for messages)."""
     cache = _Cache([], [], [[] for _ in blocks] if per_block else [[]])
     last = len(blocks) - 1 if per_block else 0
 
@@ -204,7 +231,7 @@ def _capture(model: nn.Module, blocks: list[nn.Module], items: list, *, per_bloc
             with contextlib.suppress(StopPass):
                 run_model(model, item)
             if len(cache.kwargs[last]) != i + 1:
-                raise ValueError(f"gptq: calibration item {i} never reached decoder block {last}; every item "
+                raise ValueError(f"{who}: calibration item {i} never reached decoder block {last}; every item "
                                  "must run the whole model")
     finally:
         for h in handles:

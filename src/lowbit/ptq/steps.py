@@ -4,7 +4,7 @@ A step is a frozen, keyword-only dataclass: its fields are the algorithm's setti
 runs in one phase of ``lowbit.quantize``::
 
     float       on the float model, before layers are swapped (each step in list order)
-                FoldBatchNorm, CLE, SmoothQuant (next: AWQ)
+                FoldBatchNorm, CLE, SmoothQuant, AWQ (``lowbit.ptq.weight_steps``)
     (residual adds and pools get quantizers, layers are swapped, activations calibrated)
     calibrated  on the quantized model, after calibration (each step in list order)
                 RTN, GPTQ (``lowbit.ptq.weight_steps``), AdaRound, BiasCorrection

@@ -1,4 +1,4 @@
-"""The weight-rounding steps for LLMs: ``RTN`` (round to nearest, named) and ``GPTQ``.
+"""The weight-rounding steps for LLMs: ``RTN`` (round to nearest, named), ``GPTQ`` and ``AWQ``.
 
 Registered with the other steps (``lowbit.ptq.steps``) when ``lowbit.ptq`` is imported; a module
 of their own so that ``steps`` keeps the step machinery and the smaller built-in steps.
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from ._blocks import gptq_model
 from ._gptq_layers import untie
-from .steps import CALIBRATED, Step, _check_bool, _check_int, _check_number, register_step
+from .awq import awq_model
+from .steps import CALIBRATED, FLOAT, Step, _check_bool, _check_int, _check_number, register_step
 
 
 @register_step
@@ -69,4 +70,47 @@ class GPTQ(Step):
         return model
 
 
-__all__ = ["GPTQ", "RTN"]
+@register_step
+@dataclass(frozen=True, kw_only=True)
+class AWQ(Step):
+    """AWQ (Lin et al. 2024; ``lowbit.ptq.awq``, searches in ``lowbit.ptq._awq_search``) on the float
+    model, before layers are swapped: per scale group of each decoder block (Llama family:
+    input_layernorm -> q/k/v, v_proj -> o_proj where the shapes allow, post_attention_layernorm ->
+    gate/up, up_proj -> down_proj) the per-channel scales ``s_x^alpha`` (alpha ``i / grid``) whose
+    weights, rounded as the step's config rounds them, give the smallest output error, folded into the
+    model (its float function unchanged); then (``clip``) each quantized Linear but q/k clipped per
+    output row and group (ratios ``1 - i / clip_grid``, ``i < max_shrink * clip_grid``, judged on
+    ``clip_tokens`` sampled input rows) by clamping its float weight.  Reads the first ``batches``
+    calibration items (None: all).  Run it before ``gptq``: ``algorithms=["awq", "gptq"]``.
+    Report: ``lowbit.ptq.awq.awq_model``'s (per group the alpha and the output error of round to
+    nearest and of AWQ; per layer the clip ratios and objective).  Nothing to rebuild: AWQ changes
+    only float weights, which ``lowbit.save`` stores."""
+
+    name = "awq"
+    phase = FLOAT
+    needs_data = True
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int | None = 512
+    batches: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("grid", "clip_grid"):
+            _check_int(self, field, 1)
+        _check_bool(self, "clip")
+        _check_number(self, "max_shrink", 0.0, 1.0, open_low=False)
+        if self.max_shrink >= 1.0:
+            raise ValueError(f"AWQ.max_shrink must be below 1 (a ratio of 0 would clip weights to 0), "
+                             f"got {self.max_shrink!r}")
+        for field in ("clip_tokens", "batches"):
+            if getattr(self, field) is not None:
+                _check_int(self, field, 1)
+
+    def run(self, model, ctx):
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return model, awq_model(model, ctx.calib_data, ctx.config, progress=ctx.progress, **options)
+
+
+__all__ = ["AWQ", "GPTQ", "RTN"]
