@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.ptq.test_gptq_llm import batches
 from torch import nn
 
 import lowbit
@@ -49,18 +50,6 @@ def tiny_llama(seed: int = 0, kv_heads: int = 2, outliers: bool = True) -> nn.Mo
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                     norm.weight[OUTLIERS] *= 20
     return model
-
-
-def batches(n: int, seed: int, size: int = 4, length: int = 32) -> list[dict]:
-    """Token batches with an attention mask; the first row of each is right-padded."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, VOCAB, (size, length), generator=g)
-        mask = torch.ones_like(ids)
-        mask[0, length * 3 // 4:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
 
 
 CALIB, HELD_OUT = batches(4, 0), batches(2, 100)

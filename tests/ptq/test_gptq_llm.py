@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.config import LayerQuant, QuantConfig, Rule
 from lowbit.nn.modules import TensorQuant
+from lowbit.nn.walk import run_model
 from lowbit.numerics import INT8_WEIGHT, QuantSpec
 from lowbit.ptq import GPTQ, RTN, Step, _gptq_layers, parse_step, parse_steps
 from lowbit.ptq._blocks import _probe, find_blocks
@@ -101,7 +102,7 @@ def test_gptq_stays_closer_to_the_float_model_than_round_to_nearest(pair):
     assert json.loads(json.dumps(report)) == report
 
 
-def _recording(monkeypatch) -> dict[str, torch.Tensor]:
+def recording(monkeypatch) -> dict[str, torch.Tensor]:
     """Record the Hessian GPTQ is given for each layer."""
     seen = {}
     original = _gptq_layers.gptq_layer
@@ -114,7 +115,7 @@ def _recording(monkeypatch) -> dict[str, torch.Tensor]:
     return seen
 
 
-def _reference_hessians(model, items, names) -> dict[str, torch.Tensor]:
+def reference_hessians(model, items, names) -> dict[str, torch.Tensor]:
     """Each layer's Hessian from hooks on the finished model, run whole on the items."""
     hessians = {n: Hessian(model.get_submodule(n), n) for n in names}
     def add(name):
@@ -123,7 +124,7 @@ def _reference_hessians(model, items, names) -> dict[str, torch.Tensor]:
     handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in names]
     with torch.no_grad():
         for item in items:
-            model(**item)
+            run_model(model, item)
     for h in handles:
         h.remove()
     return {n: h.matrix() for n, h in hessians.items()}
@@ -133,19 +134,19 @@ def test_with_true_sequential_every_hessian_is_the_finished_models_own(monkeypat
     """Group by group (q/k/v, o, gate/up, down), the inputs a layer was quantized on are those it
     gets in the finished model: block k's inputs come from blocks 0..k-1 as quantized, masks and
     rotary embeddings as the model passes them, lm_head's from the final norm."""
-    seen = _recording(monkeypatch)
+    seen = recording(monkeypatch)
     qmodel = lowbit.quantize(tiny_llama(), CALIB, W4, algorithms=[GPTQ(true_sequential=True)], progress=False)
-    reference = _reference_hessians(qmodel, CALIB, list(seen))
+    reference = reference_hessians(qmodel, CALIB, list(seen))
     assert len(seen) == 15
     for name, h in seen.items():
         torch.testing.assert_close(h, reference[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_one_pass_per_block_shares_the_hessian_of_layers_fed_one_tensor(monkeypatch):
-    seen = _recording(monkeypatch)
+    seen = recording(monkeypatch)
     qmodel = lowbit.quantize(tiny_llama(), CALIB, W4, algorithms=["gptq"], progress=False)
     first = [f"model.layers.{b}.self_attn.{p}_proj" for b in (0, 1) for p in "qkv"] + ["lm_head"]
-    reference = _reference_hessians(qmodel, CALIB, first)
+    reference = reference_hessians(qmodel, CALIB, first)
     for name in first:  # the layers whose inputs do not depend on their own block's weights
         torch.testing.assert_close(seen[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
     for b in (0, 1):
@@ -211,10 +212,10 @@ def test_blocks_with_masks_of_their_own_are_each_given_theirs(monkeypatch):
     stack = find_blocks(model)
     with torch.no_grad():
         assert _probe(model, stack.blocks, CALIB[0]) == (True, False)  # chained, masks differ
-    seen = _recording(monkeypatch)
+    seen = recording(monkeypatch)
     qmodel = lowbit.quantize(model, CALIB, W4, algorithms=["gptq(true_sequential=true)"], progress=False)
     assert qmodel.lowbit_summary.reports[-1]["untied"] == []
-    reference = _reference_hessians(qmodel, CALIB, list(seen))
+    reference = reference_hessians(qmodel, CALIB, list(seen))
     assert len(seen) == 15
     for name, h in seen.items():
         torch.testing.assert_close(h, reference[name], rtol=1e-5, atol=1e-7, msg=name)

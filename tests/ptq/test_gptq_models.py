@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.ptq.test_gptq_llm import recording, reference_hessians
 from torch import nn
 
 import lowbit
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.nn.modules import TensorQuant
 from lowbit.numerics import QuantSpec
-from lowbit.ptq import GPTQ, _gptq_layers
-from lowbit.ptq.gptq import Hessian
+from lowbit.ptq import GPTQ
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,32 +113,6 @@ def _build(kind: str, seed: int = 0) -> nn.Module:
     return MODELS[kind][0]().eval()
 
 
-def _recording(monkeypatch) -> dict[str, torch.Tensor]:
-    seen = {}
-    original = _gptq_layers.gptq_layer
-
-    def record(layer, h, *, name, **options):
-        seen[name] = h.clone()
-        return original(layer, h, name=name, **options)
-
-    monkeypatch.setattr(_gptq_layers, "gptq_layer", record)
-    return seen
-
-
-def _reference_hessians(model, items, names) -> dict[str, torch.Tensor]:
-    hessians = {n: Hessian(model.get_submodule(n), n) for n in names}
-    def add(name):
-        return lambda _m, args: hessians[name].add(args[0])
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in names]
-    with torch.no_grad():
-        for x in items:
-            model(x)
-    for h in handles:
-        h.remove()
-    return {n: h.matrix() for n, h in hessians.items()}
-
-
 @pytest.mark.parametrize("kind, mode, order", [
     ("stack", "blocks", ["inp", *(f"blocks.{b}.fc{i}" for b in range(3) for i in (1, 2)), "head"]),
     ("parallel", "whole_model", ["heads.0", "heads.1"]),
@@ -164,10 +138,10 @@ def test_gptq_lowers_the_output_error_below_round_to_nearest(kind, mode, order):
 def test_true_sequential_hessians_are_the_finished_models_own(kind, monkeypatch):
     _, shape, config = MODELS[kind]
     calib = _inputs(shape, 3, 0)
-    seen = _recording(monkeypatch)
+    seen = recording(monkeypatch)
     qmodel = lowbit.quantize(_build(kind), calib, config, algorithms=["gptq(true_sequential=true)"],
                              progress=False)
-    reference = _reference_hessians(qmodel, calib, list(seen))
+    reference = reference_hessians(qmodel, calib, list(seen))
     assert seen
     for name, h in seen.items():
         torch.testing.assert_close(h, reference[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -176,10 +150,10 @@ def test_true_sequential_hessians_are_the_finished_models_own(kind, monkeypatch)
 def test_one_pass_over_the_whole_model_sees_round_to_nearest_inputs(monkeypatch):
     _, shape, config = MODELS["conv"]
     calib = _inputs(shape, 3, 0)
-    seen = _recording(monkeypatch)
+    seen = recording(monkeypatch)
     lowbit.quantize(_build("conv"), calib, config, algorithms=["gptq"], progress=False)
     rtn = lowbit.quantize(_build("conv"), calib, config, progress=False)
-    reference = _reference_hessians(rtn, calib, list(seen))
+    reference = reference_hessians(rtn, calib, list(seen))
     for name, h in seen.items():
         torch.testing.assert_close(h, reference[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -208,10 +182,10 @@ def test_a_layer_the_data_never_reaches_keeps_round_to_nearest(caplog):
 def test_a_layer_the_first_item_misses_is_quantized_on_the_items_that_reach_it(true_sequential, monkeypatch):
     calib = _inputs((64, 32), 2, 0)
     calib = [calib[0].abs() + 0.1, -calib[1].abs() - 0.1]  # the first to expert 1, the second to expert 0
-    seen = _recording(monkeypatch)
+    seen = recording(monkeypatch)
     torch.manual_seed(0)
     qmodel = lowbit.quantize(Routed().eval(), calib, weight_only(INT4_G16),
                              algorithms=[GPTQ(true_sequential=true_sequential)], progress=False)
     assert set(qmodel.lowbit_summary.reports[-1]["layers"]) == {"experts.0", "experts.1", "head"}
-    reference = _reference_hessians(qmodel, calib[1:], ["experts.0"])  # only the second item reaches it
+    reference = reference_hessians(qmodel, calib[1:], ["experts.0"])  # only the second item reaches it
     torch.testing.assert_close(seen["experts.0"], reference["experts.0"])
