@@ -11,8 +11,8 @@ the FP32 one from the float model with plain ``MatMul``, so the comparison is of
   (activations rounded to int8 per block, integer kernels) or 0 (float arithmetic);
 * ``-b32``: MatMulNBits blocks of 32 (each group-128 scale written 4 times: the same weights), so
   accuracy_level 4 rounds the activations to int8 per 32 values instead of per 128;
-* ``-unfused``: q/k/v and gate/up as separate matmuls (default: one MatMul(NBits) each, fewer and
-  wider kernels).
+* ``-fused``: q/k/v and gate/up each as one MatMul(NBits) (``export_llm(fuse=True)``: fewer, wider
+  kernels, the same numbers; the default is one node per Linear).
 
 Latency: ``--threads`` intra-op threads, all sessions open in one process and measured in
 interleaved rounds (each round: one prefill of ``--prefill`` tokens per variant, then
@@ -58,12 +58,12 @@ log = logging.getLogger("bench_llm_export")
 
 # name -> (model: "float" or "quantized", accuracy_level, fuse, MatMulNBits block_size: None = the group)
 VARIANTS = {
-    "fp32": ("float", 4, True, None),
-    "int4-acc4": ("quantized", 4, True, None),
-    "int4-acc4-b32": ("quantized", 4, True, 32),
-    "int4-acc0": ("quantized", 0, True, None),
-    "fp32-unfused": ("float", 4, False, None),
-    "int4-acc4-unfused": ("quantized", 4, False, None),
+    "fp32": ("float", 4, False, None),
+    "int4-acc4": ("quantized", 4, False, None),
+    "int4-acc4-b32": ("quantized", 4, False, 32),
+    "int4-acc0": ("quantized", 0, False, None),
+    "fp32-fused": ("float", 4, True, None),
+    "int4-acc4-fused": ("quantized", 4, True, None),
 }
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Quantization reduces the size of a neural network by",
            "The Python standard library provides"]
@@ -251,11 +251,11 @@ def fidelity_section(sessions: dict, model, qmodel, tokenizer, ids: np.ndarray, 
             raise SystemExit("the frozen copy's logits differ from the simulation's (a benchmark bug)")
     fid = {name: fidelity(s, refs[VARIANTS[name][0]], ids) for name, s in sessions.items()}
     models = {"float": model, "quantized": frozen}  # frozen: the simulation's logits, bit for bit
-    fused = {name: s for name, s in sessions.items() if VARIANTS[name][2]}  # -unfused: the same numbers
-    expected = {which: hf_greedy(models[which], tokenizer, args.new_tokens) for which in {VARIANTS[n][0] for n in fused}}
-    agree = {name: agreement(s, expected[VARIANTS[name][0]], args.new_tokens, *_eos(model)) for name, s in fused.items()}
+    plain = {name: s for name, s in sessions.items() if not VARIANTS[name][2]}  # -fused: the same numbers
+    expected = {which: hf_greedy(models[which], tokenizer, args.new_tokens) for which in {VARIANTS[n][0] for n in plain}}
+    agree = {name: agreement(s, expected[VARIANTS[name][0]], args.new_tokens, *_eos(model)) for name, s in plain.items()}
     windows = _text_ids(tokenizer, 512 * (args.ppl_windows + 1))[0, 512:].reshape(-1, 512)
-    ppl = perplexities(fused, models, windows) if len(windows) else {}
+    ppl = perplexities(plain, models, windows) if len(windows) else {}
     out = [(f"Fidelity over the {args.prefill}-token prefill window (vs the float model for fp32, the simulation "
             "otherwise), perplexity, and greedy agreement (leading tokens equal / generated):"), "",
            "| variant | max abs logit diff | same top token | perplexity (PyTorch) | "

@@ -54,7 +54,7 @@ def _outputs(w: GraphWriter, shape: _family.Shape) -> None:
 
 
 def build_llm(model: nn.Module, *, accuracy_level: int = 4, max_length: int | None = None,
-              fuse: bool = True, block_size: int | None = None) -> onnx.ModelProto:
+              fuse: bool = False, block_size: int | None = None) -> onnx.ModelProto:
     """The ONNX model of ``model`` (see ``export_llm``), not written anywhere."""
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"export_llm: accuracy_level must be one of {ACCURACY_LEVELS} (MatMulNBits: 0 unset, "
@@ -94,7 +94,7 @@ def build_llm(model: nn.Module, *, accuracy_level: int = 4, max_length: int | No
 
 
 def export_llm(model: nn.Module, path: str | os.PathLike, *, accuracy_level: int = 4,
-               max_length: int | None = None, fuse: bool = True, block_size: int | None = None) -> onnx.ModelProto:
+               max_length: int | None = None, fuse: bool = False, block_size: int | None = None) -> onnx.ModelProto:
     """Write a Hugging Face causal LM (Llama family), quantized by lowbit or float, as one ONNX
     graph with a KV cache that ONNX Runtime runs for prefill and for one-token decode steps.
 
@@ -117,8 +117,10 @@ def export_llm(model: nn.Module, path: str | os.PathLike, *, accuracy_level: int
         max_length: the longest sequence (past + new tokens) the file runs: rows of the rotary
             tables; default ``config.max_position_embeddings``.
         fuse: write q/k/v as one MatMul(NBits) feeding GroupQueryAttention packed, and gate/up as
-            one followed by a Split, where their weights share a layout (bits, block, K); the same
-            numbers with fewer kernels.  ``fuse=False``: one node per Linear.
+            one followed by a Split, where their weights share a layout (bits, block, K): the same
+            numbers with fewer kernels, but measured no faster on SmolLM2 (decode the same, prefill
+            a few percent slower: the Split and the packed-QKV path cost more than the launches
+            saved).  Default False: one node per Linear.
         block_size: MatMulNBits' block, a power of two >= 16 dividing every group size (None: the
             group size; 128 or the largest power of two dividing K for per-channel weights).  A
             block smaller than the group repeats its scale, the same weights in a larger file; at
