@@ -110,10 +110,11 @@ def export_llm(model: nn.Module, path: str | os.PathLike, *, accuracy_level: int
         path: the ``.onnx`` file to write (with ``<path>.data`` beside it above 2 GiB).
         accuracy_level: MatMulNBits' ``accuracy_level``: 4 (default) lets ONNX Runtime round the
             activations to int8 per block and run integer kernels: fastest, but an error on top of
-            the simulation's (on SmolLM2 W4 g128, see benchmarks/bench_llm_export.py: ~9% of
-            top-1 tokens differ from the simulation's, perplexity a few percent higher); 0 keeps
-            them float: the simulation's logits up to float rounding, slower (8-bit weights at 0
-            are dequantized whole at every call: very slow).
+            the simulation's (SmolLM2 W4 g128 RTN, benchmarks/bench_llm_export.py on an Intel Xeon
+            with ORT 1.32: the top token differs from the simulation's at 9% of the positions of a
+            512-token window, perplexity 2.3% higher); 0 keeps them float: the simulation's logits
+            up to float rounding, slower to decode (8-bit weights at 0 are dequantized whole at
+            every call: avoid that pair).
         max_length: the longest sequence (past + new tokens) the file runs: rows of the rotary
             tables; default ``config.max_position_embeddings``.
         fuse: write q/k/v as one MatMul(NBits) feeding GroupQueryAttention packed, and gate/up as
