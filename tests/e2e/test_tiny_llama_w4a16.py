@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from tests.test_llm_presets import rtn
 from torch import nn
 
 import lowbit
@@ -16,19 +17,6 @@ from lowbit.runtime.ort import OrtModel
 from lowbit.zoo import tiny_llama
 
 pytest.importorskip("transformers")  # tiny_llama builds a transformers LlamaForCausalLM
-
-
-def rtn(w: torch.Tensor, qmin: int, qmax: int, group: int | None) -> torch.Tensor:
-    """Symmetric round-to-nearest per row and group of ``group`` columns (the last one shorter), scale
-    = the group's max |w| / ((qmax - qmin) / 2): a loop over the groups."""
-    out = torch.empty_like(w)
-    step = group or w.shape[1]
-    for start in range(0, w.shape[1], step):
-        chunk = w[:, start:start + step]
-        scale = chunk.abs().amax(1, keepdim=True) / ((qmax - qmin) / 2)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out[:, start:start + step] = torch.clamp(torch.round(chunk / scale), qmin, qmax) * scale
-    return out
 
 
 def manual_rtn(model: nn.Module) -> nn.Module:

@@ -20,24 +20,13 @@ import torch
 PAST, PRESENT = "past_key_values.", "present."
 
 
-def _ort():
-    try:
-        import onnxruntime
-    except ModuleNotFoundError as exc:
-        if exc.name != "onnxruntime":
-            raise
-        raise ModuleNotFoundError("running an exported LLM needs onnxruntime: pip install onnxruntime",
-                                  name="onnxruntime") from exc
-    return onnxruntime
-
-
 def load_session(path: str | os.PathLike, *, threads: int | None = None):
     """An ONNX Runtime CPU session on ``path`` with all graph optimizations.
 
     Args:
         threads: intra-op threads (None: ONNX Runtime's default, one per core).
     """
-    ort = _ort()
+    import onnxruntime as ort  # a dependency of lowbit; imported when a file is run
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -101,7 +90,7 @@ class SharedCache:
     """
 
     def __init__(self, session, batch: int, capacity: int) -> None:
-        ort = _ort()
+        import onnxruntime as ort
         _check_length(session, capacity)
         self.session, self.batch, self.capacity, self.length = session, batch, capacity, 0
         self._buffers = {}
