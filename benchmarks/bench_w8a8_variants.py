@@ -1,6 +1,7 @@
 """Where W8A8 MobileNetV2 loses fidelity, fixed one step at a time: held-out top-1 agreement and KL
 to FP32 in the PyTorch simulation for named variants of the recipe (activation ranges, bias
-correction, CLE through ReLU6, the first depthwise conv and the first conv kept float).
+correction, CLE through ReLU6, ranges searched for the output's error, the first depthwise conv
+and the first conv kept float).
 
 Calibration: 64 photo crops ("calib" split); evaluation: 256 held-out crops ("eval" split), the
 same sets as bench_autoquant's held-out table.  Each variant is a real ``lowbit.quantize`` call.
@@ -38,6 +39,12 @@ def _variants() -> dict[str, tuple[str, object, list[str]]]:
                              lowbit.CONFIGS["w8a8"].with_rules(Rule.exact(DW1, None), Rule.exact(CONV0, None)),
                              ["bias_correction"]),
     }
+    for objective in ("mse", "kl"):
+        search = f"range_search(objective={objective})"
+        out[f"pct+rs-{objective}+bc"] = (f"+ ranges searched for the output's {objective}", pct,
+                                         [search, "bias_correction"])
+        out[f"pct+rs-{objective}+bc+dw1+conv0"] = (f"+ ranges searched for the output's {objective}, "
+                                                   "the same two layers float", floats, [search, "bias_correction"])
     for p in (99.9, 99.95, 99.999):
         cfg = lowbit.CONFIGS["w8a8"].with_observer("percentile", percentile=p)
         out[f"pct{p}+bc+dw1+conv0"] = (f"percentile {p}, the same two layers float",

@@ -23,7 +23,6 @@ from torch import nn
 
 from ..config import QuantConfig, Rule, get_config
 from ..ptq import STEPS, quantize
-from ..ptq.steps import FLOAT
 from ..targets import resolve_target
 from ._autoquant import AutoQuantResult, Rung
 from ._layers import FLOAT_BITS, assignment_config, choice_name
@@ -177,13 +176,13 @@ class Ladder:
             self._try("algorithms", f"{base.config.name} + {' + '.join(names)}", base.config, names)
 
     def selective(self) -> None:
-        from ._sensitivity import sensitivity, switchable_steps
+        from ._sensitivity import is_switchable, sensitivity, switchable_steps
 
         base = self.best(uniform=True)
         # Measured on the model without the steps that tune layers for their quantized inputs
         # (bias correction, AdaRound): switched to float, a layer would keep their edits.
         switchable = switchable_steps(base.algorithms)
-        reuse = all(getattr(step, "phase", FLOAT) == FLOAT for step in base.algorithms)
+        reuse = all(is_switchable(step) for step in base.algorithms)
         report = sensitivity(self.model, self.calib, config=base.config, method="sqnr",
                              qmodel=base.model if reuse else None, algorithms=switchable, target=self.target)
         self.sensitivity = report

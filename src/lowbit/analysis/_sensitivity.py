@@ -129,18 +129,24 @@ def sensitivity(model: nn.Module, calib_data=None, config: Choice = "w8a8", meth
 
 
 def switchable_steps(algorithms) -> list[Step] | None:
-    """The steps of ``algorithms`` that keep every layer's float function (the float-phase ones:
-    BatchNorm folding, CLE, SmoothQuant).  Calibrated-phase steps (AdaRound, BiasCorrection) edit a
-    layer's weight or bias to suit its QUANTIZED inputs; with the layer switched back to float those
-    edits would stay and be measured as that layer's noise, so the analysis leaves them out."""
+    """The steps of ``algorithms`` that keep every layer's float function: the float-phase ones
+    (BatchNorm folding, CLE, SmoothQuant) and those that change only ranges (RangeSearch).  Other
+    calibrated-phase steps (AdaRound, BiasCorrection) edit a layer's weight or bias to suit its
+    QUANTIZED inputs; with the layer switched back to float those edits would stay and be measured
+    as that layer's noise, so the analysis leaves them out."""
     if algorithms is None:
         return None
-    return [step for step in resolve_algorithms(algorithms) if step.phase == FLOAT]
+    return [step for step in resolve_algorithms(algorithms) if is_switchable(step)]
+
+
+def is_switchable(step: Step) -> bool:
+    """Whether a layer switched to float drops everything ``step`` did to it (see ``switchable_steps``)."""
+    return step.phase == FLOAT or step.ranges_only
 
 
 def _check_switchable(qmodel: nn.Module) -> None:
     summary = getattr(qmodel, "lowbit_summary", None)
-    edits = [str(step) for step in (summary.algorithms if summary else ()) if step.phase != FLOAT]
+    edits = [str(step) for step in (summary.algorithms if summary else ()) if not is_switchable(step)]
     if edits:
         raise ValueError(f"sensitivity: qmodel ran {', '.join(edits)}, which edit weights or biases for the "
                          "quantized model; with a layer switched to float those edits would be measured as its "

@@ -6,9 +6,10 @@ depend on the switched layer is the same in each of those runs as in one of two 
 everything float (for "only") or everything quantized (for "without").  So, per evaluation batch,
 ``LayerSwitches`` runs the two references once, keeping every intermediate value, and each
 switched run evaluates only the switched layer's call and what lies downstream of it in the
-torch.fx graph, reading the rest from the reference.  The outputs are the same tensors a full
-forward pass gives (the same ops on the same inputs); on MobileNetV2 the switched runs cost about
-half of full passes, since a layer has on average half the network upstream of it.
+torch.fx graph, reading the rest from the reference (``lowbit.nn.replay``).  The outputs are the
+same tensors a full forward pass gives (the same ops on the same inputs); on MobileNetV2 the
+switched runs cost about half of full passes, since a layer has on average half the network
+upstream of it.
 
 A model torch.fx cannot trace (most Hugging Face models), a batch given as keyword arguments, or
 a layer called inside another opaque module: full forward passes, as before.  Memory: the two
@@ -22,46 +23,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import nn
 
+from ..nn.replay import Replayer
 from ..nn.trace import try_trace
 from ..nn.walk import run_model
 from ..report.fidelity import first_tensor
 from ._layers import float_only, quantized_only
-
-
-class _Replayer(fx.Interpreter):
-    """An fx interpreter that keeps every value of a full run and re-runs chosen nodes over it."""
-
-    def __init__(self, graph_module: fx.GraphModule) -> None:
-        super().__init__(graph_module, garbage_collect_values=False)
-        self.order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
-        self.result = next(n for n in graph_module.graph.nodes if n.op == "output")
-
-    def record(self, args: tuple) -> dict:
-        self.run(*args)
-        return dict(self.env)
-
-    def rerun(self, values: dict, nodes: Sequence[fx.Node]) -> object:
-        self.env = dict(values)
-        for node in nodes:
-            self.env[node] = self.run_node(node)
-        return self.env[self.result]
-
-    def downstream(self, name: str) -> list[fx.Node] | None:
-        """The nodes whose value depends on the layer ``name`` (its calls included), in graph
-        order; None when no node calls it or a module that contains it."""
-        starts = [n for n in self.order if n.op == "call_module"
-                  and (n.target == name or name.startswith(f"{n.target}."))]
-        if not starts:
-            return None
-        seen, todo = set(starts), list(starts)
-        while todo:
-            for user in todo.pop().users:
-                if user not in seen:
-                    seen.add(user)
-                    todo.append(user)
-        return sorted(seen, key=self.order.__getitem__)
 
 
 class BatchSwitches:
@@ -77,7 +45,7 @@ class BatchSwitches:
             with quantized_only(owner.qmodel, []):
                 self._float = replayer.record(args)
             self._quantized = replayer.record(args)
-            self.full = _output(replayer.env[replayer.result])
+            self.full = _output(replayer.final(self._quantized))
         else:
             self.full = _output(run_model(owner.qmodel, batch))
 
@@ -107,7 +75,7 @@ class LayerSwitches:
     def __init__(self, qmodel: nn.Module, batches: Sequence, names: Sequence[str]) -> None:
         self.qmodel, self.batches = qmodel, list(batches)
         graph_module, _ = try_trace(qmodel)
-        self.replayer = None if graph_module is None else _Replayer(graph_module)
+        self.replayer = None if graph_module is None else Replayer(graph_module)
         self.nodes = {} if self.replayer is None else {name: self.replayer.downstream(name) for name in names}
 
     @property

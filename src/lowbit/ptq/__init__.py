@@ -3,6 +3,7 @@
     qmodel = lowbit.quantize(model, calib, "w8a8", algorithms=[CLE(), SmoothQuant(alpha=0.8), BiasCorrection()])
 
 * ``steps``: the PTQ algorithms as ordered, serialisable steps, and their registry;
+* ``range_search``: activation ranges chosen by the model's output error (the ``RangeSearch`` step);
 * ``adaround``: AdaRound, the weights' rounding chosen layer by layer (the ``AdaRound`` step);
 * ``gptq``: GPTQ on one weight; ``_blocks`` / ``_gptq_layers``: its driver, causal LMs block by block;
 * ``awq``: AWQ on the float model, block by block (its searches in ``_awq_search``);
@@ -24,6 +25,7 @@ from .steps import (
     AdaRound,
     BiasCorrection,
     FoldBatchNorm,
+    RangeSearch,
     SmoothQuant,
     Step,
     StepContext,
@@ -33,7 +35,7 @@ from .weight_steps import AWQ, GPTQ, RTN
 
 __all__ = [
     "AWQ", "CLE", "GPTQ", "RTN", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm", "QuantSummary",
-    "SmoothQuant", "Step", "StepContext", "as_batches", "calibrate", "calibrate_activations",
+    "RangeSearch", "SmoothQuant", "Step", "StepContext", "as_batches", "calibrate", "calibrate_activations",
     "check_has_data", "insert_graph_quantizers", "iter_quantizers", "parse_step", "parse_steps", "quantize",
     "quantizers_by_role", "rebuild", "register_step", "resolve_algorithms", "run_model", "swap_layers",
 ]

@@ -80,6 +80,9 @@ class Step:
     name: ClassVar[str] = ""  # the registry name: recipes, --algorithms, to_dict
     phase: ClassVar[str] = FLOAT
     needs_data: ClassVar[bool] = False  # quantize refuses to run it without calibration data
+    # True for a step that changes only quantizers' ranges: switched to float, a layer drops its
+    # edits with its quantizers, so the sensitivity analyses may keep the step.
+    ranges_only: ClassVar[bool] = False
 
     def run(self, model: nn.Module, ctx: StepContext) -> tuple[nn.Module, object]:
         """Apply the step; returns the model (changed in place, or a new one) and a report of
@@ -309,6 +312,37 @@ class BiasCorrection(Step):
 
 @register_step
 @dataclass(frozen=True, kw_only=True)
+class RangeSearch(Step):
+    """Loss-aware range search (``lowbit.ptq.range_search``) on the calibrated model: each static
+    activation range, in graph order, set to the candidate (the calibrated range scaled by
+    2**(k/2), ``|k| <= reach``, or the whole observed range) whose model output on the first
+    ``batches`` calibration items is closest to the float model's, by ``objective`` ("mse" or
+    "kl", for logits).  Run it before BiasCorrection, which then corrects the chosen ranges' error.
+    Report: ``{"objective", "error_before", "error_after", "changed": {quantizer: factor}}``."""
+
+    name = "range_search"
+    phase = CALIBRATED
+    needs_data = True
+    ranges_only = True
+    batches: int = 4
+    reach: int = 2
+    objective: str = "mse"
+
+    def __post_init__(self) -> None:
+        _check_int(self, "batches", 1)
+        _check_int(self, "reach", 1)
+        if self.objective not in ("mse", "kl"):
+            raise ValueError(f"RangeSearch.objective must be 'mse' or 'kl', got {self.objective!r}")
+
+    def run(self, model, ctx):
+        from .range_search import search_ranges
+
+        return model, search_ranges(model, ctx.calib_data, batches=self.batches, reach=self.reach,
+                                    objective=self.objective, progress=ctx.progress)
+
+
+@register_step
+@dataclass(frozen=True, kw_only=True)
 class AdaRound(Step):
     """AdaRound (Nagel et al. 2020; ``lowbit.ptq.adaround``) on the calibrated model: each gemm /
     conv layer's weights rounded up or down, layer by layer, so that its output on the first
@@ -370,4 +404,4 @@ def steps_from_flags(*, fold_bn: bool = True, equalize: bool = False, equalize_r
 
 
 __all__ = ["CALIBRATED", "CLE", "FLOAT", "PHASES", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm",
-           "SmoothQuant", "Step", "StepContext", "check_order", "register_step", "step_class", "steps_from_flags"]
+           "RangeSearch", "SmoothQuant", "Step", "StepContext", "check_order", "register_step", "step_class", "steps_from_flags"]
