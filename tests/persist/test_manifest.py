@@ -62,8 +62,8 @@ def test_damaged_manifest_is_refused_with_its_name(saved, damage, message, flip_
 
 
 def test_newer_version_unknown_fields_and_a_foreign_recipe_are_errors(saved):
-    _rewrite_manifest(saved, lambda d: d.update(version=manifest.VERSION + 1))
-    with pytest.raises(ValueError, match=r"manifest.json has format version 3; this lowbit reads versions 1 to 2 "
+    _rewrite_manifest(saved, lambda d: d.update(version=manifest.PACKED_VERSION + 1))
+    with pytest.raises(ValueError, match=r"manifest.json has format version 4; this lowbit reads versions 1 to 3 "
                                          r"\(a newer lowbit wrote it: upgrade lowbit"):
         lowbit.load(small(1), saved)
     _rewrite_manifest(saved, lambda d: d.update(version=manifest.VERSION, surprise=1))

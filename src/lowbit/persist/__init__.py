@@ -12,6 +12,12 @@ A saved model is a folder::
 tensors strictly, and gives a model whose outputs equal the saved one's bit for bit.  No
 pickle anywhere: a saved model cannot run code when loaded.
 
+``save(..., packed=True)`` stores each weight on a frozen static grid as its integer codes
+(2 to 4 bits two a byte, 5 to 8 bits one a byte) instead of float: a W4 model's file shrinks
+about 8x.  ``load`` puts back ``scale * (codes - zero_point)``, which the quantizer maps to the
+same codes, so outputs still equal the saved model's bit for bit; the float weights off the grid
+are gone (``lowbit.persist._packed`` says what packs and what stays float).
+
     lowbit.save(qmodel, "runs/resnet-w8a8")
     qmodel = lowbit.load(resnet18(), "runs/resnet-w8a8")
 """
@@ -27,6 +33,7 @@ from torch import nn
 
 from .._files import atomic_path, sha256_file, write_atomic
 from ..nn.swap import SwapReport
+from . import _packed
 from . import manifest as _manifest
 from ._rebuild import (
     conform,
@@ -45,7 +52,7 @@ from ._state import merge_state, split_state, tie_aliases
 log = logging.getLogger(__name__)
 
 
-def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
+def save(qmodel: nn.Module, path: str | os.PathLike, *, packed: bool = False) -> Path:
     """Write ``qmodel`` (from ``lowbit.quantize`` or ``lowbit.prepare_qat``, trained or not) to
     the folder ``path``: ``model.safetensors`` and ``manifest.json``.
 
@@ -55,6 +62,13 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     Args:
         qmodel: the quantized model; it is not changed.
         path: the folder to write.
+        packed: store every weight whose quantizer has a frozen static grid as integer codes
+            (4 bits and fewer two a byte, low nibble first; 5 to 8 bits one a byte) next to its
+            scale and zero-point, instead of float (manifest version 3).  The loaded model
+            computes the same outputs bit for bit, but its float weights are the dequantized
+            codes: pack a model for inference or export, not one you will train on.  Weights
+            that cannot pack exactly stay float, logged (tied weights, QAT conv-BN, learned or
+            dynamic ranges).  False (the default) writes every tensor as it is (version 2).
 
     Returns:
         The folder, as a ``Path``.
@@ -66,6 +80,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     Example:
         >>> qmodel = lowbit.quantize(model, calib, "w8a8")
         >>> lowbit.save(qmodel, "runs/w8a8")
+        >>> lowbit.save(lowbit.quantize(llm, None, "w4a16-g128"), "runs/w4", packed=True)
     """
     from safetensors.torch import save_file
 
@@ -79,6 +94,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; lowbit.save writes a folder (model.safetensors + manifest.json)")
     tensors, extra, aliases = split_state(qmodel.state_dict())
+    if packed:
+        tensors, packed_weights = _packed.pack_state(qmodel, tensors, aliases)
     with atomic_path(folder / _manifest.TENSORS) as tmp:
         save_file(tensors, tmp, metadata={"format": _manifest.FORMAT})
         info = {"file": _manifest.TENSORS, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
@@ -88,6 +105,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         "training": qmodel.training, "training_differs": training_differs(qmodel),
         "extra_state": extra, "aliases": aliases, "tensors": info,
     }
+    if packed:
+        manifest.update(version=_manifest.PACKED_VERSION, packed=packed_weights)
     write_atomic(folder / _manifest.MANIFEST, _manifest.encode(manifest))
     log.info("saved %s: %d tensors (%.1f MB), %d shared", folder, len(tensors), info["bytes"] / 1e6, len(aliases))
     return folder
@@ -100,9 +119,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) ->
     The recipe's structural steps run again without data (each algorithm's ``rebuild``:
     BatchNorm folding, ReLU6 -> ReLU, SmoothQuant wrappers; the residual-add rewrite, conv-BN
     fusion, layer swaps), then every saved tensor and quantizer state is loaded strictly
-    (manifests of format 1 and 2 alike): outputs are bit-identical to the model
-    that was saved, ``export_onnx`` writes the same file, and a QAT model trains on as before
-    (build its optimizer after ``load``).
+    (manifests of format 1, 2 and 3 alike; packed weights are dequantized from their codes):
+    outputs are bit-identical to the model that was saved, ``export_onnx`` writes the same
+    file, and a QAT model trains on as before (build its optimizer after ``load``).
 
     Args:
         model: the float model the saved one was made from (same class and dtype; its device
@@ -146,6 +165,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) ->
         tensors = load_file(tensors_path, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"{tensors_path} is not a readable safetensors file ({exc}); save the model again") from None
+    tensors = _packed.unpack_state(tensors, manifest.get("packed", {}), str(tensors_path))
     qmodel, report = replay(model, manifest["summary"], inplace=inplace)
     every = {**tensors, **{key: tensors[src] for key, src in manifest["aliases"].items() if src in tensors}}
     conform(qmodel, every, manifest["extra_state"], manifest["modules"])

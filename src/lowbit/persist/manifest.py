@@ -6,15 +6,20 @@
      "modules": {name: class name}, "training": true, "training_differs": [...],
      "extra_state": {state_dict key: JSON value}, "aliases": {key: key written},
      "tensors": {"file": "model.safetensors", "bytes": N, "sha256": "..."},
+     "packed": {weight key: how it is stored},   # version 3 only (save with packed=True)
      "checksum": sha256 of the rest of the manifest}
 
 The checksum covers the manifest itself (canonical JSON: sorted keys, no spaces), so any
 change to either file is an error that names it; a newer format version, unknown or missing
 fields are errors too.  Nothing here runs code: JSON and safetensors only.
 
-Versions: 2 records quantize's algorithms as an ordered list of steps (``lowbit.ptq.steps``)
-with one report each; 1 recorded them as flags in ``summary.options`` and SmoothQuant's report
-in ``summary.smoothing``.  Both load (``lowbit.persist._rebuild.upgrade_summary``).
+Versions: 3 adds the field ``packed`` (``lowbit.save(..., packed=True)``): ``{weight key: {"tensor":
+stored name, "layout": "nibbles" | "bytes", "shape", "dtype", "spec", "scale", "zero_point"}}``, the
+weights stored as integer codes (``lowbit.persist._packed``).  A save without ``packed`` still writes
+version 2, byte for byte as before, so an older lowbit reads it.  2 records quantize's algorithms
+as an ordered list of steps (``lowbit.ptq.steps``) with one report each; 1 recorded them as flags
+in ``summary.options`` and SmoothQuant's report in ``summary.smoothing``.  All three load
+(``lowbit.persist._rebuild.upgrade_summary``).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from pathlib import Path
 from .._files import sha256_file
 
 FORMAT = "lowbit.saved_model"
-VERSION = 2  # the newest format, which save writes; read takes 1..VERSION
+VERSION = 2  # what save writes without packed weights (unchanged: an older lowbit reads it)
+PACKED_VERSION = 3  # the newest format, which save writes with packed weights; read takes 1..PACKED_VERSION
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 FIELDS = ("format", "version", "lowbit_version", "torch_version", "summary", "modules", "training",
           "training_differs", "extra_state", "aliases", "tensors", "checksum")
+PACKED_FIELDS = (*FIELDS, "packed")  # version 3
 _AGAIN = "save the model again with lowbit.save"
 
 
@@ -73,17 +80,20 @@ def read(folder: Path) -> dict:
     path = folder / MANIFEST
     manifest = _parse(path)
     version = manifest.get("version")
-    if not isinstance(version, int) or version > VERSION or version < 1:
-        raise ValueError(f"{path} has format version {version!r}; this lowbit reads versions 1 to {VERSION} "
+    if not isinstance(version, int) or version > PACKED_VERSION or version < 1:
+        raise ValueError(f"{path} has format version {version!r}; this lowbit reads versions 1 to {PACKED_VERSION} "
                          "(a newer lowbit wrote it: upgrade lowbit to load it)")
     if manifest.get("checksum") != checksum(manifest):
         raise ValueError(f"{path} is corrupted: its content does not match its checksum (changed after "
                          f"lowbit.save wrote it); {_AGAIN}")
-    unknown = sorted(set(manifest) - set(FIELDS))
-    missing = sorted(set(FIELDS) - set(manifest))
+    fields = PACKED_FIELDS if version >= PACKED_VERSION else FIELDS
+    unknown = sorted(set(manifest) - set(fields))
+    missing = sorted(set(fields) - set(manifest))
     if unknown or missing:
         raise ValueError(f"{path}: unknown field(s) {unknown}, missing field(s) {missing}; "
                          f"it was not written by lowbit.save format version {version}")
+    if not isinstance(manifest.get("packed", {}), dict):
+        raise ValueError(f"{path}: its field packed is not an object; {_AGAIN}")  # noqa: TRY004 (a bad file)
     return manifest
 
 
