@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ..report.fidelity import first_tensor
+from ..nn.walk import first_tensor
 from ._ablation import is_logits
 from ._layers import quantized_only
 from ._sqnr import EvalSet, eval_mode, weight_delta

@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from ..nn.modules import has_quantizers
-from ..nn.walk import fixed_weights, run_model
+from ..nn.walk import first_tensor, fixed_weights, run_model
 from ..numerics import fake_quantize
-from ..report.fidelity import first_tensor
 from ._switch import switched_outputs
 
 COST_UNIT = "noise-to-signal power ratio of the model output with only this layer quantized (1 / linear SQNR)"

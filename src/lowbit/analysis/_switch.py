@@ -27,8 +27,7 @@ from torch import nn
 
 from ..nn.replay import Replayer
 from ..nn.trace import try_trace
-from ..nn.walk import run_model
-from ..report.fidelity import first_tensor
+from ..nn.walk import first_tensor, run_model
 from ._layers import float_only, quantized_only
 
 

@@ -27,6 +27,19 @@ def run_model(model: nn.Module, batch) -> object:
     return model(batch)
 
 
+def first_tensor(output) -> torch.Tensor:
+    """The tensor a model's output leads with: itself, or the first tensor of a tuple / list /
+    dict (an HF ModelOutput's ``logits`` or ``last_hidden_state``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"the model returned {type(output).__name__}, not a tensor or a tuple / dict holding one; "
+                    "wrap the model so that it returns its output tensor")
+
+
 def quantizers_by_role(model: nn.Module) -> Iterator[tuple[nn.Module, str, Quantizer]]:
     """(module, role, Quantizer) for every quantizer in ``model``, in module order."""
     for _, module in model.named_modules():

@@ -41,9 +41,8 @@ from ..nn.modules import has_quantizers
 from ..nn.quantizer import Quantizer
 from ..nn.replay import Replayer
 from ..nn.trace import try_trace
-from ..nn.walk import fixed_weights, quantizers_by_role, run_model
+from ..nn.walk import first_tensor, fixed_weights, quantizers_by_role, run_model
 from ..numerics import compute_qparams
-from ..report.fidelity import first_tensor
 
 log = logging.getLogger(__name__)
 

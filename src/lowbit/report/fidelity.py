@@ -7,18 +7,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-
-def first_tensor(output) -> torch.Tensor:
-    """The tensor a model's output leads with: itself, or the first tensor of a tuple / list /
-    dict (an HF ModelOutput's ``logits`` or ``last_hidden_state``)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"the model returned {type(output).__name__}, not a tensor or a tuple / dict holding one; "
-                    "wrap the model so that it returns its output tensor")
+from ..nn.walk import first_tensor  # noqa: F401 - re-exported: report.fidelity.first_tensor
 
 
 def token_mask(inputs, output: torch.Tensor) -> torch.Tensor | None:
