@@ -5,6 +5,7 @@ ONNX Runtime (bit-exact with the emulation) and save / load."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -60,6 +61,8 @@ def test_the_searched_output_error_never_goes_up(objective):
     report = rs.search_ranges(qmodel, CALIB, batches=3, objective=objective, progress=False)
     assert report["objective"] == objective
     assert report["error_after"] <= report["error_before"]
+    # the error the walk kept track of is the searched batches' error of the model as it now is
+    assert rs._Runs(qmodel, CALIB[:3], objective).error == pytest.approx(report["error_after"], rel=1e-9)
     activation = [n for n, q in lowbit.ptq.iter_quantizers(qmodel) if not n.endswith(".weight")]
     assert set(report["changed"]) <= set(activation)
 
@@ -77,19 +80,51 @@ def test_the_graph_replay_chooses_exactly_what_full_passes_choose(monkeypatch):
         assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point), name
 
 
-def test_candidates_widen_only_up_to_the_observed_data():
+def test_candidates_go_outward_and_widen_only_up_to_the_observed_data():
     percentile = W4A8.with_observer("percentile", percentile=99.0)
     qmodel = lowbit.quantize(conv_net(), CALIB, percentile, progress=False)
     q = dict(lowbit.ptq.iter_quantizers(qmodel))["conv2.input"]
-    current = (q.scale.clone(), q.zero_point.clone())
-    candidates = rs._candidates(q, current, reach=6)
-    assert candidates[0] == (1.0, current)
+
+    def top(qparams):
+        scale, zero_point = qparams
+        return float((q.spec.qmax - zero_point.double()) * scale.double())
+
+    current = top((q.scale, q.zero_point))
+    narrower, wider = rs._candidates(q, reach=6)
+    assert [f for f, _ in narrower] == [round(2 ** (-k / 2), 4) for k in range(1, len(narrower) + 1)]
+    assert all(top(a) > top(b) for (_, a), (_, b) in zip([(1.0, (q.scale, q.zero_point)), *narrower], narrower))
     data_hi = float(q.observer.max_val)
-    top = [float((q.spec.qmax - z.double()) * s.double()) for _, (s, z) in candidates]
-    assert max(top) == pytest.approx(data_hi, rel=1e-6) and top[0] < data_hi / 2  # 99th percentile
-    assert rs._candidates(q, current, reach=1)[-1][0] == "data"  # beyond 2**(1/2): the data range itself
-    assert top[1] == pytest.approx(top[0] / 8, rel=0.02)  # 2**(-6/2): the narrowest first
-    assert len({(float(s), int(z)) for _, (s, z) in candidates}) == len(candidates)  # no grid twice
+    assert current < data_hi / 2  # the 99th percentile: the data reach further than the range
+    assert all(top(a) < top(b) for (_, a), (_, b) in itertools.pairwise(wider))
+    assert top(wider[-1][1]) == pytest.approx(data_hi, rel=1e-6)
+    assert rs._candidates(q, reach=1)[1][-1][0] == "data"  # beyond 2**(1/2): the data range itself
+    grids = [(float(s), int(z)) for _, (s, z) in [*narrower, *wider]] + [(float(q.scale), int(q.zero_point))]
+    assert len(set(grids)) == len(grids)  # no grid twice, the current one not again
+
+
+def test_the_walk_stops_where_the_error_rises_and_keeps_the_best(monkeypatch):
+    """A synthetic error curve along the candidates: the walk goes down while it falls, stops at
+    the first rise, never evaluates the wider side once narrower helped, and keeps the minimum."""
+    qmodel = lowbit.quantize(conv_net(), CALIB, W4A8, progress=False)
+    run = rs._Runs(qmodel, CALIB[:1], "mse")
+    entry = rs._activation_quantizers(qmodel)[1]
+    q = entry.quantizer
+    narrower, wider = rs._candidates(q, reach=4)
+    curve = {1.0: 5.0, narrower[0][0]: 4.0, narrower[1][0]: 3.0, narrower[2][0]: 3.5, narrower[3][0]: 1.0}
+    evaluated = []
+
+    def fake_error(_outputs):
+        factor = next(f for f, (s, z) in [(1.0, (run_scale, run_zp)), *narrower, *wider]
+                      if torch.equal(s, q.scale) and torch.equal(z, q.zero_point))
+        evaluated.append(factor)
+        return curve.get(factor, 9.0)
+
+    run_scale, run_zp = q.scale.clone(), q.zero_point.clone()
+    run.error = curve[1.0]
+    monkeypatch.setattr(run, "_error", fake_error)
+    assert run.choose(entry, (narrower, wider)) == narrower[1][0]
+    assert evaluated == [narrower[0][0], narrower[1][0], narrower[2][0]]  # stopped at the rise
+    assert run.error == 3.0 and torch.equal(q.scale, narrower[1][1][0])
 
 
 # -- the step -----------------------------------------------------------------------------------

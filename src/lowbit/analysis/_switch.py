@@ -64,7 +64,7 @@ class BatchSwitches:
         nodes = self._owner.nodes.get(name) if self._replayer is not None else None
         if nodes is None:
             return _output(run_model(self._owner.qmodel, self._batch))
-        return _output(self._replayer.rerun(reference(), nodes))
+        return _output(self._replayer.final(self._replayer.rerun(reference(), nodes)))
 
 
 class LayerSwitches:

@@ -317,14 +317,14 @@ class RangeSearch(Step):
     activation range, in graph order, set to the candidate (the calibrated range scaled by
     2**(k/2), ``|k| <= reach``, or the whole observed range) whose model output on the first
     ``batches`` calibration items is closest to the float model's, by ``objective`` ("mse" or
-    "kl", for logits).  Run it before BiasCorrection, which then corrects the chosen ranges' error.
+    "kl", for logits); those batches' intermediate values are held in memory.  Run it before BiasCorrection, which then corrects the chosen ranges' error.
     Report: ``{"objective", "error_before", "error_after", "changed": {quantizer: factor}}``."""
 
     name = "range_search"
     phase = CALIBRATED
     needs_data = True
     ranges_only = True
-    batches: int = 4
+    batches: int = 2
     reach: int = 2
     objective: str = "mse"
 
