@@ -25,6 +25,7 @@ from lowbit.ptq import (
     AdaRound,
     BiasCorrection,
     FoldBatchNorm,
+    RangeSearch,
     SmoothQuant,
     Step,
     parse_step,
@@ -86,9 +87,9 @@ def _onnx_sha(qmodel: nn.Module, x: torch.Tensor, path) -> str:
 # -- registry, JSON and short forms ------------------------------------------------------------
 def test_registry_holds_lowbits_steps_with_their_phases():
     assert dict(STEPS) == {"fold_bn": FoldBatchNorm, "cle": CLE, "smoothquant": SmoothQuant,
-                           "bias_correction": BiasCorrection, "adaround": AdaRound, "rtn": RTN, "gptq": GPTQ,
-                           "awq": AWQ}
-    assert [cls.phase for cls in STEPS.values()] == ["float"] * 3 + ["calibrated"] * 4 + ["float"]
+                           "bias_correction": BiasCorrection, "range_search": RangeSearch, "adaround": AdaRound,
+                           "rtn": RTN, "gptq": GPTQ, "awq": AWQ}
+    assert [cls.phase for cls in STEPS.values()] == ["float"] * 3 + ["calibrated"] * 5 + ["float"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         SmoothQuant().alpha = 0.5
 

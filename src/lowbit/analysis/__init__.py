@@ -5,7 +5,8 @@
   switching layers' quantizers on and off.
 * ``autoquant``: the ladder PTQ -> ranges -> algorithms -> selective -> mixed -> QAT;
 * ``metrics``: ``agreement``, an eval_fn from fidelity to FP32 when there are no labels;
-* ``sensitivity``: per-layer cost of a choice, by output SQNR, ablation or Hessian trace.
+* ``sensitivity``: per-layer cost of a choice, by output SQNR, ablation or Hessian trace, or for
+  causal LMs by the output error from one streamed pass of the blocks (``_llm_sensitivity``).
 * ``mixed``: ``mixed_precision``, a choice per layer under a budget (an integer program), its front.
 """
 

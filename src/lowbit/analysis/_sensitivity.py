@@ -19,6 +19,10 @@ hessian    Hutchinson trace of the loss Hessian on the float weights,      1/2 T
            times the weight's quantization error (HAWQ-V2, ``_hessian``)   (HAWQ-V2's Omega / 2)
 =========  ==============================================================  =====================
 
+A fourth, ``reconstruction``, is for causal LMs only (``_llm_sensitivity``): no quantized model,
+one streamed pass of the decoder blocks gives each linear's output error under the choice (round to
+nearest), weighted by a diagonal Fisher of its output (predicted rise of the mean NLL, nats).
+
 Without ``eval_fn`` / ``loss_fn`` the three costs estimate the same thing for a non-logit output
 (the output's noise-to-signal ratio with this layer quantized); for logits, ablation's and
 hessian's cost are both a KL in nats (measured vs second-order estimate).
@@ -43,7 +47,7 @@ from .result import LayerSensitivity, SensitivityReport
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sqnr", "ablation", "hessian")
+METHODS = ("sqnr", "ablation", "hessian", "reconstruction")
 
 
 def sensitivity(model: nn.Module, calib_data=None, config: Choice = "w8a8", method: str = "sqnr", *,
@@ -59,7 +63,8 @@ def sensitivity(model: nn.Module, calib_data=None, config: Choice = "w8a8", meth
             single tensor is one batch); also the evaluation data unless ``eval_data`` is given.
         config: the choice analysed on every decision layer: a preset name or a QuantConfig
             (position rules such as "@first" dropped: ``analysis.choice_config``).
-        method: ``"sqnr"``, ``"ablation"`` or ``"hessian"`` (see the module docstring).
+        method: ``"sqnr"``, ``"ablation"``, ``"hessian"`` or (causal LMs) ``"reconstruction"``
+            (see the module docstring).
         eval_fn: ablation only: ``eval_fn(model) -> float``, higher is better, called with the
             model in eval mode under ``torch.no_grad()``, on its own data.  Without it ablation
             measures the output's divergence from FP32 on the evaluation batches.
@@ -95,6 +100,11 @@ def sensitivity(model: nn.Module, calib_data=None, config: Choice = "w8a8", meth
     """
     start = time.perf_counter()
     _check_args(method, config, eval_fn, loss_fn, batches, probes)
+    if method == "reconstruction":  # causal LMs: one streamed pass, no quantized model (batches: calibration items)
+        from ._llm_sensitivity import reconstruction_sensitivities
+
+        return reconstruction_sensitivities(model, calib_data, [config], batches=batches, target=target,
+                                            progress=progress)[choice_name(config)]
     if calib_data is not None and not isinstance(calib_data, Sequence) and iter(calib_data) is calib_data:
         calib_data = list(calib_data)  # a one-shot iterator: read for calibration and evaluation
     evalset = _sqnr.EvalSet(model, _sqnr.first_batches(eval_data if eval_data is not None else calib_data,

@@ -6,7 +6,9 @@ an assignment is predicted as the sum of per-layer costs from a sensitivity anal
 budget is found exactly by an integer program (``_solver``).  The budget is one of:
 
 * ``avg_weight_bits``: the parameter-weighted mean of the decision layers' weight bits,
-  ``sum params_l * bits_l / sum params_l``; a float layer counts 32 bits.
+  ``sum params_l * bits_l / sum params_l``; a float layer counts 32 bits.  Only the decision
+  layers (Linear, Conv ...) count: an LLM's token embedding (int8 under the LLM presets) and the
+  group scales do not, while ``lm_head`` does (NNCF's ``ratio`` counts the block linears only).
 * ``size_mb``: megabytes (1e6 bytes) of the weights: each decision layer's weight at its bits
   (4-bit weights counted packed, 4 bits each, although the ONNX file stores them in int8
   containers; float 32), plus every other parameter of the model (biases, norms, embedding
@@ -250,10 +252,24 @@ def _first_batch(calib_data):
     return tuple(t[:1] for t in item)
 
 
+def _method(model: nn.Module, method: str) -> str:
+    """``"auto"``: ``"reconstruction"`` for a causal LM (one streamed pass of its blocks), else ``"sqnr"``."""
+    if method != "auto":
+        return method
+    from ._llm_sensitivity import is_causal_lm
+
+    return "reconstruction" if is_causal_lm(model) else "sqnr"
+
+
 def _sensitivities(model, calib_data, choices, method, target, given, options) -> dict[str, SensitivityReport]:
     reports = dict(given or {})
     todo = [c for c in choices if c is not None and choice_name(c) not in reports]
-    if todo:
+    if todo and method == "reconstruction":  # every choice from one pass of the blocks
+        from ._llm_sensitivity import reconstruction_sensitivities
+
+        log.info("sensitivity of %s (reconstruction)", ", ".join(choice_name(c) for c in todo))
+        reports.update(reconstruction_sensitivities(model, calib_data, todo, target=target, **options))
+    elif todo:
         from ._sensitivity import sensitivity
 
         for c in todo:
@@ -263,7 +279,7 @@ def _sensitivities(model, calib_data, choices, method, target, given, options) -
 
 
 def mixed_precision(model: nn.Module, calib_data, choices: Sequence[Choice] = ("w4a8", "w8a8", None),
-                    budget: Mapping[str, float] = DEFAULT_BUDGET, *, method: str = "sqnr",
+                    budget: Mapping[str, float] = DEFAULT_BUDGET, *, method: str = "auto",
                     sensitivities: Mapping[str, SensitivityReport] | None = None,
                     latency: LatencyTable | None = None, example_inputs=None, target="auto",
                     base: Choice = None, front_points: int = 12,
@@ -278,7 +294,10 @@ def mixed_precision(model: nn.Module, calib_data, choices: Sequence[Choice] = ("
             choice means its config's answer for each layer with ``@first`` / ``@last`` dropped.
         budget: exactly one of ``{"avg_weight_bits": b}``, ``{"size_mb": mb}``,
             ``{"latency_ratio": r}`` (see the module docstring).
-        method: the sensitivity method for the costs (``"sqnr"``, ``"ablation"``, ``"hessian"``).
+        method: the sensitivity method for the costs (``"sqnr"``, ``"ablation"``, ``"hessian"``,
+            ``"reconstruction"``: causal LMs, every choice from one streamed pass of the decoder
+            blocks, ``_llm_sensitivity``); ``"auto"``: ``"reconstruction"`` for a causal LM, else
+            ``"sqnr"``.
         sensitivities: ``{choice name: SensitivityReport}`` to use instead of analysing (any
             choice left out is analysed with ``lowbit.sensitivity``).
         latency: a ``LatencyTable`` (``_latency.latency_table``) for ``latency_ratio``; measured
@@ -327,7 +346,8 @@ def mixed_precision(model: nn.Module, calib_data, choices: Sequence[Choice] = ("
     if value < smallest - 1e-9 * max(1.0, abs(smallest)):  # before the (slow) sensitivity analyses
         raise _solver.InfeasibleBudget(value, smallest, f"no assignment of {names} fits {kind} <= {value:g}: the "
                                        f"smallest achievable {kind} is {smallest:.4g}")
-    reports = _sensitivities(model, calib_data, choices, method, target, sensitivities, sensitivity_options)
+    reports = _sensitivities(model, calib_data, choices, _method(model, method), target, sensitivities,
+                             sensitivity_options)
     costs = _costs(reports, layers, names)
     best = _solver.solve(costs, matrix, value - offset)
     front = [FrontPoint(error=p.error, resources=resources.values(p.choice),
