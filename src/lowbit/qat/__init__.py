@@ -12,6 +12,10 @@
 Under ``torchrun``: ``lowbit.qat.prepare_ddp(qmodel)`` after prepare_qat, then wrap in DDP with
 ``broadcast_buffers=False``; observers and BatchNorm statistics agree on every rank
 (see ``lowbit.examples.qat_ddp``).
+
+From a PTQ model (round to nearest, GPTQ ...): ``lowbit.qat.from_ptq(qmodel)`` makes its frozen
+ranges learnable where PTQ left them; causal LMs get a staged schedule (scales first, then groups
+of decoder blocks) and distillation helpers in ``lowbit.qat.llm`` (``llm_schedule``).
 """
 
 from ..nn import convert
@@ -29,6 +33,8 @@ from .distributed import (
     sync_observers,
 )
 from .fit import FitResult, fit
+from .from_ptq import from_ptq
+from .llm import causal_lm_loss, decoder_blocks, llm_frozen, llm_schedule, llm_stages, lm_batches
 from .monitor import Monitor
 from .optim import param_groups
 from .prepare import QATSummary, fuse_conv_bn, prepare_qat
@@ -42,13 +48,20 @@ __all__ = [
     "QATSchedule",
     "QATSummary",
     "attach_observer_sync",
+    "causal_lm_loss",
     "convert",
+    "decoder_blocks",
     "detach_sync",
     "distillation_loss",
     "fit",
     "freeze_bn",
     "freeze_observers",
+    "from_ptq",
     "fuse_conv_bn",
+    "llm_frozen",
+    "llm_schedule",
+    "llm_stages",
+    "lm_batches",
     "load_checkpoint",
     "param_groups",
     "prepare_ddp",

@@ -236,6 +236,9 @@ def prepare_qat(
     fused = fuse_conv_bn(qmodel) if fold_bn else []
     qmodel, report = swap_layers(qmodel, config)
     if not report.quantized:
+        if any(True for _ in quantizers_by_role(qmodel)):
+            raise ValueError("prepare_qat: the model is already quantized (lowbit.quantize); continue it with "
+                             "lowbit.qat.from_ptq(qmodel), which keeps its ranges and weights")
         raise ValueError("prepare_qat: the model has no layer to quantize (no Linear/Conv/Embedding the "
                          "config matches); nothing would be trained with quantization")
     _init_weights(qmodel, learn)

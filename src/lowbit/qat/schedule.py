@@ -59,6 +59,10 @@ class QATSchedule:
             during stage k the parameters of groups 0..k train and those of later groups
             are frozen; modules no group matches always train.
         steps_per_stage: steps in each stage (needed with ``stages``).
+        frozen: module-name globs whose parameters never train (embeddings, norms).  For one
+            module, ``frozen`` wins over ``stages``; a submodule matched by a pattern of its own
+            decides for its own parameters (modules are visited parents first), so a quantizer
+            inside a frozen layer still learns its scale when a stage names it.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class QATSchedule:
         freeze_bn_after: int | None = None,
         stages: Sequence[Sequence[str]] = (),
         steps_per_stage: int | None = None,
+        frozen: Sequence[str] = (),
     ) -> None:
         for label, v in (("freeze_observers_after", freeze_observers_after), ("freeze_bn_after", freeze_bn_after),
                          ("steps_per_stage", steps_per_stage)):
@@ -81,11 +86,12 @@ class QATSchedule:
         self.freeze_bn_after = freeze_bn_after
         self.stages = [list(group) for group in stages]
         self.steps_per_stage = steps_per_stage
+        self.frozen = list(frozen)
         names = [name for name, _ in model.named_modules()]
-        for group in self.stages:
+        for label, group in [*(("stage", g) for g in self.stages), ("frozen", self.frozen)]:
             for pattern in group:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                    raise ValueError(f"QATSchedule: stage pattern {pattern!r} matches no module of the model")
+                    raise ValueError(f"QATSchedule: {label} pattern {pattern!r} matches no module of the model")
         self.steps = 0
         self._apply()
 
@@ -107,14 +113,16 @@ class QATSchedule:
         due_bn = self.freeze_bn_after is not None and self.steps >= self.freeze_bn_after
         if due_bn and freeze_bn(self.model):
             log.info("QAT step %d: BatchNorm statistics frozen", self.steps)
-        if self.stages:
+        if self.stages or self.frozen:
             self._set_trainable()
 
     def _set_trainable(self) -> None:
         later = [p for group in self.stages[self.stage + 1:] for p in group]
         active = [p for group in self.stages[: self.stage + 1] for p in group]
         for name, module in self.model.named_modules():
-            if _matches(name, active):
+            if _matches(name, self.frozen):
+                trainable = False
+            elif _matches(name, active):
                 trainable = True
             elif _matches(name, later):
                 trainable = False
