@@ -19,7 +19,7 @@ all threads), with the peak resident memory while it ran.
 Stages (``--stages``, run in the order given, by default this one; rows are appended to ``--rows`` as they finish, and
 ``--render FILE`` prints the table of a finished or interrupted run again)::
 
-    fp32 lowbit-w4 lowbit-w4-decoder ort-default ort-hqq nncf-int4 lowbit-w3 nncf-awq ort-gptq
+    fp32 lowbit-w4 lowbit-w4-decoder ort-default ort-hqq nncf-int4 lowbit-w3 nncf-awq lowbit-mixed ort-gptq
 
     python benchmarks/bench_llm_peers.py [--windows 16] [--calib 16] [--ort-gptq-calib 8] [--threads 2]
 """
@@ -60,9 +60,10 @@ from lowbit.report import perplexity
 
 log = logging.getLogger("bench_llm_peers")
 STAGES = ["fp32", "lowbit-w4", "lowbit-w4-decoder", "ort-default", "ort-hqq", "nncf-int4", "lowbit-w3", "nncf-awq",
-          "ort-gptq"]
+          "lowbit-mixed", "ort-gptq"]
 ALGORITHMS = {"RTN": [], "GPTQ": ["gptq"], "AWQ+GPTQ": ["awq", "gptq"]}
 TARGET = 1.12  # the issue's target: W4 g128 with GPTQ (or AWQ + GPTQ) <= 1.12x FP32 perplexity
+MIXED_TARGET = 1.06  # mixed 4/8 at <= 4.5 average weight bits
 
 
 @dataclass
@@ -113,11 +114,17 @@ def lowbit_row(run: Run, algorithm: str, bits: int, coverage: str) -> Row:
     config = lowbit_config(bits, coverage)
     steps = ALGORITHMS[algorithm]
     calib = [{"input_ids": w[None]} for w in run.calib] if steps else None
-    qmodel, wall, cpu, peak = _quantized(lowbit.quantize, run.model, calib, config, algorithms=steps or None,
-                                         progress=False)
-    row = Row(f"lowbit W{bits} g128 sym, {algorithm}" + ("" if coverage == "all" else ", lm_head float"),
-              f"{COVERAGE[coverage]}; int{bits} g128 symmetric", ppl_torch=run.torch_ppl(qmodel), wall_s=wall,
-              cpu_s=cpu, peak_gib=peak, calib=len(run.calib) if steps else 0)
+    label = f"lowbit W{bits} g128 sym, {algorithm}" + ("" if coverage == "all" else ", lm_head float")
+    return scored(run, label, f"{COVERAGE[coverage]}; int{bits} g128 symmetric", len(calib or ()), lowbit.quantize,
+                  run.model, calib, config, algorithms=steps or None, progress=False)
+
+
+def scored(run: Run, label: str, weights: str, calib: int, build, *args, **kwargs) -> Row:
+    """The model ``build(*args, **kwargs)`` returns (timed, with its peak RSS; it read ``calib``
+    calibration windows), scored in PyTorch and, exported by ``export_llm``, in ONNX Runtime."""
+    qmodel, wall, cpu, peak = _quantized(build, *args, **kwargs)
+    row = Row(label, weights, ppl_torch=run.torch_ppl(qmodel), wall_s=wall, cpu_s=cpu, peak_gib=peak,
+              calib=calib)
     path = run.folder / "lowbit.onnx"
     export_llm(qmodel, path, accuracy_level=run.args.accuracy_level, max_length=run.args.window)
     row.ppl_ort, row.size_mb = run.ort_ppl(path), file_mb(path)
@@ -148,6 +155,23 @@ def stage_lowbit_w4_decoder(run: Run) -> None:
 def stage_lowbit_w3(run: Run) -> None:
     for algorithm in ("RTN", "GPTQ"):
         run.keep(lowbit_row(run, algorithm, 3, "all"))
+
+
+def mixed_gptq(model: torch.nn.Module, calib: list, bits: float) -> torch.nn.Module:
+    """``lowbit.mixed_precision`` over W4 g128 / W8 per channel for every Linear (lm_head included) at
+    ``bits`` average weight bits, then GPTQ on that config: choice and quantization, one timed call."""
+    result = lowbit.mixed_precision(model, calib, ("w4a16-g128", "w8a16"), {"avg_weight_bits": bits})
+    eights = [n for n, c in result.assignment.items() if c == "w8a16"]
+    log.info("mixed at %.2f bits: %d 8-bit linears: %s", result.predicted["avg_weight_bits"], len(eights), eights)
+    return lowbit.quantize(model, calib, result.config, algorithms=["gptq"], progress=False)
+
+
+def stage_lowbit_mixed(run: Run) -> None:
+    calib = [{"input_ids": w[None]} for w in run.calib]
+    bits = run.args.mixed_bits
+    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, GPTQ",
+                    f"{COVERAGE['all']}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
+                    f"{bits:g} bits on average over the Linears", len(calib), mixed_gptq, run.model, calib, bits))
 
 
 def ort_row(run: Run, algorithm: str, label: str, calib: torch.Tensor | None = None) -> Row:
@@ -194,7 +218,8 @@ def stage_nncf_awq(run: Run) -> None:
 RUNNERS = {"fp32": stage_fp32, "lowbit-w4": stage_lowbit_w4, "lowbit-w4-decoder": stage_lowbit_w4_decoder,
            "ort-default": stage_ort("default", "default RTN (block 128, sym)"),
            "ort-hqq": stage_ort("hqq", "HQQ (block 128; HQQ fits zero points)"), "nncf-int4": stage_nncf_int4,
-           "lowbit-w3": stage_lowbit_w3, "nncf-awq": stage_nncf_awq, "ort-gptq": stage_ort_gptq}
+           "lowbit-w3": stage_lowbit_w3, "nncf-awq": stage_nncf_awq, "lowbit-mixed": stage_lowbit_mixed,
+           "ort-gptq": stage_ort_gptq}
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -247,6 +272,23 @@ def _beats(mine: Row, peer: Row, fp32: Row) -> bool:
     return bool(pairs) and all(m < p for m, p in pairs)
 
 
+def _mixed(rows: Sequence[Row], fp32: Row) -> list[str]:
+    """lowbit's mixed 4/8 row against its target (<= 1.06x FP32) and NNCF's ratio-0.8 mix (closer to
+    FP32 at equal or smaller size)."""
+    out = []
+    for mine in (r for r in rows if r.method.startswith("lowbit mixed") and r.ppl_torch):
+        ratio = _ratio(mine, fp32, "torch")
+        line = f"{mine.method}: {ratio:.3f}x FP32 in PyTorch (target <= {MIXED_TARGET}x: " \
+               f"{'met' if ratio <= MIXED_TARGET else 'not met'})"
+        for nncf in (r for r in rows if "ratio 0.8" in r.method and r.ppl_torch):
+            smaller = mine.size_mb is not None and nncf.size_mb is not None and mine.size_mb <= nncf.size_mb
+            line += (f"; vs {nncf.method}: {'closer to' if _beats(mine, nncf, fp32) else 'not closer to'} FP32, "
+                     f"{'at equal or smaller' if smaller else 'at a larger'} size ({_num(mine.size_mb)} vs "
+                     f"{_num(nncf.size_mb)} MB)")
+        out.append(line + ".")
+    return out
+
+
 def verdicts(rows: Sequence[Row]) -> list[str]:
     """The issue's targets, from the rows: W3 GPTQ's share of RTN's gap closed (>= 60%); the best
     lowbit W4 (GPTQ or AWQ+GPTQ) <= 1.12x FP32 and below every pure-int4 peer in the same runtime."""
@@ -268,7 +310,7 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
                    f"{'met' if ratio <= TARGET else 'not met'}); closer to FP32 than {len(peers) - len(lost)} of "
                    f"{len(peers)} int4 ratio-1.0 peers in the same runtime" + (f" (not: {'; '.join(lost)})" if lost else "")
                    + ".")
-    return out
+    return out + _mixed(rows, fp32)
 
 
 def report(rows: Sequence[Row], header: Sequence[str]) -> str:
@@ -301,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ort-gptq-calib", type=int, default=8, help="of those, how many ORT's GPTQ reads")
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per PyTorch forward pass")
+    parser.add_argument("--mixed-bits", type=float, default=4.5, help="lowbit-mixed: average weight bits")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of every file")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--decoder-algorithms", nargs="+", choices=list(ALGORITHMS),

@@ -43,8 +43,8 @@ def _variants() -> dict[str, tuple[str, object, list[str]]]:
         search = f"range_search(objective={objective})"
         out[f"pct+rs-{objective}+bc"] = (f"+ ranges searched for the output's {objective}", pct,
                                          [search, "bias_correction"])
-        out[f"pct+rs-{objective}+bc+dw1+conv0"] = (f"+ ranges searched for the output's {objective}, "
-                                                   "the same two layers float", floats, [search, "bias_correction"])
+        label = f"+ ranges searched for the output's {objective}, the same two layers float"
+        out[f"pct+rs-{objective}+bc+dw1+conv0"] = (label, floats, [search, "bias_correction"])
     for p in (99.9, 99.95, 99.999):
         cfg = lowbit.CONFIGS["w8a8"].with_observer("percentile", percentile=p)
         out[f"pct{p}+bc+dw1+conv0"] = (f"percentile {p}, the same two layers float",

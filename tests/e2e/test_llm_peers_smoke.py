@@ -143,3 +143,26 @@ def test_ort_hqq_fits_zero_points_and_scores(tiny, tmp_path):
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4
                for n in quantized.graph.node if n.op_type == "MatMulNBits")
     assert np.isfinite(peers.ort_perplexity(tmp_path / "hqq.onnx", windows, threads=1))
+
+
+def test_lowbit_mixed_stage_gives_some_linears_8_bits_and_scores(tiny, tmp_path):
+    model, windows, calib, _ = tiny
+    ids = [{"input_ids": w[None]} for w in calib]
+    qmodel = bench.mixed_gptq(model, ids, 5.0)
+    bits = {n: m.weight_quantizer.spec.bits for n, m in qmodel.named_modules() if hasattr(m, "weight_quantizer")
+            and n != "model.embed_tokens"}
+    assert set(bits.values()) == {4, 8}
+    params = {n: qmodel.get_submodule(n).weight.numel() for n in bits}
+    assert sum(params[n] * bits[n] for n in bits) / sum(params.values()) <= 5.0 + 1e-9
+    export_llm(qmodel, tmp_path / "mixed.onnx", accuracy_level=0, max_length=WINDOW)
+    assert peers.ort_perplexity(tmp_path / "mixed.onnx", windows, threads=1) == pytest.approx(
+        _torch_ppl(qmodel, windows), rel=1e-4)
+
+
+def test_mixed_verdict_compares_with_nncfs_ratio_08_mix():
+    rows = [peers.Row("FP32", "", ppl_torch=10.0, ppl_ort=10.0),
+            peers.Row("lowbit mixed W4 g128 / W8, 4.5 avg bits, GPTQ", "", ppl_torch=10.5, ppl_ort=10.6, size_mb=90.0),
+            peers.Row("NNCF compress_weights, int4_sym g128, ratio 0.8 (Hessian)", "", ppl_torch=11.0, size_mb=180.0)]
+    line = bench.verdicts(rows)[-1]
+    assert line.startswith("lowbit mixed W4 g128 / W8, 4.5 avg bits, GPTQ: 1.050x FP32 in PyTorch (target <= 1.06x: met)")
+    assert "closer to FP32, at equal or smaller size (90.0 vs 180.0 MB)" in line
