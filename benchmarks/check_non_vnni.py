@@ -162,6 +162,79 @@ def check_mobilenet(targets: list[str], n_photos: int, n_calib: int) -> list[str
     return rows
 
 
+def tie_inputs(x, block: int, seed: int = 0):
+    """``x`` with half of each ``block`` of its last axis (never the block's largest value) moved onto
+    ``(j + 1/2) * amax / 127``: rounding ties of MatMulNBits' int8 activation grid (accuracy_level 4),
+    where any other arithmetic than ORT's gives other codes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    k = x.shape[-1]
+    blocks = torch.nn.functional.pad(x, (0, -k % block)).reshape(*x.shape[:-1], -1, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    ties = (torch.randint(-120, 120, blocks.shape, generator=g).float() + 0.5) * (amax / 127.0)
+    move = (torch.rand(blocks.shape, generator=g) < 0.5) & (blocks.abs() < amax)
+    return torch.where(move, ties, blocks).reshape(*x.shape[:-1], -1)[..., :k].contiguous()
+
+
+def _nbits_cases():
+    from lowbit.numerics import QuantSpec
+
+    def group(bits, size, symmetric=True):
+        return QuantSpec(bits=bits, symmetric=symmetric, granularity="group", axis=1, group_size=size)
+
+    yield "int4 g32, K 96", group(4, 32), 96
+    yield "int4 g128, K 160 (ragged last block)", group(4, 128), 160
+    yield "int4 g16 affine, K 80", group(4, 16, symmetric=False), 80
+    yield "int8 per channel, K 576 (blocks of 64)", QuantSpec(bits=8, granularity="channel", axis=0), 576
+
+
+def check_matmulnbits() -> list[str]:
+    """One MatMulNBits node per case at accuracy_level 4, on inputs full of rounding ties, in ORT
+    without VNNI, against ``lowbit.runtime.matmulnbits.int8_blocks`` (the simulation of the file)."""
+    import onnx
+    import torch
+    from torch import nn
+
+    import lowbit
+    from lowbit.config import LayerQuant, QuantConfig
+    from lowbit.export.llm._linear import prepare, write_linear
+    from lowbit.export.llm._writer import GraphWriter
+    from lowbit.nn.modules import TensorQuant
+    from lowbit.runtime.matmulnbits import int8_blocks
+
+    torch.manual_seed(0)
+    feeds, expect = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, spec, k) in enumerate(_nbits_cases()):
+            config = QuantConfig(name="t", default=LayerQuant(weight=TensorQuant(spec=spec)))
+            layer = lowbit.quantize(nn.Sequential(nn.Linear(k, 48)), None, config, progress=False)[0]
+            nb = prepare(layer, "fc")
+            for shape in ((2, 5), (1, 1)):
+                key = f"nbits{i}_{shape[0]}x{shape[1]}"
+                w = GraphWriter()
+                x_name = w.input("x", onnx.TensorProto.FLOAT, list(shape) + [k])
+                write_linear(w, [("fc", layer, nb)], x_name, "fc", accuracy_level=4, output="y")
+                w.output("y", onnx.TensorProto.FLOAT, list(shape) + [48])
+                onnx.save(w.model(opset=21, graph_name="t", producer="check", metadata={}),
+                          os.path.join(tmp, key + ".onnx"))
+                x = tie_inputs(torch.randn(*shape, k), nb.block_size, seed=i)
+                feeds[key] = x.numpy()
+                with torch.no_grad():
+                    expect[key] = (f"{name}, input {shape[0]}x{shape[1]}", layer(int8_blocks(x, nb.block_size)),
+                                   layer(x))
+        got = _ort_without_vnni(tmp, feeds)
+    rows = [(f"MatMulNBits at accuracy_level 4 under qemu -cpu {QEMU_CPU}, inputs on rounding ties "
+             "(max |difference| / max |ORT output|)"), "",
+            "| case | simulation of the file (int8 blocks) vs ORT | plain simulation vs ORT |", "|---|---:|---:|"]
+    for key, (name, emulated, plain) in expect.items():
+        y = torch.from_numpy(got[key])
+        scale = float(y.abs().max())
+        rows.append(f"| {name} | {float((emulated - y).abs().max()) / scale:.1e} | "
+                    f"{float((plain - y).abs().max()) / scale:.1e} |")
+    return rows
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--run-ort":
         _run_ort(sys.argv[2])
@@ -172,11 +245,14 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=64, help="calibration photos")
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-mobilenet", action="store_true")
+    parser.add_argument("--skip-matmulnbits", action="store_true")
     args = parser.parse_args()
     if shutil.which("qemu-x86_64") is None:
         raise SystemExit("error: qemu-x86_64 not found; apt-get install qemu-user")
     if not args.skip_layers:
         print("\n".join(check_layers(args.targets)), end="\n\n")
+    if not args.skip_matmulnbits:
+        print("\n".join(check_matmulnbits()), end="\n\n")
     if not args.skip_mobilenet:
         print("\n".join(check_mobilenet(args.targets, args.photos, args.calib)))
 

@@ -25,6 +25,7 @@ from tests.cli.test_entry_point import run
 import lowbit
 from lowbit import cli
 from lowbit.export.llm import count_ops, generate, load_session
+from lowbit.runtime import matmulnbits_inputs
 from lowbit.zoo import calibration_batches, english_sentences, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,10 +118,11 @@ def test_quantize_reports_what_a_reference_measures(work, quantized):
     ppl = {name: {where: v["perplexity"] for where, v in by_where.items()}
            for name, by_where in llm["perplexity"].items()}
     assert ppl["fp32"]["pytorch"] == pytest.approx(_naive_perplexity(model, tokenizer, text), rel=1e-6)
-    assert ppl["quantized"]["pytorch"] == pytest.approx(_naive_perplexity(qmodel, tokenizer, text), rel=1e-6)
+    with matmulnbits_inputs(qmodel, 4):  # the simulation of the file: MatMulNBits' int8 inputs at level 4
+        assert ppl["quantized"]["pytorch"] == pytest.approx(_naive_perplexity(qmodel, tokenizer, text), rel=1e-6)
     assert ppl["fp32"]["onnxruntime"] == pytest.approx(ppl["fp32"]["pytorch"], rel=1e-5)
-    # accuracy_level 4 rounds MatMulNBits inputs to int8: the issue's bound, within 1% of the simulation
-    assert ppl["quantized"]["onnxruntime"] == pytest.approx(ppl["quantized"]["pytorch"], rel=1e-2)
+    # the issue's bound is 1%; what is left is float32 summation order and an odd code on a rounding tie
+    assert ppl["quantized"]["onnxruntime"] == pytest.approx(ppl["quantized"]["pytorch"], rel=1e-3)
     assert [r["metrics"]["perplexity"] for r in report["rows"]] == [
         ppl["fp32"]["pytorch"], ppl["quantized"]["pytorch"], ppl["fp32"]["onnxruntime"],
         ppl["quantized"]["onnxruntime"]]
@@ -253,5 +255,6 @@ def test_data_factory_calibrates_instead_of_the_text_and_is_recorded(work, tmp_p
     assert json.loads((out / "recipe.json").read_text())["data"] == DATA
     model, _ = _loaded(work)
     qmodel = lowbit.quantize(model, random_tokens(), "w4a16-g128", algorithms="gptq", progress=False)
-    assert report["perplexity"]["quantized"]["pytorch"]["perplexity"] == pytest.approx(
-        lowbit.report.perplexity(qmodel, _eval_windows(work, 16, 1)).perplexity, rel=1e-6)
+    with matmulnbits_inputs(qmodel, 4):
+        expected = lowbit.report.perplexity(qmodel, _eval_windows(work, 16, 1)).perplexity
+    assert report["perplexity"]["quantized"]["pytorch"]["perplexity"] == pytest.approx(expected, rel=1e-6)

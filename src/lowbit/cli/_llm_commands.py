@@ -82,6 +82,7 @@ def _calibration(recipe: dict, steps, batches_seen: int | None) -> dict | None:
 
 def _measure(args, model, qmodel, tokenizer, paths: dict[str, Path], ev, ev_source: str) -> dict:
     """Perplexity (PyTorch, ONNX Runtime), sizes, latency, greedy agreement of both models."""
+    from ..runtime.matmulnbits import matmulnbits_inputs
     from ..targets import cpu_info
     from ._llm_measure import OrtCausalLM, greedy, latency, perplexity_of, session_of
     from ._llm_report import file_bytes
@@ -89,9 +90,11 @@ def _measure(args, model, qmodel, tokenizer, paths: dict[str, Path], ev, ev_sour
     progress = not args.quiet
     torch_models = {"fp32": model, "quantized": qmodel}
     sessions = {name: session_of(path, max(args.threads)) for name, path in paths.items()}
-    ppl = {name: {"pytorch": perplexity_of(m, ev, progress),
-                  "onnxruntime": perplexity_of(OrtCausalLM(sessions[name]), ev, progress)}
-           for name, m in torch_models.items()}
+    with matmulnbits_inputs(qmodel, args.accuracy_level):  # the simulation of the file: int8 inputs at level 4
+        ppl = {name: {"pytorch": perplexity_of(m, ev, progress),
+                      "onnxruntime": perplexity_of(OrtCausalLM(sessions[name]), ev, progress)}
+               for name, m in torch_models.items()}
+        greedy_ids = {name: greedy(m, sessions[name], tokenizer, args.new_tokens) for name, m in torch_models.items()}
     timed = []
     for threads in args.threads:
         by_threads = (sessions if threads == max(args.threads)
@@ -99,8 +102,7 @@ def _measure(args, model, qmodel, tokenizer, paths: dict[str, Path], ev, ev_sour
         timed.append({"threads": threads, **latency(by_threads, ev[:1], args.latency_runs)})
     return {"perplexity": ppl, "size_bytes": {name: file_bytes(p) for name, p in paths.items()},
             "latency_ms": timed, "latency_rounds": args.latency_runs, "cpu": cpu_info().describe(),
-            "greedy": {name: greedy(m, sessions[name], tokenizer, args.new_tokens)
-                       for name, m in torch_models.items()},
+            "greedy": greedy_ids,
             "new_tokens": args.new_tokens,
             "evaluation": {"source": ev_source, "windows": ev.shape[0], "seq_len": ev.shape[1],
                            "tokens": ev.shape[0] * (ev.shape[1] - 1)}}
@@ -176,9 +178,10 @@ def _recipe_model(args) -> tuple[dict, str]:
     return recipe, ref
 
 
-def _perplexity_model(args) -> tuple[Callable[[], object], str, str]:
-    """(a function that builds the model, the tokenizer's folder, where the model runs) for
-    ``lowbit perplexity``: every argument is checked before anything slow is built."""
+def _perplexity_model(args) -> tuple[Callable[[], object], str, str, int]:
+    """(a function that builds the model, the tokenizer's folder, where the model runs, the MatMulNBits
+    accuracy_level its simulation follows) for ``lowbit perplexity``: every argument is checked before
+    anything slow is built."""
     if args.model is not None:
         refuse_gguf(args.model)
     if args.model is not None and args.model.endswith(".onnx"):
@@ -189,29 +192,34 @@ def _perplexity_model(args) -> tuple[Callable[[], object], str, str]:
             raise UserError(f"{args.model}: an .onnx model needs --tokenizer FOLDER (the model folder it was "
                             "exported from)")
         where = f"onnxruntime ({args.threads} threads)"
-        return partial(_onnx_model, args.model, args.threads, args.seq_len), args.tokenizer, where
+        return partial(_onnx_model, args.model, args.threads, args.seq_len), args.tokenizer, where, 0
     if args.recipe:
         recipe, ref = _recipe_model(args)
         rebuild = partial(quantize_llm_from_recipe, recipe, args.recipe, model_ref=ref,
                           progress=not args.quiet)
-        return (lambda: rebuild().qmodel), args.tokenizer or ref, "pytorch (quantized by the recipe)"
+        level = recipe["llm"]["accuracy_level"]
+        where = f"pytorch (quantized by the recipe; as its file computes, at accuracy_level {level})"
+        return (lambda: rebuild().qmodel), args.tokenizer or ref, where, level
     if args.model is None:
         raise UserError("lowbit perplexity needs a model: a causal LM folder, an .onnx file with "
                         "--tokenizer, or --recipe")
     check_causal_folder(args.model, "perplexity")
     load = partial(load_causal_lm, args.model, progress=not args.quiet)
-    return load, args.tokenizer or args.model, "pytorch"
+    return load, args.tokenizer or args.model, "pytorch", 0
 
 
 def cmd_perplexity(args) -> int:
     """Perplexity of a causal LM (folder, recipe or export_llm file) over windows of evaluation text."""
+    from ..runtime.matmulnbits import matmulnbits_inputs
     from ._llm_measure import perplexity_of
 
-    build_model, tokenizer_folder, where = _perplexity_model(args)
+    build_model, tokenizer_folder, where, level = _perplexity_model(args)
     tokenizer = load_tokenizer(tokenizer_folder, "--tokenizer" if args.tokenizer else "model folder")
     text, source = read_text(args.eval_text, "eval", "--eval-text")
     ev = windows(tokenizer, text, args.windows, args.seq_len, source, "--eval-text")
-    result = perplexity_of(build_model(), ev, progress=not args.quiet)
+    model = build_model()
+    with matmulnbits_inputs(model, level):  # a recipe's model computes what its exported file computes
+        result = perplexity_of(model, ev, progress=not args.quiet)
     name = args.model or f"{args.recipe} (model {tokenizer_folder})"
     print(f"perplexity {result['perplexity']:.4f} of {name} in {where}: {result['tokens']} predicted tokens "
           f"({result['windows']} windows of {args.seq_len} tokens of {source}), {result['seconds']:.1f} s")

@@ -97,7 +97,8 @@ def to_markdown(report: dict) -> str:
         f"Quantized in {llm['quantize_seconds']:.1f} s; {calibrated}.", "",
         (f"Perplexity over {ev['windows']} windows of {ev['seq_len']} tokens ({ev['tokens']} predicted "
          f"tokens) of {ev['source']}; ONNX files written by export_llm (accuracy_level "
-         f"{llm['accuracy_level']}):"), "",
+         f"{llm['accuracy_level']}); the PyTorch simulation computes what the file computes, MatMulNBits' "
+         "int8 activations at accuracy_level 4 included (lowbit.runtime.matmulnbits_inputs):"), "",
         *_perplexity_table(llm), "",
         (f"ONNX Runtime latency (CPU provider, {llm['cpu']}), median of {llm['latency_rounds']} rounds; "
          "a decode step feeds one token after the prefilled cache:"), "",

@@ -16,6 +16,7 @@ import torch
 import lowbit
 from lowbit.export import export_llm
 from lowbit.export.llm import generate, load_session, run_step
+from lowbit.runtime import matmulnbits_inputs
 from lowbit.zoo import ByteTokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,18 +46,26 @@ def _margin_and_error(model, session, tokens: np.ndarray, start: int) -> tuple[f
     return float((top[:, 0] - top[:, 1]).min()), float(np.abs(logits[0, start - 1:-1] - ref.numpy()).max())
 
 
-@pytest.mark.parametrize("config, accuracy_level", [("w4a16-g32", 0), ("w4a16-g128", 4), ("w8a16", 4)])
+@pytest.mark.parametrize("config, accuracy_level", [("w4a16-g32", 0), ("w4a16-g32", 4), ("w4a16-g128", 4),
+                                                    ("w8a16", 4)])
 def test_greedy_tokens_equal_the_simulation(tokenizer, tmp_path, config, accuracy_level):
+    """At accuracy_level 4 the simulation rounds MatMulNBits' inputs as ORT does
+    (``matmulnbits_inputs``), so the logit error is float32 summation order on most sequences (on
+    the others one activation sat on a rounding tie and one code differs)."""
     model = lowbit.quantize(tiny_llama(seed=1), None, config, progress=False)
     export_llm(model, tmp_path / "m.onnx", accuracy_level=accuracy_level, max_length=128)
     session = load_session(tmp_path / "m.onnx", threads=1)
+    errors = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        expected = _hf_greedy(model, ids)
-        got = generate(session, ids, NEW_TOKENS)
-        np.testing.assert_array_equal(got, expected, err_msg=prompt)
-        margin, error = _margin_and_error(model, session, expected, ids.shape[1])
+        with matmulnbits_inputs(model, accuracy_level):
+            expected = _hf_greedy(model, ids)
+            got = generate(session, ids, NEW_TOKENS)
+            np.testing.assert_array_equal(got, expected, err_msg=prompt)
+            margin, error = _margin_and_error(model, session, expected, ids.shape[1])
         assert margin > 20 * error, f"{prompt!r}: margin {margin:.2e} vs error {error:.2e}: a near tie"
+        errors.append(error)
+    assert sorted(errors)[len(errors) // 2] < 1e-5, errors
 
 
 def test_generate_takes_text_batches_and_stops_at_eos(tokenizer, tmp_path):

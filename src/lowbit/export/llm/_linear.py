@@ -95,6 +95,16 @@ def _blocked_params(w: IntegerTensor, k: int, layer: str,
     return scale, zero_point, block
 
 
+def block_of(module: QuantLinear, layer: str, block: int | None = None) -> int:
+    """The MatMulNBits block size ``nbits_weight`` gives ``module``'s weight for a requested
+    ``block`` (None: the group size, or ``_default_block(K)``), checked as it checks it."""
+    spec = module.weight_quantizer.spec
+    group = spec.group_size if spec.granularity == "group" else None
+    chosen = block or group or _default_block(module.in_features)
+    _check_block(chosen, group, layer)
+    return chosen
+
+
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """uint8 codes ``(..., m)`` as bytes: 8-bit as they are, 4-bit two a byte, the first in the low nibble."""
     if bits == 8:

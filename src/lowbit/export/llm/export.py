@@ -109,12 +109,13 @@ def export_llm(model: nn.Module, path: str | os.PathLike, *, accuracy_level: int
             returned by ``lowbit.quantize(model, None, "w4a16-g128")``.
         path: the ``.onnx`` file to write (with ``<path>.data`` beside it above 2 GiB).
         accuracy_level: MatMulNBits' ``accuracy_level``: 4 (default) lets ONNX Runtime round the
-            activations to int8 per block and run integer kernels: fastest, but an error on top of
-            the simulation's (SmolLM2 W4 g128 RTN, benchmarks/bench_llm_export.py on an Intel Xeon
-            with ORT 1.32: the top token differs from the simulation's at 9% of the positions of a
-            512-token window, perplexity 2.3% higher); 0 keeps them float: the simulation's logits
-            up to float rounding, slower to decode (8-bit weights at 0 are dequantized whole at
-            every call: avoid that pair).
+            activations to int8 per block and run integer kernels: fastest, and an error on top of
+            the plain simulation's (SmolLM2 W4 g128 RTN, benchmarks/bench_llm_export.py on an Intel
+            Xeon with ORT 1.32: perplexity 2.3% higher); simulate it with
+            ``with lowbit.runtime.matmulnbits_inputs(model, 4): ...``, which rounds each layer's input
+            exactly as ORT does.  0 keeps them float: the plain simulation's logits up to float
+            rounding, slower to decode (8-bit weights at 0 are dequantized whole at every call:
+            avoid that pair).
         max_length: the longest sequence (past + new tokens) the file runs: rows of the rotary
             tables; default ``config.max_position_embeddings``.
         fuse: write q/k/v as one MatMul(NBits) feeding GroupQueryAttention packed, and gate/up as
