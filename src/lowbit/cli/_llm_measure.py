@@ -59,11 +59,15 @@ def latency(sessions: dict, ids, rounds: int) -> dict[str, dict[str, float]]:
 
     The sessions take turns within each round (a load change on a shared machine hits them alike);
     a warm-up prefill per session first.  Each round: one prefill, then ``DECODE_STEPS`` one-token
-    steps, each fed the same T-token cache."""
-    from ..export.llm import run_step
+    steps, each after the same T-token cache.  Decode steps run as ``generate`` runs them: past and
+    present in one ``SharedCache`` buffer that GroupQueryAttention extends in place (handing the
+    cache in and out with ``run_step`` would add a copy of every layer's cache to each step)."""
+    from ..export.llm import SharedCache, run_step
 
     ids = ids.cpu().numpy()
-    pasts = {name: run_step(s, ids)[1] for name, s in sessions.items()}  # warm-up, and the cache
+    caches = {name: SharedCache(s, 1, ids.shape[1] + 1) for name, s in sessions.items()}
+    for cache in caches.values():  # warm-up, and the cache every decode step starts from
+        cache.step(ids)
     token = ids[:, -1:]
     times = {name: {"prefill": [], "decode": []} for name in sessions}
     for _ in range(rounds):
@@ -72,8 +76,9 @@ def latency(sessions: dict, ids, rounds: int) -> dict[str, dict[str, float]]:
             run_step(s, ids)
             times[name]["prefill"].append(time.perf_counter() - start)
             for _ in range(DECODE_STEPS):
+                caches[name].truncate(ids.shape[1])
                 start = time.perf_counter()
-                run_step(s, token, pasts[name])
+                caches[name].step(token)
                 times[name]["decode"].append(time.perf_counter() - start)
     return {name: {phase: 1e3 * statistics.median(v) for phase, v in t.items()} for name, t in times.items()}
 
