@@ -5,6 +5,7 @@
     qmodel = lowbit.quantize(model, calib_batches, "w8a8", algorithms="cle,bias_correction")  # lowbit.ptq.steps
     qmodel = lowbit.prepare_qat(model, "w4a8", calib_batches)            # QAT: train it in your own loop
     lowbit.export_onnx(qmodel, "model.int8.onnx", example_inputs)        # Q/DQ ONNX for ONNX Runtime
+    lowbit.export(qmodel, "model.onnx", example_inputs)                  # for the model's target runtime
     print(lowbit.inspect_onnx("model.int8.onnx"))                        # which kernels run in integers
     print(lowbit.compare(model, qmodel, inputs=batch, onnx="model.int8.onnx"))   # accuracy / size / latency
     lowbit.save(qmodel, "runs/w8a8"); qmodel = lowbit.load(model, "runs/w8a8")   # rebuild on a fresh model
@@ -13,7 +14,7 @@
     result = lowbit.autoquant(model, calib_batches, eval_fn, max_drop=0.01)     # the ladder, with its reason
 """
 
-from . import analysis, numerics, observers, ptq, qat
+from . import analysis, export, numerics, observers, ptq, qat
 from .analysis import autoquant, mixed_precision, sensitivity
 from .config import CONFIGS, LayerQuant, QuantConfig, Rule
 from .export import export_onnx, inspect_onnx
@@ -36,6 +37,7 @@ __all__ = [
     "analysis",
     "autoquant",
     "compare",
+    "export",
     "export_onnx",
     "inspect_onnx",
     "load",

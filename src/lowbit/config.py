@@ -179,12 +179,48 @@ class QuantConfig:
         return dataclasses.replace(self, rules=rules, default=change(self.default))
 
     def for_target(self, target) -> QuantConfig:
-        """A copy whose weight grids fit ``target`` (a ``lowbit.targets.Target``): signed weights of
-        layers that run as u8 x s8 integer matmuls get at most ``target.max_weight_bits`` bits
-        (``max_weight_bits``, applied by ``resolve``).  Unchanged for targets that take 8 bits."""
-        if target.max_weight_bits >= 8 or self.max_weight_bits == target.max_weight_bits:
-            return self
-        return dataclasses.replace(self, max_weight_bits=target.max_weight_bits)
+        """A copy that quantizes as ``target`` (a ``lowbit.targets.Target``) computes:
+
+        * weights: signed weights of layers that run as u8 x s8 integer matmuls get at most
+          ``target.max_weight_bits`` bits (``max_weight_bits``, applied by ``resolve``);
+        * activations: every input / output quantizer, static or dynamic, of every rule and of
+          the default is put on ``target.activation_grid`` (``activations_on_grid``), e.g.
+          signed symmetric for ``"tensorrt"``; its width, granularity and observer are kept.
+
+        ``self`` itself when nothing changes (8-bit ONNX Runtime targets keep the config's grid).
+
+        Example:
+            >>> W8A8.for_target(lowbit.targets.TENSORRT).default.input.spec.describe()
+            'int8 sym per-tensor'
+        """
+        config = self
+        if target.max_weight_bits < 8 and self.max_weight_bits != target.max_weight_bits:
+            config = dataclasses.replace(config, max_weight_bits=target.max_weight_bits)
+        grid = getattr(target, "activation_grid", None)
+        return config if grid is None else config.activations_on_grid(grid)
+
+    def activations_on_grid(self, grid: str) -> QuantConfig:
+        """A copy whose activation quantizers (``input`` and ``output`` of the default and of every
+        rule) use ``grid``: ``"u8-affine"`` and ``"s8-affine"`` -> unsigned affine codes (the
+        s8 affine grid is the same numbers shifted by 128, which its exporter writes),
+        ``"s8-symmetric"`` -> signed, zero point 0, full range (-128..127 at 8 bits).  Bits,
+        granularity, observer and dynamic-ness are kept; ``self`` when nothing changes."""
+        if grid not in _GRID_FIELDS:
+            raise ValueError(f"unknown activation grid {grid!r}; grids: {', '.join(_GRID_FIELDS)}")
+
+        def move(tq: TensorQuant | None) -> TensorQuant | None:
+            if tq is None:
+                return None
+            return dataclasses.replace(tq, spec=dataclasses.replace(tq.spec, **_GRID_FIELDS[grid]))
+
+        def change(layer: LayerQuant | None) -> LayerQuant | None:
+            if layer is None:
+                return None
+            return dataclasses.replace(layer, input=move(layer.input), output=move(layer.output))
+
+        rules = tuple(dataclasses.replace(r, layer=change(r.layer)) for r in self.rules)
+        moved = dataclasses.replace(self, rules=rules, default=change(self.default))
+        return self if moved == self else moved
 
     # -- recipe files -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -204,6 +240,13 @@ class QuantConfig:
 
 
 POSITIONS = ("@first", "@last")
+
+# QuantSpec fields that put an activation on each runtime grid (lowbit.targets.ACTIVATION_GRIDS).
+_GRID_FIELDS = {
+    "u8-affine": {"signed": False, "symmetric": False, "narrow_range": False},
+    "s8-affine": {"signed": False, "symmetric": False, "narrow_range": False},  # uint8 codes, shifted on export
+    "s8-symmetric": {"signed": True, "symmetric": True, "narrow_range": False},
+}
 
 
 def _is_depthwise(module: nn.Module) -> bool:

@@ -20,12 +20,27 @@ quantization and export shape the model so that arithmetic is exact there:
     arm64           int8 weights: ARM64 kernels (sdot/udot, or widening multiplies) are
                     exact in int32
 
-``resolve_target("auto")`` reads the CPU of the machine that quantizes.  The target is
-recorded in the model (``lowbit_summary.target``), in recipes, and in the exported file
-(ONNX metadata ``lowbit.target``), and ``lowbit.runtime`` warns when a file made for
-VNNI runs on a CPU without it.
+``resolve_target("auto")`` (or ``"ort"``) reads the CPU of the machine that quantizes.
+
+Other runtimes are targets too: each has its own rules for what runs in integers, and the
+simulation quantizes activations on the grid its integer kernels take (``activation_grid``;
+weights are int8 symmetric per output channel everywhere), so the simulated numbers are the
+deployed numbers.  ``lowbit.export`` writes the runtime's artifact:
+
+    openvino    OpenVINO (CPU plugin, oneDNN)           u8-affine activations
+    tflite      TFLite / LiteRT                          s8-affine: int8 with a zero point; the u8
+                                                         affine grid shifted by 128, so the
+                                                         simulation keeps uint8 codes (the same
+                                                         numbers) and the exporter shifts them
+    qnn         Qualcomm QNN / SNPE (AIMET encodings)    u8-affine activations
+    tensorrt    TensorRT explicit quantization           s8-symmetric: int8, zero point 0
+
+The target is recorded in the model (``lowbit_summary.target``), in recipes, and in the
+exported file (ONNX metadata ``lowbit.target``), and ``lowbit.runtime`` warns when a file
+with 8-bit int8 weights runs in ONNX Runtime on a CPU without VNNI.
 
     qmodel = lowbit.quantize(model, calib, "w8a8", target="x86-avx2")    # safe on any x86
+    qmodel = lowbit.quantize(model, calib, "w8a8", target="tensorrt")    # int8 symmetric activations
 """
 
 from __future__ import annotations
@@ -42,20 +57,34 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 WeightLayout = Literal["s8", "u8"]
+Runtime = Literal["onnxruntime", "openvino", "tflite", "qnn", "tensorrt"]
+ActivationGrid = Literal["u8-affine", "s8-affine", "s8-symmetric"]
+
+RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino", "tflite", "qnn", "tensorrt")
+ACTIVATION_GRIDS: tuple[str, ...] = ("u8-affine", "s8-affine", "s8-symmetric")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
-    """The integer arithmetic of one kind of CPU, and the layout lowbit gives it.
+    """The runtime that runs the exported model, its integer arithmetic, and the layout lowbit
+    gives it.
 
     Attributes:
-        name: the target's name (``"x86-vnni"`` ...).
-        exact_u8s8: u8 x s8 products accumulate exactly in int32 on this CPU.
+        name: the target's name (``"x86-vnni"``, ``"tensorrt"`` ...).
+        exact_u8s8: u8 x s8 products accumulate exactly in int32 on this CPU (for another
+            runtime: in its integer kernels, as its vendor documents).
         weight_layout: ``"s8"`` (int8 weights) or ``"u8"`` (uint8 weights, zero point 128)
             for layers that run on integer kernels.
         max_weight_bits: the widest signed weight grid that is exact here (7 under
             ``vpmaddubsw`` with int8 weights; 8 otherwise).
         description: one line for reports.
+        runtime: what runs the exported artifact: ``"onnxruntime"`` (the CPU targets),
+            ``"openvino"``, ``"tflite"``, ``"qnn"`` or ``"tensorrt"``.
+        activation_grid: the activation grid the runtime's integer kernels take, which
+            ``QuantConfig.for_target`` puts every activation quantizer on: ``"u8-affine"``,
+            ``"s8-affine"`` (simulated on uint8 codes: the same numbers, see the module
+            docstring) or ``"s8-symmetric"`` (zero point 0).  None (the ONNX Runtime targets):
+            the config's own grid, since ORT runs both (uint8 affine fastest on x86).
     """
 
     name: str
@@ -63,8 +92,15 @@ class Target:
     weight_layout: WeightLayout = "s8"
     max_weight_bits: int = 8
     description: str = ""
+    runtime: Runtime = "onnxruntime"
+    activation_grid: ActivationGrid | None = None
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"Target.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.activation_grid is not None and self.activation_grid not in ACTIVATION_GRIDS:
+            raise ValueError(f"Target.activation_grid must be None or one of {ACTIVATION_GRIDS}, "
+                             f"got {self.activation_grid!r}")
         if self.weight_layout not in ("s8", "u8"):
             raise ValueError(f"Target.weight_layout must be 's8' or 'u8', got {self.weight_layout!r}")
         if not 2 <= self.max_weight_bits <= 8:
@@ -77,6 +113,11 @@ class Target:
     def safe_without_vnni(self) -> bool:
         """True when the file's integer kernels compute exactly on an x86 CPU without VNNI."""
         return self.weight_layout == "u8" or self.max_weight_bits <= 7
+
+    @property
+    def is_cpu(self) -> bool:
+        """True for the ONNX Runtime CPU targets (``x86-vnni`` ...), False for other runtimes."""
+        return self.runtime == "onnxruntime"
 
 
 _TARGETS: dict[str, Target] = {}
@@ -97,17 +138,32 @@ X86_AVX2_W7 = _target(Target(name="x86-avx2-w7", exact_u8s8=False, max_weight_bi
 ARM64 = _target(Target(name="arm64", exact_u8s8=True,
                        description="ARM64 (NEON dot products or widening multiplies): int8 weights, exact int32"))
 
+# -- other runtimes (the exporters: lowbit.export.<runtime>; lowbit.export dispatches on the target) --
+# Weights: int8 symmetric per output channel (axis 0), as every preset has them already.
+OPENVINO = _target(Target(name="openvino", exact_u8s8=True, runtime="openvino", activation_grid="u8-affine",
+                          description="OpenVINO CPU plugin: uint8 affine activations, int8 per-channel weights"))
+TFLITE = _target(Target(name="tflite", exact_u8s8=True, runtime="tflite", activation_grid="s8-affine",
+                        description="TFLite / LiteRT: int8 affine activations (uint8 grid shifted by 128), "
+                                    "int8 per-channel weights, int32 bias"))
+QNN = _target(Target(name="qnn", exact_u8s8=True, runtime="qnn", activation_grid="u8-affine",
+                     description="Qualcomm QNN / SNPE through AIMET encodings: uint8 affine activations, "
+                                 "int8 per-channel weights"))
+TENSORRT = _target(Target(name="tensorrt", exact_u8s8=True, runtime="tensorrt", activation_grid="s8-symmetric",
+                          description="TensorRT explicit quantization: int8 symmetric activations (zero point 0), "
+                                      "int8 per-channel weights, float bias"))
+
 DEFAULT_AVX2 = X86_AVX2_U8U8
 """What ``target="x86-avx2"`` (and ``"auto"`` on a CPU without VNNI) means.  u8u8 keeps the
 8-bit weight grid, so the model is the same, number for number, as on a VNNI CPU; w7 loses
 one bit of every weight (see BENCHMARKS.md, "Integer targets", for both measured)."""
 
 _ALIASES = {"x86-avx2": DEFAULT_AVX2.name}
+_THIS_CPU = ("auto", "ort")  # this machine's CPU target; "ort": ONNX Runtime, said the way lowbit.export says it
 
 TARGETS: Mapping[str, Target] = MappingProxyType(_TARGETS)
-"""Targets by name (``"x86-avx2"`` and ``"auto"`` are accepted too; see ``resolve_target``)."""
+"""Targets by name (``"x86-avx2"``, ``"auto"`` and ``"ort"`` are accepted too; see ``resolve_target``)."""
 
-TARGET_NAMES = ("auto", *_TARGETS, *_ALIASES)
+TARGET_NAMES = (*_THIS_CPU, *_TARGETS, *_ALIASES)
 
 
 # -- the CPU of this machine --------------------------------------------------------------------
@@ -183,18 +239,18 @@ def detect_target(cpu: CpuInfo | None = None) -> Target:
 
 def resolve_target(target: str | Target | None = "auto") -> Target:
     """A Target from a name, ``"auto"`` (this machine's CPU; ``LOWBIT_TARGET`` in the
-    environment overrides it), or a Target.  None means ``"auto"``.
+    environment overrides it), or a Target.  None means ``"auto"``; ``"ort"`` (ONNX Runtime)
+    too, except that it stays a CPU target when ``LOWBIT_TARGET`` names another runtime.
 
     Raises:
         ValueError: an unknown name, listing the known ones.
     """
     if isinstance(target, Target):
         return target
-    if target is None or target == "auto":
+    if target is None or target in _THIS_CPU:
         forced = os.environ.get("LOWBIT_TARGET")
-        if forced and forced != "auto":
-            return resolve_target(forced)
-        return detect_target()
+        chosen = resolve_target(forced) if forced and forced not in _THIS_CPU else detect_target()
+        return detect_target() if target == "ort" and not chosen.is_cpu else chosen
     name = _ALIASES.get(target, target) if isinstance(target, str) else None
     if name not in _TARGETS:
         raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGET_NAMES)}")
@@ -211,13 +267,19 @@ class TargetMismatchWarning(UserWarning):
 
 def running_mismatch(target_name: str | None, cpu: CpuInfo | None = None) -> str | None:
     """A warning, or None: what goes wrong running a file made for ``target_name`` on ``cpu``
-    (default: this machine).  Only the one case that changes numbers is reported: a file with
-    int8 weights on 8 bits (made for VNNI or ARM) run on an x86 CPU without VNNI."""
+    (default: this machine) in ONNX Runtime.  Only the one case that changes numbers is reported:
+    a file with int8 weights on 8 bits (made for VNNI, ARM or another runtime) run on an x86 CPU
+    without VNNI."""
     if target_name is None or target_name not in _TARGETS:
         return None
     target, cpu = _TARGETS[target_name], cpu or cpu_info()
     if target.safe_without_vnni or not cpu.is_x86 or cpu.has_vnni or not cpu.flags:
         return None
+    if not target.is_cpu:
+        return (f"this model was made for {target.runtime} (target {target.name!r}); run in ONNX Runtime on this "
+                f"CPU ({cpu.describe()}, no VNNI), its u8 x s8 kernels saturate int16 pair sums, so the outputs "
+                "here differ from the simulation. Run it in its runtime, or, for ONNX Runtime on this CPU, "
+                "quantize again with target='x86-avx2'")
     return (f"this model was quantized for target {target.name!r}, but this CPU ({cpu.describe()}) has no VNNI: "
             "ONNX Runtime's u8 x s8 kernels saturate int16 pair sums here, so its outputs differ from the "
             "simulation (on MobileNetV2: 55-59% top-1 agreement instead of ~100%). Quantize again with "
@@ -225,11 +287,17 @@ def running_mismatch(target_name: str | None, cpu: CpuInfo | None = None) -> str
 
 
 __all__ = [
+    "ACTIVATION_GRIDS",
     "ARM64",
     "DEFAULT_AVX2",
+    "OPENVINO",
+    "QNN",
+    "RUNTIMES",
     "TARGETS",
     "TARGET_METADATA",
     "TARGET_NAMES",
+    "TENSORRT",
+    "TFLITE",
     "X86_AVX2_U8U8",
     "X86_AVX2_W7",
     "X86_VNNI",

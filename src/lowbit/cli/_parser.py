@@ -30,6 +30,12 @@ def _common_config(p: argparse.ArgumentParser, default: str | None, presets: str
                         "records the resolved name, so it replays to the same bytes elsewhere")
 
 
+def _target_names() -> tuple[str, ...]:
+    from ..targets import TARGET_NAMES
+
+    return TARGET_NAMES
+
+
 def _algorithms_help() -> str:
     from ..ptq.steps import STEPS
 
@@ -146,6 +152,9 @@ def _add_tools(sub) -> None:
                                    "and export the quantized model.")
     e.add_argument("recipe", help="a recipe.json written by lowbit quantize or lowbit qat")
     e.add_argument("--out", required=True, help="the .onnx file to write (its folder is created if missing)")
+    e.add_argument("--target", choices=_target_names(),
+                   help="the runtime / integer target to export for (default: the recipe's target); one other "
+                        "than the recipe's runtime is refused: quantize again with that --target")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="ONNX Runtime latency of one or more .onnx files",

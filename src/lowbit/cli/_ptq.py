@@ -138,25 +138,54 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Replay a recipe (quantize, or qat: train again) and export the model to ``--out``."""
-    from ..export import export_onnx
+    """Replay a recipe (quantize, or qat: train again) and export the model to ``--out`` for the
+    recipe's target, or ``--target`` (``lowbit.export``: a runtime other than the recipe's is refused)."""
     from ._qat import first_inputs, qat_from_recipe
 
     recipe = read_recipe(args.recipe)
     out = Path(args.out)
     if out.is_dir():
-        raise UserError(f"--out {args.out} is a folder; give the .onnx file to write")
+        raise UserError(f"--out {args.out} is a folder; give the file to write")
+    target = getattr(args, "target", None)
+    if "llm" in recipe and target is not None:
+        raise UserError("--target: a causal-LM recipe exports ONNX Runtime's MatMulNBits file only; leave it out")
+    if target is not None:  # before the replay (which may train): a refusal costs nothing
+        _check_target(recipe, target, args.recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     if recipe.get("command") == "qat":  # train again (same recipe, same weights), then export
         with tempfile.TemporaryDirectory() as tmp:
             _, qmodel, train, _ = qat_from_recipe(recipe, checkpoint_dir=tmp, progress=False, where=args.recipe)
-        export_onnx(qmodel, out, first_inputs(train))
+        _export(qmodel, out, first_inputs(train), target)
     elif "llm" in recipe:  # a causal LM: export_llm with the recipe's options
         from ._llm_commands import export_llm_recipe
 
         export_llm_recipe(recipe, args.recipe, out)
     else:
         _, qmodel, batches = quantize_from_recipe(recipe, args.recipe)
-        export_onnx(qmodel, out, first_batch(batches))
+        _export(qmodel, out, first_batch(batches), target)
     print(f"wrote {out}")
     return 0
+
+
+def _check_target(recipe: dict, target: str, where: str) -> None:
+    """A UserError when the recipe's model cannot be exported for ``--target``."""
+    from ..export.dispatch import check_compatible, requested_target
+    from ..targets import resolve_target
+
+    recorded = resolve_target(recipe.get("target", LEGACY_TARGET))
+    try:
+        check_compatible(recorded, requested_target(target, recorded))
+    except ValueError as exc:
+        raise UserError(f"--target {target}: {exc} (recipe {where})") from None
+
+
+def _export(qmodel, out: Path, example, target: str | None) -> None:
+    """``lowbit.export`` for ``target`` (None: the model's); a missing exporter or extra is a UserError."""
+    from ..export.dispatch import export
+
+    try:
+        export(qmodel, out, example, target=target)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            raise  # a package the model itself needs: main() names it
+        raise UserError(str(exc)) from None

@@ -62,7 +62,7 @@ from torch import nn
 
 from ..nn import convert, is_qat_model
 from ..targets import TARGET_METADATA, Target, resolve_target
-from . import _activations, _blocked, _bn_fold, _external, _opset, _ort_layout, _passes
+from . import _activations, _blocked, _bn_fold, _external, _opset, _ort_layout, _passes, _tensorrt_layout
 from ._graph import Graph
 from ._inputs import DynamicAxes, ExportInputs, prepare_inputs
 from ._opset import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # noqa: F401 (re-exported)
@@ -138,17 +138,23 @@ def _postprocess(model: onnx.ModelProto, opset: int, target: Target | None = Non
     graph traced at ``opset``, its external-data constants (if any) in ``base_dir``; returns ``model``."""
     g = Graph(model, base_dir)
     _passes.lift_constants(g)
+    runtime = target.runtime if target is not None else "onnxruntime"
+    trt = runtime == "tensorrt"  # TensorRT's explicit quantization (``_tensorrt_layout``)
     counts = {
         "folded constants": _passes.fold_constants(g, opset),
-        "folded weight transposes": _passes.fold_dq_transpose(g),
+        # TensorRT: weights stay [out, in] with their channels on axis 0, transposed after the DQ
+        "folded weight transposes": 0 if trt else _passes.fold_dq_transpose(g),
         "folded batchnorms": _bn_fold.fold_batchnorm(g),
         "merged duplicate Q/DQ": _passes.dedupe_qdq(g),
         "Q copied before data movement": _ort_layout.propagate_q_backward(g),
         "merged duplicate Q/DQ (after copies)": _passes.dedupe_qdq(g),
-        "SiLU / GELU after a DQ -> QuickGelu / Gelu": _activations.fuse_dq_activations(g),
-        "dynamic matmuls -> MatMulInteger": _ort_layout.dynamic_to_matmul_integer(g),
+        # ONNX Runtime's contrib ops: only in a file for ONNX Runtime
+        "SiLU / GELU after a DQ -> QuickGelu / Gelu":
+            _activations.fuse_dq_activations(g) if runtime == "onnxruntime" else 0,
+        "dynamic matmuls -> MatMulInteger": 0 if trt else _ort_layout.dynamic_to_matmul_integer(g),
         "uint8 weights": _ort_layout.weights_to_uint8(g) if target and target.weight_layout == "u8" else 0,
         "blocked (group-wise) weight DQs": _blocked.lower(g),
+        "int32 biases -> float (TensorRT)": _tensorrt_layout.float_biases(g) if trt else 0,
     }
     g.prune()
     g.commit()
@@ -196,7 +202,11 @@ def export_onnx(
         target: the integer target (``lowbit.targets``) whose weight layout to write; None (the
             default) follows the model (``qmodel.lowbit_summary.target``, set by ``quantize``
             and ``prepare_qat``).  Recorded in the file's metadata as ``lowbit.target``, so
-            runtimes can warn when the file meets a CPU it was not made for.
+            runtimes can warn when the file meets a CPU it was not made for.  A target of
+            another runtime changes the layout: ``"tensorrt"`` writes TensorRT's explicit
+            quantization (``lowbit.export.tensorrt``); any runtime but ONNX Runtime gets
+            standard ONNX ops only (no ORT contrib ops).  ``lowbit.export`` picks the
+            exporter from the target and refuses one the model was not quantized for.
 
     Returns:
         The ModelProto that was written (checked with ``onnx.checker``); with external data, its
