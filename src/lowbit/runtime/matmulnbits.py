@@ -24,9 +24,13 @@ summation order.  Training through it (QAT) passes gradients straight through th
 Checked against ONNX Runtime 1.32's CPU kernels on inputs full of rounding ties: on AVX-512 VNNI
 (``tests/runtime/test_matmulnbits.py``: 4- and 8-bit weights, blocks 16 to 128, a ragged last
 block, zero-points, prefill and one-token decode) and on AVX2 without VNNI, under ``qemu -cpu
-EPYC-Milan`` (``benchmarks/check_non_vnni.py``).  Outputs agree up to float32 summation order;
-in a whole model, where upstream float noise can move a value across a tie, a code now and then
-differs by one.  Levels 0 and 1 compute in float32 and need no emulation
+EPYC-Milan`` (``benchmarks/check_non_vnni.py``).  One node's outputs agree up to float32
+summation order.  A whole model agrees in distribution, not value by value: ORT's attention and
+norms sum in another order than PyTorch's, a last-bit difference now and then moves an input across
+a rounding tie, that code differs by one, and the difference grows through the next layers'
+roundings (on SmolLM2 the logits of a token part within a few layers of the first such flip).  So
+the simulation of the file predicts the file's perplexity (``benchmarks/bench_llm_parity.py``),
+while the plain simulation misses it by the rounding's systematic cost.  Levels 0 and 1 compute in float32 and need no emulation
 (``accuracy_level`` 0 or 1 makes this a no-op); levels 2 and 3 (fp16 / bf16) are not emulated.
 """
 
