@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet -c constraints.txt
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean litert-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,13 @@ bench: $(VENV)/.installed-test
 	$(PIP) $(FIND_LINKS) -e '.[bench]'
 	$(PY) benchmarks/bench_fake_quant.py
 	$(PY) benchmarks/bench_ptq.py
+
+# litert-torch (TFLite conversion for lowbit.export(..., target="tflite")) pins old typing-extensions,
+# so it lives in its own venv, which export_tflite and tests/runtime/test_tflite.py find (~2 GB).
+litert-env: $(VENV)/.installed
+	$(PIP) $(FIND_LINKS) -e '.[tflite]'
+	$(PYTHON) -m venv runs/venvs/litert
+	runs/venvs/litert/bin/python -m pip install --quiet -c constraints.txt $(FIND_LINKS) litert-torch
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
