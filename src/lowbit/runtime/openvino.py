@@ -20,8 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import statistics
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ import torch
 
 from ..export.openvino import import_openvino
 from ..targets import TARGET_METADATA, TargetMismatchWarning, cpu_info, running_mismatch
-from .ort import LatencyStats
+from .ort import LatencyStats, measure_latency  # noqa: F401  (re-exported: times any runner)
 
 PRECISIONS = ("f32", "bf16", "f16")
 
@@ -271,21 +269,3 @@ class OpenVINOModel:
     def int8_report(self) -> OpenVINOPrecisionReport:
         """Per executed layer: its runtime precision; which compute layers run in int8, which in float."""
         return precision_report(self.compiled, os.fspath(self.path), self.device)
-
-
-def measure_latency(model: OpenVINOModel, feeds: Mapping[str, np.ndarray], *, warmup: int = 10, runs: int = 50,
-                    batch: int | None = None) -> LatencyStats:
-    """Time ``model.run(feeds)``: ``warmup`` untimed calls, then ``runs`` timed ones (ms)."""
-    for _ in range(warmup):
-        model.run(feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.run(feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    if batch is None:
-        batch = int(next(iter(feeds.values())).shape[0])
-    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    return LatencyStats(median_ms=statistics.median(times), p90_ms=p90, mean_ms=statistics.fmean(times),
-                        runs=runs, warmup=warmup, threads=model.threads, batch=batch)

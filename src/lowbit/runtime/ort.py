@@ -98,7 +98,10 @@ class LatencyStats:
 def measure_latency(
     model: OrtModel, feeds: dict[str, np.ndarray], *, warmup: int = 10, runs: int = 50, batch: int | None = None
 ) -> LatencyStats:
-    """Time ``model.run(feeds)``: ``warmup`` untimed calls, then ``runs`` timed ones."""
+    """Time ``model.run(feeds)``: ``warmup`` untimed calls, then ``runs`` timed ones (ms).
+
+    Any runner with ``run(feeds)`` and ``threads`` works (``OpenVINOModel``, ``TFLiteModel`` too);
+    ``feeds`` a dict of arrays or a list of them, the batch read from the first unless given."""
     for _ in range(warmup):
         model.run(feeds)
     times = []
@@ -108,7 +111,8 @@ def measure_latency(
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     if batch is None:
-        batch = int(next(iter(feeds.values())).shape[0])
+        first = np.asarray(next(iter(feeds.values())) if isinstance(feeds, dict) else feeds[0])
+        batch = int(first.shape[0]) if first.ndim else 1
     p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return LatencyStats(median_ms=statistics.median(times), p90_ms=p90, mean_ms=statistics.fmean(times),
                         runs=runs, warmup=warmup, threads=model.threads, batch=batch)

@@ -17,8 +17,6 @@ Needs ``ai-edge-litert`` (``pip install ai-edge-litert``).
 from __future__ import annotations
 
 import re
-import statistics
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ort import LatencyStats
+from .ort import LatencyStats, measure_latency  # noqa: F401  (re-exported: times any runner)
 
 # TFLite builtin ops that do the arithmetic (the ones worth running in integers).
 COMPUTE_OPS = frozenset({
@@ -178,18 +176,3 @@ def inspect_tflite(path: str | Path) -> TFLiteKernelReport:
         if op["op_name"] in COMPUTE_OPS and ins:
             (integer if ins[0] in INTEGER_TYPES else floating)[op["op_name"]] += 1
     return TFLiteKernelReport(path=str(path), ops=ops, integer_ops=dict(integer), float_ops=dict(floating))
-
-
-def measure_latency(model: TFLiteModel, feeds: list[np.ndarray], *, warmup: int = 10, runs: int = 50) -> LatencyStats:
-    """Time ``model.run(feeds)`` (one ``invoke`` with its input copies): ``warmup`` untimed, ``runs`` timed."""
-    for _ in range(warmup):
-        model.run(feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.run(feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    return LatencyStats(median_ms=statistics.median(times), p90_ms=p90, mean_ms=statistics.fmean(times), runs=runs,
-                        warmup=warmup, threads=model.threads, batch=int(feeds[0].shape[0]) if feeds[0].ndim else 1)
