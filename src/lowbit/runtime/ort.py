@@ -111,7 +111,7 @@ def measure_latency(
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     if batch is None:
-        first = np.asarray(next(iter(feeds.values())) if isinstance(feeds, dict) else feeds[0])
+        first = np.asarray(next(iter(feeds.values())) if isinstance(feeds, Mapping) else feeds[0])
         batch = int(first.shape[0]) if first.ndim else 1
     p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return LatencyStats(median_ms=statistics.median(times), p90_ms=p90, mean_ms=statistics.fmean(times),
