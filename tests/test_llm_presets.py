@@ -1,7 +1,8 @@
 """The weight-only LLM presets (``w4a16-g128``, ``w4a16-g32``, ``w3a16-g128``, ``w8a16``) on a small
 language model whose hidden size 576 (SmolLM2's) is not a multiple of 128 and whose ``lm_head`` is
 tied to the embedding: no calibration data, every Linear (``lm_head`` too) rounded to nearest on its
-groups' absolute maxima, checked against a naive loop; the export runs in ONNX Runtime and gives the
+groups' largest-magnitude values (on -8 / -4 for the 4- and 3-bit presets: ``signed_scale``), checked
+against a naive loop; the export runs in ONNX Runtime and gives the
 simulation."""
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import lowbit
 from lowbit.export import inspect_onnx
 from lowbit.runtime.ort import OrtModel
 
-# preset -> (qmin, qmax, group size or None for one scale per output row) of its Linear weights
+# preset -> (qmin, qmax, group size or None for one scale per output row, signed scale) of its Linear weights
 PRESETS = {
-    "w4a16-g128": (-8, 7, 128),
-    "w4a16-g32": (-8, 7, 32),
-    "w3a16-g128": (-4, 3, 128),
-    "w8a16": (-127, 127, None),
+    "w4a16-g128": (-8, 7, 128, True),
+    "w4a16-g32": (-8, 7, 32, True),
+    "w3a16-g128": (-4, 3, 128, True),
+    "w8a16": (-127, 127, None, False),
 }
-EMBEDDING = (-127, 127, None)  # every preset: int8 per row
+EMBEDDING = (-127, 127, None, False)  # every preset: int8 per row
 
 
 class TinyLM(nn.Module):
@@ -47,15 +48,20 @@ def _tiny_lm() -> TinyLM:
     return TinyLM().eval()
 
 
-def rtn(w: torch.Tensor, qmin: int, qmax: int, group: int | None) -> torch.Tensor:
+def rtn(w: torch.Tensor, qmin: int, qmax: int, group: int | None, signed: bool) -> torch.Tensor:
     """Symmetric round-to-nearest, one scale per row and group of ``group`` columns (the last group
-    shorter), scale = the group's max |w| / ((qmax - qmin) / 2); a naive loop over the groups."""
+    shorter), scale = the group's max |w| / ((qmax - qmin) / 2), or with ``signed`` the group's
+    largest-magnitude value (the negative one on a tie) / qmin; a naive loop over the groups."""
     out = torch.empty_like(w)
     step = group or w.shape[1]
     for start in range(0, w.shape[1], step):
         chunk = w[:, start:start + step]
-        scale = chunk.abs().amax(1, keepdim=True) / ((qmax - qmin) / 2)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if signed:
+            lo, hi = chunk.amin(1, keepdim=True), chunk.amax(1, keepdim=True)
+            scale = torch.where(-lo >= hi, lo, hi) / qmin
+        else:
+            scale = chunk.abs().amax(1, keepdim=True) / ((qmax - qmin) / 2)
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
         out[:, start:start + step] = torch.clamp(torch.round(chunk / scale), qmin, qmax) * scale
     return out
 
@@ -95,9 +101,9 @@ def test_presets_describe_their_weights():
         described[preset] = qmodel.lowbit_summary.layers.quantized["lm_head"]
         assert qmodel.lowbit_summary.layers.quantized["embed"].startswith("Embedding: weight int8 sym narrow per-channel")
     assert described == {
-        "w4a16-g128": "Linear: weight int4 sym group(axis=1, size=128) (default)",
-        "w4a16-g32": "Linear: weight int4 sym group(axis=1, size=32) (default)",
-        "w3a16-g128": "Linear: weight int3 sym group(axis=1, size=128) (default)",
+        "w4a16-g128": "Linear: weight int4 sym signed-scale group(axis=1, size=128) (default)",
+        "w4a16-g32": "Linear: weight int4 sym signed-scale group(axis=1, size=32) (default)",
+        "w3a16-g128": "Linear: weight int3 sym signed-scale group(axis=1, size=128) (default)",
         "w8a16": "Linear: weight int8 sym narrow per-channel(axis=0) (default)",
     }
 

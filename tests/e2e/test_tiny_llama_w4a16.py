@@ -20,15 +20,15 @@ pytest.importorskip("transformers")  # tiny_llama builds a transformers LlamaFor
 
 
 def manual_rtn(model: nn.Module) -> nn.Module:
-    """Every Linear (``lm_head`` too) on int4 groups of 128, the embedding on int8 rows; the tied table
+    """Every Linear (``lm_head`` too) on int4 groups of 128 (signed scales), the embedding on int8 rows; the tied table
     becomes two tables, as each layer rounds it its own way."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for module in ref.modules():
             if isinstance(module, nn.Linear):
-                module.weight = nn.Parameter(rtn(module.weight.detach(), -8, 7, 128))
+                module.weight = nn.Parameter(rtn(module.weight.detach(), -8, 7, 128, True))
         embed = ref.model.embed_tokens
-        embed.weight = nn.Parameter(rtn(model.model.embed_tokens.weight.detach(), -127, 127, None))
+        embed.weight = nn.Parameter(rtn(model.model.embed_tokens.weight.detach(), -127, 127, None, False))
     return ref
 
 

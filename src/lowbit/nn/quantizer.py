@@ -184,8 +184,12 @@ class Quantizer(nn.Module):
         self.set_qparams(scale.detach(), zero_point.detach())
 
     def _learned_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable scale / zero-point of a learned quantizer."""
-        return self.scale.abs().clamp_min(_MIN_SCALE), self.zero_point
+        """Differentiable scale / zero-point of a learned quantizer (a ``signed_scale`` spec keeps
+        each scale's sign, which its start gave it; a magnitude is learned)."""
+        magnitude = self.scale.abs().clamp_min(_MIN_SCALE)
+        if self.spec.signed_scale:
+            return torch.where(self.scale < 0, -magnitude, magnitude), self.zero_point
+        return magnitude, self.zero_point
 
     def qparams_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale / zero-point used for ``x`` in the current mode (plain tensors, integer zero-point)."""

@@ -197,7 +197,9 @@ def compute_qparams(
 
     The range is widened to include 0, so that zero is exactly representable
     (padding and ReLU outputs stay exact).  Symmetric specs use
-    ``scale = amax / ((qmax - qmin) / 2)`` and zero-point 0; affine specs use
+    ``scale = amax / ((qmax - qmin) / 2)`` and zero-point 0 (with ``spec.signed_scale``,
+    ``scale = extreme / qmin``: the larger-magnitude end of the range lands on ``qmin``, and the
+    scale is negative when that end is ``max_val``; the negative end wins a tie); affine specs use
     ``scale = (max - min) / (qmax - qmin)`` and ``zero_point = qmin - round(min / scale)``.
     A zero range (an all-zero tensor) gets scale 1.0: a valid grid, never a division by zero.
 
@@ -223,6 +225,11 @@ def compute_qparams(
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric and spec.signed_scale:
+        extreme = torch.where(-lo >= hi, lo, hi)
+        magnitude = _valid_scale(extreme.abs() / -qmin)
+        scale = torch.where(extreme > 0, -magnitude, magnitude)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
     if spec.symmetric:
         amax = torch.maximum(-lo, hi)
         scale = _valid_scale(amax / ((qmax - qmin) / 2))

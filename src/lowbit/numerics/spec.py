@@ -43,6 +43,13 @@ class QuantSpec:
         symmetric: zero-point fixed at 0 and range ``[-amax, amax]``; requires ``signed``.
         narrow_range: drop the most negative code (int8 uses -127..127), so the
             signed grid is symmetric around zero.  Only meaningful with ``signed``.
+        signed_scale: (symmetric grids) the scale takes the sign of the largest-magnitude
+            value in its range, which lands exactly on ``qmin``: ``scale = extreme / qmin``,
+            negative when the extreme is positive.  The grid spends its extra negative code
+            on the value that matters most, where ``amax / ((qmax - qmin) / 2)`` rounds it
+            half a step off: GGUF's Q4_0 rule and ONNX Runtime's symmetric MatMulNBits
+            quantizer's.  Worth it at 3-4 bits (SmolLM2 W4 g128, decoder round to nearest:
+            see BENCHMARKS.md); the LLM weight-only presets use it.
         granularity: ``"tensor"``, ``"channel"`` or ``"group"`` (see module docstring).
         axis: the channel axis (``channel``) or the axis the blocks run along
             (``group``).  Negative values count from the end.  Must be None for
@@ -59,6 +66,7 @@ class QuantSpec:
     signed: bool = True
     symmetric: bool = True
     narrow_range: bool = False
+    signed_scale: bool = False
     granularity: Granularity = "tensor"
     axis: int | None = None
     group_size: int | None = None
@@ -77,6 +85,9 @@ class QuantSpec:
             )
         if self.narrow_range and not self.signed:
             raise ValueError("QuantSpec: narrow_range applies to signed grids only; set signed=True")
+        if self.signed_scale and (not self.symmetric or self.narrow_range):
+            raise ValueError("QuantSpec: signed_scale puts a range's extreme on the extra negative code of a "
+                             "symmetric grid: it needs symmetric=True and narrow_range=False")
         if self.granularity == "tensor":
             if self.axis is not None or self.group_size is not None:
                 raise ValueError(
@@ -153,7 +164,7 @@ class QuantSpec:
     def describe(self) -> str:
         """Short human-readable form, e.g. ``int8 sym per-channel(axis=0)``."""
         kind = f"{'' if self.signed else 'u'}int{self.bits}"
-        mode = "sym" if self.symmetric else "affine"
+        mode = ("sym signed-scale" if self.signed_scale else "sym") if self.symmetric else "affine"
         narrow = " narrow" if self.narrow_range else ""
         if self.granularity == "tensor":
             where = "per-tensor"
@@ -202,9 +213,10 @@ INT8_ACTIVATION = _preset("int8-activation", QuantSpec(bits=8))
 """Activations: int8 symmetric per tensor."""
 
 INT4_WEIGHT_G128 = _preset(
-    "int4-weight-g128", QuantSpec(bits=4, granularity="group", axis=1, group_size=128)
+    "int4-weight-g128", QuantSpec(bits=4, signed_scale=True, granularity="group", axis=1, group_size=128)
 )
-"""Weights: int4 symmetric, blocks of 128 along the input dimension (axis 1)."""
+"""Weights: int4 symmetric, blocks of 128 along the input dimension (axis 1); each block's
+largest-magnitude value exactly on -8 (``signed_scale``)."""
 
 UINT4_WEIGHT_G128 = _preset(
     "uint4-weight-g128",
@@ -213,14 +225,16 @@ UINT4_WEIGHT_G128 = _preset(
 """Weights: uint4 affine with zero-points, blocks of 128 (ONNX Runtime's MatMulNBits layout)."""
 
 INT4_WEIGHT_G32 = _preset(
-    "int4-weight-g32", QuantSpec(bits=4, granularity="group", axis=1, group_size=32)
+    "int4-weight-g32", QuantSpec(bits=4, signed_scale=True, granularity="group", axis=1, group_size=32)
 )
-"""Weights: int4 symmetric, blocks of 32 along the input dimension (GGUF Q4_0's grid: a scale per 32)."""
+"""Weights: int4 symmetric, blocks of 32 along the input dimension: GGUF Q4_0's grid (a signed
+scale per 32, the block's largest-magnitude value on -8)."""
 
 INT3_WEIGHT_G128 = _preset(
-    "int3-weight-g128", QuantSpec(bits=3, granularity="group", axis=1, group_size=128)
+    "int3-weight-g128", QuantSpec(bits=3, signed_scale=True, granularity="group", axis=1, group_size=128)
 )
-"""Weights: int3 symmetric (-4..3), blocks of 128 along the input dimension; stored in 8-bit containers."""
+"""Weights: int3 symmetric (-4..3, each block's largest-magnitude value on -4: ``signed_scale``),
+blocks of 128 along the input dimension; stored in 8-bit containers."""
 
 INT4_WEIGHT = _preset("int4-weight", QuantSpec(bits=4, granularity="channel", axis=0))
 """Weights: int4 symmetric per output channel."""

@@ -373,7 +373,10 @@ class Observer(torch.nn.Module, abc.ABC):
             )
         mine = self.get_extra_state()
         for key in ("kind", "spec", "options"):
-            if extra.get(key) != mine[key]:
+            theirs = extra.get(key)
+            if key == "spec" and isinstance(theirs, dict):  # fields added since take their defaults
+                theirs = {**QuantSpec().to_dict(), **theirs}
+            if theirs != mine[key]:
                 return (
                     f"{self.name}: saved observer state has {key}={extra.get(key)!r} but this observer has "
                     f"{key}={mine[key]!r}; build the observer with the same kind, spec and options to load it"
