@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.numerics import QuantSpec, compute_qparams, fake_quantize, tensor_minmax
 from lowbit.nn.quantizer import Quantizer
+from lowbit.numerics import QuantSpec, compute_qparams, fake_quantize, tensor_minmax
 
 INT4_G = QuantSpec(bits=4, signed_scale=True, granularity="group", axis=1, group_size=128)
 
