@@ -189,3 +189,18 @@ def test_a_layer_the_first_item_misses_is_quantized_on_the_items_that_reach_it(t
     assert set(qmodel.lowbit_summary.reports[-1]["layers"]) == {"experts.0", "experts.1", "head"}
     reference = reference_hessians(qmodel, calib[1:], ["experts.0"])  # only the second item reaches it
     torch.testing.assert_close(seen["experts.0"], reference["experts.0"])
+
+
+def test_too_few_calibration_rows_per_column_are_counted_and_warned(caplog):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    few = [torch.randn(100, 64)]  # 100 rows: < 16 per column for both layers
+    with caplog.at_level("WARNING", logger="lowbit.ptq"):
+        qmodel = lowbit.quantize(model, few, weight_only(INT4_G16), algorithms=["gptq"], progress=False)
+    layers = qmodel.lowbit_summary.reports[-1]["layers"]
+    assert layers["0"]["rows"] == layers["2"]["rows"] == 100
+    assert "2 of 2 layers saw fewer than 16 calibration rows (tokens) per weight column (0: 1.6)" in caplog.text
+    caplog.clear()
+    enough = [torch.randn(1100, 64)]  # >= 16 per column for both
+    with caplog.at_level("WARNING", logger="lowbit.ptq"):
+        lowbit.quantize(model, enough, weight_only(INT4_G16), algorithms=["gptq"], progress=False)
+    assert "calibration rows" not in caplog.text

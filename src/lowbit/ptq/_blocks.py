@@ -56,7 +56,8 @@ from torch import nn
 
 from ..nn.registry import GEMM, kind_of
 from ..nn.walk import fixed_weights, run_model
-from ._gptq_layers import Feed, StopPass, candidates, gptq_group, log_unreached, quantize_part, untie_shared
+from ._gptq_layers import (Feed, StopPass, candidates, gptq_group, log_unreached, quantize_part, untie_shared,
+                           warn_few_rows)
 from .gptq import Hessian
 
 log = logging.getLogger(__name__)
@@ -391,4 +392,5 @@ def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | 
                 reached = quantize_part(layers, _feed_items(model, items), options, report["layers"],
                                         true_sequential=true_sequential)
             log_unreached(layers, reached)
+    warn_few_rows(layers, report["layers"])
     return report

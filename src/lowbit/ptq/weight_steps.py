@@ -38,7 +38,8 @@ class GPTQ(Step):
     ``act_order``, ``static_groups`` (False: refit each group's range, needs ``act_order=False``),
     ``true_sequential``: see ``lowbit.ptq.gptq`` and ``lowbit.ptq._blocks``.  Report: ``{"mode",
     "blocks", "untied": [layers given their own weight], "layers": {name: {"objective_rtn",
-    "objective_gptq", "kept", "damp", "dead", "seconds"}}}``."""
+    "objective_gptq", "kept", "damp", "dead", "seconds", "rows"}}}``; a warning when a layer saw fewer
+    than ``lowbit.ptq._gptq_layers.ROWS_PER_COLUMN`` calibration rows per weight column."""
 
     name = "gptq"
     phase = CALIBRATED
