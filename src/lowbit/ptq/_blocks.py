@@ -56,8 +56,16 @@ from torch import nn
 
 from ..nn.registry import GEMM, kind_of
 from ..nn.walk import fixed_weights, run_model
-from ._gptq_layers import (Feed, StopPass, candidates, gptq_group, log_unreached, quantize_part, untie_shared,
-                           warn_few_rows)
+from ._gptq_layers import (
+    Feed,
+    StopPass,
+    candidates,
+    gptq_group,
+    log_unreached,
+    quantize_part,
+    untie_shared,
+    warn_few_rows,
+)
 from .gptq import Hessian
 
 log = logging.getLogger(__name__)
