@@ -113,14 +113,15 @@ def state_dict_mb(model: nn.Module) -> float:
 
 # -- lowbit ----------------------------------------------------------------------------------------
 
-def lowbit_config(bits: int, coverage: str, group: int = 128) -> QuantConfig:
+def lowbit_config(bits: int, coverage: str, group: int = 128, *, signed_scale: bool = True) -> QuantConfig:
     """Signed symmetric ``bits``-bit weights in groups of ``group`` along the input dimension (each
     group's largest-magnitude value on ``qmin``, as the presets and ONNX Runtime's quantizer), on the
     layers ``coverage`` names (``COVERAGE``): "all" (the ``w{bits}a16-g{group}`` preset's layout) or
-    "decoder" (``lm_head`` and the embedding left float, as ONNX Runtime's quantizer leaves them)."""
+    "decoder" (``lm_head`` and the embedding left float, as ONNX Runtime's quantizer leaves them).
+    ``signed_scale=False``: scale = max |w| / ((qmax - qmin) / 2) instead (lowbit's grid before)."""
     if coverage not in COVERAGE:
         raise ValueError(f"lowbit_config: coverage must be one of {list(COVERAGE)}, got {coverage!r}")
-    spec = QuantSpec(bits=bits, signed_scale=True, granularity="group", axis=1, group_size=group)
+    spec = QuantSpec(bits=bits, signed_scale=signed_scale, granularity="group", axis=1, group_size=group)
     layer = LayerQuant(weight=TensorQuant(spec=spec))
     if coverage == "all":
         int8_rows = QuantSpec(bits=8, granularity="channel", axis=0)
