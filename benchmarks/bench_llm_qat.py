@@ -52,7 +52,7 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="w4a16-g128")
     p.add_argument("--ptq", choices=("gptq", "rtn"), default="gptq")
-    p.add_argument("--gptq-windows", type=int, default=16, help="512-token calibration windows for GPTQ")
+    p.add_argument("--gptq-windows", type=int, default=64, help="512-token calibration windows for GPTQ")
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--seq", type=int, default=256, help="tokens per training window")
     p.add_argument("--batch", type=int, default=2, help="windows per training step")

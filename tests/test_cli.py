@@ -134,7 +134,19 @@ def test_bench_times_onnx_files(tmp_path, capsys):
     assert cli.main(["bench", str(out / "fp32.onnx"), str(out / "model.int8.onnx"), "--batch", "1", "2",
                      "--runs", "3"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and ".onnx" in line]
-    assert len(rows) == 4
+    assert len(rows) == 4 and all(" | ort | " in row for row in rows)
+
+
+def test_bench_times_onnx_files_in_openvino(tmp_path, capsys):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    out = tmp_path / "run"
+    cli.main(["quantize", "tests.test_cli:tiny_cnn", "--data", "tests.test_cli:tiny_data", "--out", str(out),
+              "--quiet", "--target", "openvino"])
+    capsys.readouterr()
+    assert cli.main(["bench", str(out / "model.int8.onnx"), "--runtime", "openvino", "--batch", "2",
+                     "--runs", "3"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if ".onnx | " in line]
+    assert len(rows) == 1 and rows[0][1:4] == ["openvino", "1", "2"] and float(rows[0][4]) > 0
 
 
 def _user_error(argv, capsys) -> str:

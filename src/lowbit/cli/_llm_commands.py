@@ -37,7 +37,7 @@ from ._llm import (
     windows,
 )
 
-DEFAULTS = {"config": "w4a16-g128", "calib_samples": 32, "seq_len": 512, "eval_windows": 8, "new_tokens": 16,
+DEFAULTS = {"config": "w4a16-g128", "calib_samples": 64, "seq_len": 512, "eval_windows": 8, "new_tokens": 16,
             "accuracy_level": 4, "threads": [2], "latency_runs": 5}
 ENCODER_ONLY = {"batch": "--batch", "smoothquant": "--smoothquant"}  # options a causal LM does not take
 

@@ -59,7 +59,8 @@ def _add_llm_text(q: argparse.ArgumentParser) -> None:
     """The causal-LM options of lowbit quantize (each an error for other models)."""
     g = q.add_argument_group("causal LMs (a Hugging Face folder whose config.json names a *ForCausalLM)")
     g.add_argument("--calib-samples", type=_positive, metavar="N",
-                   help="calibration sequences for algorithms that read data (gptq, awq; default 32)")
+                   help="calibration sequences for algorithms that read data (gptq, awq; default 64: GPTQ wants at "
+                        "least 16 tokens per weight column)")
     g.add_argument("--seq-len", type=_positive, metavar="L",
                    help="tokens per calibration sequence, per evaluation window and in the latency prefill "
                         "(default 512)")
@@ -157,9 +158,12 @@ def _add_tools(sub) -> None:
                         "than the recipe's runtime is refused: quantize again with that --target")
     e.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("bench", help="ONNX Runtime latency of one or more .onnx files",
-                       description="Time ONNX Runtime on made-up inputs: symbolic dimension 0 is the batch, "
-                                   "other symbolic dimensions (sequence length) are --seq-len.")
+    b = sub.add_parser("bench", help="latency of one or more .onnx files in ONNX Runtime or OpenVINO",
+                       description="Time ONNX Runtime (or OpenVINO's CPU plugin, --runtime openvino) on made-up "
+                                   "inputs: symbolic dimension 0 is the batch, other symbolic dimensions (sequence "
+                                   "length) are --seq-len.")
+    b.add_argument("--runtime", choices=["ort", "openvino"], default="ort",
+                   help="ort (default) or openvino (pip install lowbit[openvino]; reads the .onnx itself)")
     b.add_argument("models", nargs="+", metavar="MODEL.onnx", help="ONNX files to time")
     b.add_argument("--threads", nargs="+", type=int, default=[1], metavar="N", help="intra-op threads (default 1)")
     b.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="batch sizes (default 1)")

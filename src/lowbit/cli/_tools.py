@@ -1,13 +1,9 @@
-"""``lowbit bench`` (ONNX Runtime latency) and ``lowbit inspect`` (which kernels run in integers)."""
+"""``lowbit bench`` (latency in ONNX Runtime or OpenVINO) and ``lowbit inspect`` (which kernels run in
+integers)."""
 
 from __future__ import annotations
 
 from ._common import UserError, existing_file
-
-# ONNX tensor element types -> numpy dtype names, for the inputs bench makes up
-_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-           "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
-           "tensor(bool)": "bool"}
 
 
 def _load_onnx(path: str):
@@ -25,49 +21,65 @@ def _load_onnx(path: str):
     return model
 
 
-def bench_feeds(session, path: str, batch: int, seq_len: int) -> dict:
-    """Inputs for one ORT run: symbolic dimension 0 = ``batch``, other symbolic ones = ``seq_len``.
+def bench_feeds(model, path: str, batch: int, seq_len: int) -> dict:
+    """Inputs for one run of the ONNX ``model`` (a ModelProto): symbolic dimension 0 = ``batch``,
+    other symbolic ones = ``seq_len``.
 
     Integer inputs (token ids, masks) are ones, valid in every vocabulary; float ones are N(0, 1).
     """
     import numpy as np
+    from onnx.helper import tensor_dtype_to_np_dtype
 
     rng, feeds = np.random.default_rng(0), {}
-    for inp in session.get_inputs():
+    weights = {init.name for init in model.graph.initializer}
+    for inp in (i for i in model.graph.input if i.name not in weights):
+        tensor = inp.type.tensor_type
+        dtype = tensor_dtype_to_np_dtype(tensor.elem_type) if inp.type.HasField("tensor_type") else None
+        if dtype is None or dtype.kind not in "fiub":
+            raise UserError(f"{path}: input {inp.name!r} is a {dtype or inp.type.WhichOneof('value')}; bench makes up "
+                            "float, integer and boolean inputs only")
         shape = []
-        for i, d in enumerate(inp.shape):
-            if isinstance(d, int):
-                if i == 0 and d != batch:
-                    raise UserError(f"{path}: input {inp.name!r} has a fixed batch of {d}; run it with --batch {d}"
-                                    " (or export with a dynamic batch)")
-                shape.append(d)
+        for i, d in enumerate(tensor.shape.dim):
+            if d.HasField("dim_value"):
+                if i == 0 and d.dim_value != batch:
+                    raise UserError(f"{path}: input {inp.name!r} has a fixed batch of {d.dim_value}; run it with "
+                                    f"--batch {d.dim_value} (or export with a dynamic batch)")
+                shape.append(d.dim_value)
             else:
                 shape.append(batch if i == 0 else seq_len)
-        if inp.type not in _DTYPES:
-            raise UserError(f"{path}: input {inp.name!r} is a {inp.type}; bench makes up float and integer inputs only")
-        dtype = np.dtype(_DTYPES[inp.type])
-        feeds[inp.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
-                           else np.ones(shape, dtype))
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.ones(shape, dtype)
     return feeds
+
+
+def _runner(runtime: str, path: str, threads: int):
+    if runtime == "openvino":
+        from ..runtime.openvino import OpenVINOModel
+
+        return OpenVINOModel(path, threads=threads)
+    from ..runtime.ort import OrtModel
+
+    return OrtModel(path, threads=threads)
+
+
+def _symbolic(model) -> bool:
+    """True when an input has a symbolic dimension past the batch (a sequence length)."""
+    return any(not d.HasField("dim_value") for i in model.graph.input for d in i.type.tensor_type.shape.dim[1:])
 
 
 def cmd_bench(args) -> int:
     """Median / p90 latency of each file for each thread count and batch size, as a markdown table."""
-    from ..runtime.ort import OrtModel, measure_latency
+    from ..runtime.ort import measure_latency
 
-    for path in args.models:
-        _load_onnx(path)  # a clear error before any timing
-    symbolic = False
-    print("| model | threads | batch | median ms | p90 ms |\n|---|---:|---:|---:|---:|")
-    for path in args.models:
+    models = {path: _load_onnx(path) for path in args.models}  # a clear error before any timing
+    print("| model | runtime | threads | batch | median ms | p90 ms |\n|---|---|---:|---:|---:|---:|")
+    for path, proto in models.items():
         for threads in args.threads:
-            model = OrtModel(path, threads=threads)
-            symbolic |= any(not isinstance(d, int) for i in model.session.get_inputs() for d in i.shape[1:])
+            runner = _runner(args.runtime, path, threads)
             for batch in args.batch:
-                feeds = bench_feeds(model.session, path, batch, args.seq_len)
-                stats = measure_latency(model, feeds, runs=args.runs, batch=batch)
-                print(f"| {path} | {threads} | {batch} | {stats.median_ms:.3f} | {stats.p90_ms:.3f} |")
-    if symbolic:
+                stats = measure_latency(runner, bench_feeds(proto, path, batch, args.seq_len), runs=args.runs,
+                                        batch=batch)
+                print(f"| {path} | {args.runtime} | {threads} | {batch} | {stats.median_ms:.3f} | {stats.p90_ms:.3f} |")
+    if any(_symbolic(m) for m in models.values()):
         print(f"\nsymbolic non-batch dimensions (sequence length) set to --seq-len {args.seq_len}")
     return 0
 
