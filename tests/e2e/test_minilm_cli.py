@@ -75,4 +75,4 @@ def test_quantize_a_hugging_face_folder_exports_dynamic_sequence_files_and_bench
     assert {x["model"] for x in report["latency"]} == {"fp32", "quantized"}
 
     timed = lowbit("bench", "run/model.int8.onnx", "--seq-len", "48", "--batch", "2", "--runs", "3", cwd=tmp_path)
-    assert "| run/model.int8.onnx | 1 | 2 |" in timed.stdout and "--seq-len 48" in timed.stdout
+    assert "| run/model.int8.onnx | ort | 1 | 2 |" in timed.stdout and "--seq-len 48" in timed.stdout
