@@ -68,9 +68,9 @@ def error_ratios(qmodel: torch.nn.Module, model: torch.nn.Module, windows: torch
 
 def _cells(calib: dict[str, float], held: dict[str, float], kind: str) -> str:
     names = [n for n in calib if n.endswith(kind)]
-    med = (statistics.median(d[n] for n in names) for d in (calib, held))
+    on_calib, on_held = (statistics.median(d[n] for n in names) for d in (calib, held))
     worst = max(names, key=held.get)
-    return f"{next(med):.2f} / {next(med):.2f} ({held[worst]:.1f} at block {worst.split('.')[2]})"
+    return f"{on_calib:.2f} / {on_held:.2f} ({held[worst]:.1f} at block {worst.split('.')[2]})"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -174,8 +174,8 @@ text; 64 x 512 tokens lowered the held-out perplexity further (BENCHMARKS.md, "G
 
 def warn_few_rows(layers: Mapping[str, nn.Module], report: Mapping[str, dict]) -> None:
     """One warning naming the layers GPTQ fitted on fewer than ``ROWS_PER_COLUMN`` rows per column."""
-    few = {name: r["rows"] / layers[name].weight[0].numel() for name, r in report.items()
-           if "rows" in r and r["rows"] < ROWS_PER_COLUMN * layers[name].weight[0].numel()}
+    per_column = {name: r["rows"] / layers[name].weight[0].numel() for name, r in report.items() if "rows" in r}
+    few = {name: ratio for name, ratio in per_column.items() if ratio < ROWS_PER_COLUMN}
     if few:
         worst = min(few, key=few.get)
         log.warning("gptq: %d of %d layers saw fewer than %d calibration rows (tokens) per weight column (%s: "
