@@ -4,7 +4,8 @@
    ``english_text("eval")`` (``lowbit.report.perplexity``).
 2. PTQ: ``lowbit.quantize(model, calib, --config, algorithms=["gptq"])`` on ``--gptq-windows``
    windows of 512 calibration tokens (``--ptq rtn``: round to nearest, no data); its perplexity.
-3. ``lowbit.qat.from_ptq`` (LSQ scales starting at the PTQ scales) and ``llm_schedule``: stage 0
+3. ``lowbit.qat.from_ptq`` (learned scales starting at the PTQ scales: GPTQ's on-grid weights
+   rescale their fixed codes, ``learn="auto"``; ``--learn lsq`` for plain LSQ) and ``llm_schedule``: stage 0
    trains only the scales of the blocks and the head, then ``--stages`` groups of decoder blocks
    unfreeze, the last blocks first; embedding, norms and the head's weight stay frozen.  Each
    stage is ``--steps-per-stage`` AdamW steps of ``--batch`` windows of ``--seq`` tokens of the
@@ -60,6 +61,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--steps-per-stage", type=int, default=28)
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate of the weights")
     p.add_argument("--scale-lr", type=float, default=5e-5, help="AdamW learning rate of the learned scales")
+    p.add_argument("--learn", choices=("auto", "lsq", "rescale"), default="auto", help="from_ptq's learn=")
     p.add_argument("--timing-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -166,7 +168,7 @@ def main() -> None:
     ptq, result["ptq_seconds"] = _quantize(model, tok, args)
     result["ptq"] = _ppl(ptq, evals)
     log.info("PTQ (%s) perplexity %.3f in %.0f s", args.ptq, result["ptq"], result["ptq_seconds"])
-    qat = from_ptq(ptq, inplace=True)
+    qat = from_ptq(ptq, learn=args.learn, inplace=True)
     result["stages"] = _train(model, qat, train, evals, args)
     result["timing"] = _timing(model, qat, train[: args.batch], args.timing_rounds)
     print(json.dumps(result, indent=1, default=str))

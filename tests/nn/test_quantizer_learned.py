@@ -46,6 +46,24 @@ def test_lsq_plus_learns_the_zero_point_of_affine_grids_only():
     assert w.scale.shape == (4,)
 
 
+def test_rescale_keeps_the_codes_of_its_anchor_and_scales_them():
+    w = torch.randn(4, 8)
+    q = _calibrated(INT8_WEIGHT, w)
+    before = q(w)
+    anchor = q.scale.clone()
+    q.make_learnable(rescale=True)
+    assert q.learn == "rescale" and q.mode == "learned" and torch.equal(q.anchor, anchor)
+    assert [n for n, _ in q.named_parameters()] == ["scale"] and "anchor" in q.state_dict()
+    assert torch.equal(q(w), before)  # at its anchor: the static grid
+    with torch.no_grad():
+        q.scale.mul_(1.1)  # a larger step: the same codes, 1.1x the values (no re-rounding)
+    torch.testing.assert_close(q(w), before * 1.1)
+    q.to_static(q.scale.detach(), q.zero_point)
+    assert q.learn is None and not hasattr(q, "anchor") and q.mode == "static"
+    with pytest.raises(ValueError, match="offset"):
+        _calibrated().make_learnable(rescale=True, offset=True)
+
+
 def test_qparams_for_gives_plain_tensors_on_the_grid():
     q = _calibrated()
     q.make_learnable(offset=True)

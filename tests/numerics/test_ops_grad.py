@@ -299,3 +299,63 @@ def test_lsq_plus_zero_point_off_the_grid_is_clamped_as_export_stores_it():
     on_grid = fake_quantize(x, s.detach(), torch.tensor(0, dtype=torch.int32), UINT8_ACTIVATION)
     torch.testing.assert_close(drifted.detach(), on_grid)
     assert float(drifted[0]) == 0.0  # zero stays exactly representable
+
+
+# -- learned scale over anchored codes (learn="rescale") ------------------------------------
+
+
+@pytest.mark.parametrize("shape, layout", LAYOUTS)
+@pytest.mark.parametrize("grid", GRIDS)
+def test_rescale_gradients_match_autograd_reference(shape, layout, grid):
+    """x_hat = s * (clamp(round(x / a) + z) - z) with the anchor a constant: d/dx = s/a inside,
+    d/ds = the codes (times g)."""
+    spec = QuantSpec(**grid, **layout)
+    x, anchor, zp, upstream = make_case(spec, shape, seed=7 * len(str(spec)), float_zp=False)
+    scale = anchor * torch.empty_like(anchor).uniform_(0.8, 1.25, generator=torch.Generator().manual_seed(1))
+    g = 0.37
+    xa, sa = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    out = fake_quantize(xa, sa, zp, spec, learned=True, grad_scale=g, anchor=anchor)
+    out.backward(upstream)
+
+    xr, sr = x.double().requires_grad_(), scale.double().requires_grad_()
+    a_el = per_element(anchor.double(), spec, shape)
+    z_el = 0.0 if zp is None else per_element(zp.double(), spec, shape)
+    codes = torch.clamp(round_ste(xr / a_el) + z_el, spec.qmin, spec.qmax) - z_el
+    ref = codes * per_element(grad_scaled(sr, g), spec, shape)
+    ref.backward(upstream.double())
+
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(xa.grad.double(), xr.grad, rtol=1e-6, atol=0)
+    mag = g * sum_per_param(upstream.double().abs() * codes.detach().abs(), spec, scale.shape)
+    assert ((sa.grad.double() - sr.grad).abs() <= 1e-6 * mag + 1e-30).all()
+    assert (sr.grad != 0).any()
+
+
+def test_rescale_at_its_anchor_is_the_static_grid_and_lsq_sees_no_gradient_on_it():
+    """Weights on their grid (as GPTQ leaves them): at scale == anchor the forward is the static
+    fake-quantization; LSQ's scale gradient round(v) - v is 0 there (to rounding), rescale's is
+    the codes."""
+    spec = QuantSpec(bits=4, granularity="group", axis=1, group_size=8)
+    gen = torch.Generator().manual_seed(2)
+    scale = torch.rand(6, 2, generator=gen) * 0.1 + 0.01
+    codes = torch.randint(spec.qmin, spec.qmax + 1, (6, 16), generator=gen).float()
+    w = codes * scale.repeat_interleave(8, dim=1)  # on the grid
+    static = fake_quantize(w, scale, None, spec)
+    assert torch.equal(static, w)
+    grads = {}
+    for kind, anchor in (("lsq", None), ("rescale", scale)):
+        s = scale.clone().requires_grad_()
+        out = fake_quantize(w, s, None, spec, learned=True, grad_scale=1.0, anchor=anchor)
+        assert torch.equal(out.detach(), static)
+        out.sum().backward()
+        grads[kind] = s.grad
+    torch.testing.assert_close(grads["rescale"], codes.reshape(6, 2, 8).sum(-1))
+    # LSQ: 0 up to the float32 rounding of w = q * s (w / s is q within an ulp)
+    assert (grads["lsq"].abs() <= 1e-5 * codes.abs().reshape(6, 2, 8).sum(-1)).all()
+
+
+def test_rescale_anchor_must_have_the_scale_shape():
+    spec = QuantSpec(bits=4, granularity="channel", axis=0)
+    with pytest.raises(ValueError, match="anchor"):
+        fake_quantize(torch.ones(3, 4), torch.ones(3, requires_grad=True), None, spec, learned=True,
+                      anchor=torch.ones(4))

@@ -29,7 +29,8 @@ def is_qat_model(model: nn.Module) -> bool:
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """The QAT model as PTQ would have produced it, in eval mode: BatchNorms folded into their
     convs (running statistics), every range fixed (weights from their current values, learned
-    and observed ranges as they are).  Its forward is what ``export_onnx`` writes.
+    and observed ranges as they are; a ``learn="rescale"`` weight is written as its learned
+    scale times its anchored codes, the values its quantizer put out).  Its forward is what ``export_onnx`` writes.
 
     Raises:
         RuntimeError: an activation quantizer has no range yet (it never saw a training
@@ -49,6 +50,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             w = module.weight.detach()
             q.set_qparams(*compute_qparams(*tensor_minmax(w, q.spec, q.name), q.spec, q.name))
         elif q.mode in ("observing", "learned", "static"):
+            if q.learn == "rescale" and role == "weight":  # the learned scale times the anchored codes
+                module.weight.copy_(q(module.weight))       # lies on the learned grid
             scale, zero_point = q.qparams_for(torch.empty(0))
             q.to_static(scale, zero_point)
     return out

@@ -19,7 +19,9 @@ and the two QAT modes (``lowbit.prepare_qat`` sets them)::
                   with the range observed so far (torch.ao's "observer + fake-quant");
                   in eval mode, fake-quantize with the last range, observing nothing
     learned       fake-quantize with ``scale`` (and, for LSQ+, ``zero_point``) as trainable
-                  Parameters, gradients by LSQ (Esser et al. 2020; Bhalgat et al. 2020)
+                  Parameters, gradients by LSQ (Esser et al. 2020; Bhalgat et al. 2020); or,
+                  ``learn="rescale"``, the codes of the frozen grid (``anchor``) times a learned
+                  scale (for weights PTQ wrote onto their grid: see ``fake_quantize``'s anchor)
 
 A learnable quantizer (``make_learnable``) that has no range yet observes its first
 training batch, takes that range as the initial value of its Parameters, then
@@ -38,7 +40,7 @@ from ..observers import make_observer
 
 Mode = Literal["calibrating", "observing", "static", "learned", "dynamic", "disabled"]
 _MODES = ("calibrating", "observing", "static", "learned", "dynamic", "disabled")
-Learn = Literal["lsq", "lsq+"]
+Learn = Literal["lsq", "lsq+", "rescale"]
 _MIN_SCALE = 1e-10  # a learned scale is used as |scale| clamped here, so a step that
 # overshoots zero cannot produce a negative or zero step size
 
@@ -141,7 +143,8 @@ class Quantizer(nn.Module):
         self.scale = scale.detach().to(torch.float32).clone()
         self.zero_point = zero_point.detach().to(torch.int32).clone()
 
-    def make_learnable(self, *, offset: bool = False, shape: tuple[int, ...] | None = None) -> None:
+    def make_learnable(self, *, offset: bool = False, shape: tuple[int, ...] | None = None,
+                       rescale: bool = False) -> None:
         """Turn ``scale`` (and, with ``offset`` on an affine grid, ``zero_point``: LSQ+) into
         trainable Parameters, in place, so an optimizer built afterwards trains them.
 
@@ -151,7 +154,12 @@ class Quantizer(nn.Module):
             shape: the scale layout (``spec.param_shape(tensor.shape)``) when the quantizer
                 has no range yet; its Parameters start at 1 / 0 and take the range of the
                 first training batch (mode ``observing`` until then).
+            rescale: keep the current scale as ``anchor``, which fixes the codes
+                (``round(x / anchor)``), and learn a scale that multiplies them
+                (``learn="rescale"``; not with ``offset``).
         """
+        if rescale and offset:
+            raise ValueError(f"{self.name}: rescale learns the scale of fixed codes; it has no learned offset")
         if self.learn is not None:
             raise ValueError(f"{self.name}: quantizer is already learnable ({self.learn})")
         if self._mode == "dynamic" or self.observer is None:
@@ -169,7 +177,9 @@ class Quantizer(nn.Module):
             self.zero_point = nn.Parameter(zero_point.float())
         else:
             self.register_buffer("zero_point", zero_point.to(torch.int32))
-        self.learn = "lsq+" if offset else "lsq"
+        if rescale:
+            self.register_buffer("anchor", scale.float().clone())
+        self.learn = "rescale" if rescale else "lsq+" if offset else "lsq"
         self._mode = "learned" if frozen else "observing"
         self._needs_init = not frozen
 
@@ -178,6 +188,8 @@ class Quantizer(nn.Module):
         learning; its Parameters are dropped): what PTQ tools and export expect."""
         if self.learn is not None:
             del self.scale, self.zero_point
+            if self.learn == "rescale":
+                del self.anchor
             self.register_buffer("scale", torch.empty(0))
             self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
             self.learn = None
@@ -222,13 +234,19 @@ class Quantizer(nn.Module):
                 self.observe_hook(self.observer, x.detach())
             self._install(*self.observer.qparams())
             if self.learn is not None:  # initialised from its first batch: learn from now on
+                if self.learn == "rescale":
+                    self.anchor.copy_(self.scale.detach())
                 self._needs_init = False
                 self._mode = "learned"
-                return fake_quantize(x, *self._learned_qparams(), self.spec, learned=True, name=self.name)
+                return self._learned_forward(x)
         if self._mode == "learned":
-            return fake_quantize(x, *self._learned_qparams(), self.spec, learned=True, name=self.name)
+            return self._learned_forward(x)
         scale, zero_point = self.qparams_for(x)
         return fake_quantize(x, scale, zero_point, self.spec, name=self.name)
+
+    def _learned_forward(self, x: torch.Tensor) -> torch.Tensor:
+        anchor = self.anchor if self.learn == "rescale" else None
+        return fake_quantize(x, *self._learned_qparams(), self.spec, learned=True, anchor=anchor, name=self.name)
 
     # -- state ----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:

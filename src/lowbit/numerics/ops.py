@@ -183,6 +183,45 @@ class _FakeQuantLSQ(torch.autograd.Function):
         return grad_x, grad_s, grad_z, None, None, None
 
 
+class _FakeQuantRescaled(torch.autograd.Function):
+    """A learned scale that rescales codes fixed by an anchor step (``learn="rescale"``).
+
+    ``q = clamp(round(x / a) + z, qmin, qmax) - z`` with the anchor ``a`` (the PTQ scale, a
+    constant) and the output ``x_hat = s * q``: moving ``s`` scales the codes without re-rounding
+    them (PEQA, Kim et al. 2023; EfficientQAT's E2E-QP, Chen et al. 2024), and ``x`` changes a
+    code only where it crosses a rounding boundary of its anchored grid.  Gradients:
+        d x_hat / d x = s / a inside the range, 0 outside (STE, in the units of the output);
+        d x_hat / d s = q.
+    LSQ's ``d x_hat / d s = round(v) - v`` is 0 for a weight that PTQ put on its grid (GPTQ),
+    and an Adam step on such weights turns it into a gradient of one sign that shrinks every
+    scale; this form has neither problem.  ``d/ds`` is summed per scale and multiplied by
+    ``grad_scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, a, z, qmin, qmax, grad_scale):
+        if z is None:
+            lo, hi = qmin, qmax
+        elif z.numel() == 1:
+            lo, hi = qmin - float(z), qmax - float(z)
+        else:
+            lo, hi = (qmin - z).to(x.dtype), (qmax - z).to(x.dtype)
+        t = torch.div(x, a).round_()
+        q = t.clamp(lo, hi)
+        ctx.save_for_backward(_inside_mask(q, t), q, s, a)
+        ctx.grad_scale = grad_scale
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, q, s, a = ctx.saved_tensors
+        grad_x = grad * inside * (s / a) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (grad * q).sum_to_size(s.shape) * ctx.grad_scale
+        return grad_x, grad_s, None, None, None, None, None
+
+
 def lsq_grad_scale(x: torch.Tensor, spec: QuantSpec) -> float:
     """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale (rounded down to an
     integer: with a ragged last group, the average over the groups)."""
@@ -198,6 +237,7 @@ def fake_quantize(
     *,
     learned: bool = False,
     grad_scale: float | None = None,
+    anchor: torch.Tensor | None = None,
     name: str = "tensor",
 ) -> torch.Tensor:
     """Quantize then dequantize ``x``, differentiably.
@@ -215,6 +255,9 @@ def fake_quantize(
             ``zero_point`` (LSQ+).
         grad_scale: multiplier of the scale / zero-point gradients; defaults to
             LSQ's ``1 / sqrt(N * qmax)`` (see :func:`lsq_grad_scale`).
+        anchor: with ``learned``, a fixed scale of ``scale``'s shape that sets the codes
+            (``round(x / anchor)``) which the learned ``scale`` multiplies (``learn="rescale"``);
+            the zero-point then stays an integer constant.
         name: tensor name for error messages.
 
     Example:
@@ -233,7 +276,15 @@ def fake_quantize(
     else:
         if grad_scale is None:
             grad_scale = lsq_grad_scale(x, spec)
-        if z is not None and not z.is_floating_point():
-            z = z.float()
-        out = _FakeQuantLSQ.apply(view, s, z, spec.qmin, spec.qmax, float(grad_scale))
+        if anchor is not None:
+            if tuple(anchor.shape) != tuple(scale.shape):
+                raise ValueError(f"{name}: anchor has shape {tuple(anchor.shape)}, the scale {tuple(scale.shape)}")
+            a = param_view(anchor.detach().float(), view.dim(), spec, axis)
+            if z is not None and z.is_floating_point():
+                z = torch.round(z.detach())
+            out = _FakeQuantRescaled.apply(view, s, a, z, spec.qmin, spec.qmax, float(grad_scale))
+        else:
+            if z is not None and not z.is_floating_point():
+                z = z.float()
+            out = _FakeQuantLSQ.apply(view, s, z, spec.qmin, spec.qmax, float(grad_scale))
     return ungroup(out, x.shape, spec, axis).to(x.dtype)

@@ -215,7 +215,7 @@ def _search_sequential(seq: nn.Sequential, prefix: str, found: _Findings) -> Non
 
 
 def _search(module: nn.Module, prefix: str, found: _Findings) -> None:
-    if not any(True for _ in module.children()):
+    if not any(_eligible(m) for m in module.modules()):  # no conv to look after here (an LLM): no tracing
         return
     gm, why = try_trace(module)
     if gm is not None:

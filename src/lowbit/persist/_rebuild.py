@@ -163,7 +163,8 @@ def _conform_quantizer(q: Quantizer, prefix: str, tensors: dict, extra: dict) ->
     state = extra.get(prefix + EXTRA)
     learn = state.get("learn") if isinstance(state, dict) else None
     if learn is not None and q.learn is None and prefix + "scale" in tensors:
-        q.make_learnable(offset=learn == "lsq+", shape=tuple(tensors[prefix + "scale"].shape))
+        q.make_learnable(offset=learn == "lsq+", rescale=learn == "rescale",
+                         shape=tuple(tensors[prefix + "scale"].shape))
 
 
 def module_types(model: nn.Module) -> dict[str, str]:

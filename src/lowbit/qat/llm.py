@@ -15,7 +15,7 @@ them from the model's decoder blocks, found as GPTQ finds them: ``lowbit.ptq._bl
 user changes the schedule by editing two lists.  With the reference loop::
 
     ptq = lowbit.quantize(model, calib, "w4a16-g128", algorithms=["gptq"])
-    qat = lowbit.qat.from_ptq(ptq)                                # LSQ from GPTQ's scales
+    qat = lowbit.qat.from_ptq(ptq)             # scales learned from GPTQ's, its codes kept (rescale)
     sched = lowbit.qat.llm_schedule(qat, steps_per_stage=100, stages=2)
     opt = torch.optim.AdamW(lowbit.qat.param_groups(qat, lr=1e-5, scale_lr=1e-5, weight_decay=0.0))
     lowbit.qat.fit(qat, lm_batches(windows, 2), causal_lm_loss, epochs=1, optimizer=opt, schedule=sched,

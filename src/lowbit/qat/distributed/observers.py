@@ -298,13 +298,14 @@ def sync_calibration(model: nn.Module, group=None) -> int:
 
 
 _MODE_CODES = ("calibrating", "observing", "static", "learned", "dynamic", "disabled")
+_LEARN_CODES = (None, "lsq", "lsq+", "rescale")
 
 
 def _check_same_modes(qs: list[Quantizer], group) -> None:
     if not qs or _world(group) == 1:
         return
-    codes = torch.tensor([_MODE_CODES.index(q.mode) * 4 + (0 if q.learn is None else 1 + (q.learn == "lsq+"))
-                          for q in qs], dtype=torch.int64)
+    codes = torch.tensor([_MODE_CODES.index(q.mode) * len(_LEARN_CODES) + _LEARN_CODES.index(q.learn) for q in qs],
+                         dtype=torch.int64)
     payload = torch.cat([codes, -codes]).to(_comm_device(group, torch.device("cpu")))
     dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
     payload = payload.cpu()
