@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import logging
-
 from collections import Counter
 from typing import Literal
 
