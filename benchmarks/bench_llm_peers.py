@@ -108,11 +108,16 @@ def stage_fp32(run: Run) -> None:
                  ppl_ort=run.ort_ppl(run.fp32_path), size_mb=file_mb(run.fp32_path)))
 
 
+def algorithm_steps(algorithm: str, args: argparse.Namespace) -> list:
+    """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows."""
+    return [lowbit.ptq.AWQ(batches=args.awq_batches) if step == "awq" else step for step in ALGORITHMS[algorithm]]
+
+
 def lowbit_row(run: Run, algorithm: str, bits: int, coverage: str) -> Row:
     """lowbit.quantize with ``algorithm`` (``ALGORITHMS``) on ``lowbit_config(bits, coverage)``,
     scored in PyTorch and, exported by ``export_llm``, in ONNX Runtime."""
     config = lowbit_config(bits, coverage)
-    steps = ALGORITHMS[algorithm]
+    steps = algorithm_steps(algorithm, run.args)
     calib = [{"input_ids": w[None]} for w in run.calib] if steps else None
     label = f"lowbit W{bits} g128 sym, {algorithm}" + ("" if coverage == "all" else ", lm_head float")
     return scored(run, label, f"{COVERAGE[coverage]}; int{bits} g128 symmetric", len(calib or ()), lowbit.quantize,
@@ -157,21 +162,23 @@ def stage_lowbit_w3(run: Run) -> None:
         run.keep(lowbit_row(run, algorithm, 3, "all"))
 
 
-def mixed_gptq(model: torch.nn.Module, calib: list, bits: float) -> torch.nn.Module:
+def mixed_quantize(model: torch.nn.Module, calib: list, bits: float, steps: list) -> torch.nn.Module:
     """``lowbit.mixed_precision`` over W4 g128 / W8 per channel for every Linear (lm_head included) at
-    ``bits`` average weight bits, then GPTQ on that config: choice and quantization, one timed call."""
+    ``bits`` average weight bits, then ``steps`` (GPTQ, or AWQ + GPTQ) on that config: choice and
+    quantization, one timed call."""
     result = lowbit.mixed_precision(model, calib, ("w4a16-g128", "w8a16"), {"avg_weight_bits": bits})
     eights = [n for n, c in result.assignment.items() if c == "w8a16"]
     log.info("mixed at %.2f bits: %d 8-bit linears: %s", result.predicted["avg_weight_bits"], len(eights), eights)
-    return lowbit.quantize(model, calib, result.config, algorithms=["gptq"], progress=False)
+    return lowbit.quantize(model, calib, result.config, algorithms=steps, progress=False)
 
 
 def stage_lowbit_mixed(run: Run) -> None:
     calib = [{"input_ids": w[None]} for w in run.calib]
-    bits = run.args.mixed_bits
-    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, GPTQ",
+    bits, algorithm = run.args.mixed_bits, run.args.mixed_algorithm
+    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm}",
                     f"{COVERAGE['all']}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
-                    f"{bits:g} bits on average over the Linears", len(calib), mixed_gptq, run.model, calib, bits))
+                    f"{bits:g} bits on average over the Linears", len(calib), mixed_quantize, run.model, calib, bits,
+                    algorithm_steps(algorithm, run.args)))
 
 
 def ort_row(run: Run, algorithm: str, label: str, calib: torch.Tensor | None = None) -> Row:
@@ -344,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per PyTorch forward pass")
     parser.add_argument("--mixed-bits", type=float, default=4.5, help="lowbit-mixed: average weight bits")
+    parser.add_argument("--mixed-algorithm", default="GPTQ", choices=[a for a in ALGORITHMS if a != "RTN"],
+                        help="lowbit-mixed: the algorithm after the bit-width choice")
+    parser.add_argument("--awq-batches", type=int, default=None,
+                        help="calibration windows AWQ's search reads (default: all of --calib)")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of every file")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--decoder-algorithms", nargs="+", choices=list(ALGORITHMS),

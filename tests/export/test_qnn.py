@@ -34,11 +34,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from torch import nn
 
 import lowbit
-from lowbit.export.qnn import ENCODING_VERSION, encodings_path, export_qnn
+from lowbit.export.qnn import ENCODING_VERSION, encodings_as_qdq, encodings_path, export_qnn
 from lowbit.nn.quantizer import Quantizer
 from lowbit.numerics import UINT8_ACTIVATION
 
@@ -74,6 +74,19 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class FloatReader(nn.Module):
+    """A quantized tensor (fc2's input) that a float op reads too (lowbit leaves ReduceMean float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + h.mean(-1, keepdim=True)
 
 
 class Embedder(nn.Module):
@@ -128,6 +141,13 @@ def _two_ranges() -> tuple[nn.Module, torch.Tensor]:
     return qmodel, x
 
 
+def _float_reader() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(8)
+    gen = torch.Generator().manual_seed(9)
+    qmodel = _quantized(FloatReader(), [torch.randn(8, 5, 12, generator=gen) for _ in range(4)])
+    return qmodel, torch.randn(256, 5, 12, generator=gen)
+
+
 def _embedder() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(4)
     gen = torch.Generator().manual_seed(5)
@@ -137,7 +157,7 @@ def _embedder() -> tuple[nn.Module, torch.Tensor]:
 
 EXPORTED_BACK = ("cnn", "mlp_3d")  # cases whose encodings AIMET writes back out
 CASES = {"cnn": _cnn, "cnn_w4a8": lambda: _cnn("w4a8"), "mlp_3d": _mlp, "mlp_signed": _mlp_signed,
-         "two_ranges": _two_ranges, "embedding": _embedder}
+         "two_ranges": _two_ranges, "float_reader": _float_reader, "embedding": _embedder}
 
 
 @pytest.fixture(scope="module")
@@ -238,40 +258,25 @@ def test_embedding_table_is_float_on_the_grid(exported):
 
 
 # -- ONNX Runtime: the encodings as ONNX Q/DQ --------------------------------------------------------
-def _apply_encodings(path: Path) -> onnx.ModelProto:
-    """The float file with each activation encoding inserted as QuantizeLinear -> DequantizeLinear
-    (uint8, zero point ``-offset``), the documented meaning of an unsigned 1.0.0 encoding.  Weights
-    are on their grid already (checked above), so they stay."""
-    model = onnx.load(path)
-    doc = json.loads(encodings_path(path).read_text())
-    renamed, qdq = {}, []
-    for e in doc["activation_encodings"]:
-        assert (e["bw"], e["is_sym"], e["enc_type"]) == (8, False, "PER_TENSOR")
-        n = e["name"]
-        model.graph.initializer.extend([numpy_helper.from_array(np.float32(e["scale"][0]), f"{n}@s"),
-                                        numpy_helper.from_array(np.uint8(-e["offset"][0]), f"{n}@z")])
-        qdq += [helper.make_node("QuantizeLinear", [n, f"{n}@s", f"{n}@z"], [f"{n}@q"]),
-                helper.make_node("DequantizeLinear", [f"{n}@q", f"{n}@s", f"{n}@z"], [f"{n}@dq"])]
-        renamed[n] = f"{n}@dq"
-    for node in model.graph.node:
-        node.input[:] = [renamed.get(i, i) for i in node.input]
-    nodes, known = [*qdq, *model.graph.node], {i.name for i in model.graph.input} | {
-        t.name for t in model.graph.initializer}
-    del model.graph.node[:]
-    while nodes:  # topological order
-        ready = [n for n in nodes if all(i in known for i in n.input if i)]
-        model.graph.node.extend(ready)
-        known.update(o for n in ready for o in n.output)
-        nodes = [n for n in nodes if n not in ready]
-    return model
+def test_a_tensor_also_read_in_float_carries_its_encoding_on_a_copy(exported):
+    """QNN quantizes an encoded tensor for every reader: the float reader must read the tensor
+    itself, without an encoding, and fc2 an Identity copy that carries it."""
+    _, _, path = exported["float_reader"]
+    graph = onnx.load(path).graph
+    copy = next(n for n in graph.node if n.op_type == "Identity" and n.output[0].endswith("/quantized"))
+    readers = [n.op_type for n in graph.node if copy.input[0] in n.input]
+    assert sorted(readers) == ["Identity", "ReduceMean"]
+    names = {e["name"] for e in json.loads(encodings_path(path).read_text())["activation_encodings"]}
+    assert copy.output[0] in names and copy.input[0] not in names
 
 
-def test_encodings_as_onnx_qdq_reproduce_the_simulation(exported):
-    qmodel, x, path = exported["cnn"]
+@pytest.mark.parametrize("case", ["cnn", "float_reader"])
+def test_encodings_as_onnx_qdq_reproduce_the_simulation(exported, case):
+    qmodel, x, path = exported[case]
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # float kernels, as written
-    session = ort.InferenceSession(_apply_encodings(path).SerializeToString(), options,
+    session = ort.InferenceSession(encodings_as_qdq(path).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     got, want = session.run(None, {"input": x.numpy()})[0], _simulate(qmodel, x)
     rows_equal = (np.abs(got - want).max(axis=1) <= 5e-7).mean()

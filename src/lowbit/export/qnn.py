@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from .._files import atomic_path
@@ -63,7 +63,7 @@ from .onnx_export import export_onnx
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENCODING_VERSION", "encodings_path", "export_qnn"]
+__all__ = ["ENCODING_VERSION", "encodings_as_qdq", "encodings_path", "export_qnn"]
 
 ENCODING_VERSION = "1.0.0"
 """The AIMET encodings format written: AIMET's default export (aimet-onnx 2.x) and what QNN's
@@ -75,6 +75,51 @@ _BIAS_BITS = 32  # integer biases: int32 on the grid s_in * s_w (QuantSpec stops
 def encodings_path(path: str | os.PathLike) -> Path:
     """The encodings file beside the float ONNX file ``path``: ``model.onnx`` -> ``model.encodings``."""
     return Path(path).with_suffix(".encodings")
+
+
+def encodings_as_qdq(path: str | os.PathLike) -> onnx.ModelProto:
+    """The float file ``path`` with its activation encodings inserted as ONNX
+    ``QuantizeLinear -> DequantizeLinear`` (uint8, zero point ``-offset``): the arithmetic the
+    1.0.0 format documents, runnable in ONNX Runtime without Qualcomm's tools.  Weights and
+    biases are on their grids in the float file already, so they stay.  Each quantized tensor
+    ``t`` keeps its float value under its own name; its consumers read ``t@dq``.
+
+    What differs from AIMET / QNN: ONNX rounds half to even, AIMET half away from zero (only an
+    exact tie lands on the other code).
+
+    Raises:
+        ValueError: an activation encoding other than 8-bit per tensor.
+    """
+    model = onnx.load(path)
+    doc = json.loads(encodings_path(path).read_text())
+    renamed, qdq = {}, []
+    for e in doc["activation_encodings"]:
+        if e["bw"] != 8 or e["enc_type"] != "PER_TENSOR":
+            raise ValueError(f"encodings_as_qdq: {e['name']} has a {e['bw']}-bit {e['enc_type']} encoding; "
+                             "only 8-bit per-tensor activations are written as ONNX Q/DQ here")
+        n = e["name"]
+        model.graph.initializer.extend([numpy_helper.from_array(np.float32(e["scale"][0]), f"{n}@s"),
+                                        numpy_helper.from_array(np.uint8(-e["offset"][0]), f"{n}@z")])
+        qdq += [helper.make_node("QuantizeLinear", [n, f"{n}@s", f"{n}@z"], [f"{n}@q"]),
+                helper.make_node("DequantizeLinear", [f"{n}@q", f"{n}@s", f"{n}@z"], [f"{n}@dq"])]
+        renamed[n] = f"{n}@dq"
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    for out in model.graph.output:  # a quantized graph output: the quantized value is the output
+        if out.name in renamed:
+            qdq.append(helper.make_node("Identity", [renamed[out.name]], [f"{out.name}@out"]))
+            out.name = f"{out.name}@out"
+    nodes = [*qdq, *model.graph.node]
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    del model.graph.node[:]
+    while nodes:  # topological order
+        ready = [n for n in nodes if all(i in known for i in n.input if i)]
+        if not ready:
+            raise ValueError(f"encodings_as_qdq: {path} has nodes whose inputs are never produced")
+        model.graph.node.extend(ready)
+        known.update(o for n in ready for o in n.output)
+        nodes = [n for n in nodes if n not in ready]
+    return model
 
 
 def export_qnn(qmodel: nn.Module, path: str | os.PathLike, example_inputs, *, int32_bias: bool = True,
@@ -325,7 +370,12 @@ def _remove_activation_qdq(g: Graph, specs: Mapping[str, QuantSpec]) -> list[dic
     A tensor that several quantizers read with different ranges keeps the finest grid (smallest
     scale); each other grid reads an ``Identity`` copy with its own encoding.  QNN quantizes a
     tensor once, at its producer, so the copy is a requantization of the fine codes (rounded
-    twice: at most half a fine step more error than the simulation's direct rounding)."""
+    twice: at most half a fine step more error than the simulation's direct rounding).
+
+    A tensor that is also read in float (a residual add the simulation leaves float, a graph
+    output) keeps no encoding: its quantized readers read an ``Identity`` copy that carries it.
+    QNN quantizes a tensor for every reader, so encoding the tensor itself would quantize the
+    float readers' input too (MiniLM: the residual branch around each attention block)."""
     groups: dict[str, list[tuple[onnx.NodeProto, dict]]] = {}
     for q in g.nodes("QuantizeLinear"):
         name, spec = _quantizer(q, specs)
@@ -337,6 +387,13 @@ def _remove_activation_qdq(g: Graph, specs: Mapping[str, QuantSpec]) -> list[dic
     for source, qs in groups.items():
         grids = sorted({_grid(e): e for _, e in qs}.values(), key=lambda e: e["scale"])
         tensors = {_grid(grids[0]): source}
+        floats = _float_readers(g, source, [q for q, _ in qs])
+        if floats:
+            copy = g.unique_name(f"{source}/quantized")
+            _insert_after(g, source, helper.make_node("Identity", [source], [copy], name=copy))
+            tensors[_grid(grids[0])] = copy
+            log.info("tensor %r is also read in float (by %s): its quantized readers read the Identity copy %r, "
+                     "which carries the encoding", source, ", ".join(floats), copy)
         for extra in grids[1:]:
             copy = g.unique_name(f"{source}/requantized")
             _insert_after(g, source, helper.make_node("Identity", [source], [copy], name=copy))
@@ -352,6 +409,19 @@ def _remove_activation_qdq(g: Graph, specs: Mapping[str, QuantSpec]) -> list[dic
             g.remove_nodes([q, *g.consumers(q.output[0])])
         entries += [{**e, "name": tensors[_grid(e)]} for e in grids]
     return entries
+
+
+def _float_readers(g: Graph, source: str, quantizers: list[onnx.NodeProto]) -> list[str]:
+    """What reads ``source`` other than its ``quantizers`` (directly, or through the Clip export puts
+    in front of a narrow grid): node names, and "the graph output"."""
+    def quantizes(node: onnx.NodeProto) -> bool:
+        if any(node is q for q in quantizers):
+            return True
+        users = g.consumers(node.output[0]) if node.op_type == "Clip" else []
+        return bool(users) and all(any(u is q for q in quantizers) for u in users)
+
+    readers = [node.name or node.op_type for node in g.consumers(source) if not quantizes(node)]
+    return readers + (["the graph output"] if g.is_graph_output(source) else [])
 
 
 def _insert_after(g: Graph, tensor: str, node: onnx.NodeProto) -> None:
