@@ -113,13 +113,20 @@ def algorithm_steps(algorithm: str, args: argparse.Namespace) -> list:
     return [lowbit.ptq.AWQ(batches=args.awq_batches) if step == "awq" else step for step in ALGORITHMS[algorithm]]
 
 
+def algorithm_label(algorithm: str, args: argparse.Namespace) -> str:
+    """``algorithm`` as the table names it: with the windows AWQ's search read when not all."""
+    awq = "awq" in ALGORITHMS[algorithm] and args.awq_batches is not None and args.awq_batches < args.calib
+    return f"{algorithm} (AWQ search on {args.awq_batches} windows)" if awq else algorithm
+
+
 def lowbit_row(run: Run, algorithm: str, bits: int, coverage: str) -> Row:
     """lowbit.quantize with ``algorithm`` (``ALGORITHMS``) on ``lowbit_config(bits, coverage)``,
     scored in PyTorch and, exported by ``export_llm``, in ONNX Runtime."""
     config = lowbit_config(bits, coverage)
     steps = algorithm_steps(algorithm, run.args)
     calib = [{"input_ids": w[None]} for w in run.calib] if steps else None
-    label = f"lowbit W{bits} g128 sym, {algorithm}" + ("" if coverage == "all" else ", lm_head float")
+    label = f"lowbit W{bits} g128 sym, {algorithm_label(algorithm, run.args)}" + (
+        "" if coverage == "all" else ", lm_head float")
     return scored(run, label, f"{COVERAGE[coverage]}; int{bits} g128 symmetric", len(calib or ()), lowbit.quantize,
                   run.model, calib, config, algorithms=steps or None, progress=False)
 
@@ -140,7 +147,7 @@ def scored(run: Run, label: str, weights: str, calib: int, build, *args, **kwarg
 
 
 def stage_lowbit_w4(run: Run) -> None:
-    for algorithm in ALGORITHMS:
+    for algorithm in run.args.w4_algorithms or ALGORITHMS:
         run.keep(lowbit_row(run, algorithm, 4, "all"))
 
 
@@ -175,7 +182,7 @@ def mixed_quantize(model: torch.nn.Module, calib: list, bits: float, steps: list
 def stage_lowbit_mixed(run: Run) -> None:
     calib = [{"input_ids": w[None]} for w in run.calib]
     bits, algorithm = run.args.mixed_bits, run.args.mixed_algorithm
-    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm}",
+    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm_label(algorithm, run.args)}",
                     f"{COVERAGE['all']}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
                     f"{bits:g} bits on average over the Linears", len(calib), mixed_quantize, run.model, calib, bits,
                     algorithm_steps(algorithm, run.args)))
@@ -357,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="calibration windows AWQ's search reads (default: all of --calib)")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of every file")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    parser.add_argument("--w4-algorithms", nargs="+", choices=list(ALGORITHMS),
+                        help="lowbit-w4's algorithms (default: all)")
     parser.add_argument("--decoder-algorithms", nargs="+", choices=list(ALGORITHMS),
                         help="lowbit-w4-decoder's algorithms (default: RTN and lowbit-w4's best)")
     parser.add_argument("--rows", default="llm_peers_rows.jsonl", help="JSON lines the rows are appended to")
