@@ -3,7 +3,9 @@
 1. FP32 perplexity on the first ``--eval-windows`` windows of 512 tokens of
    ``english_text("eval")`` (``lowbit.report.perplexity``).
 2. PTQ: ``lowbit.quantize(model, calib, --config, algorithms=["gptq"])`` on ``--gptq-windows``
-   windows of 512 calibration tokens (``--ptq rtn``: round to nearest, no data); its perplexity.
+   windows of 512 calibration tokens (``--ptq rtn``: round to nearest, no data); with
+   ``--mixed-bits B`` the config is ``lowbit.mixed_precision``'s choice of W4 g128 / W8 per channel
+   per Linear at ``B`` average weight bits on the same windows; its perplexity.
 3. ``lowbit.qat.from_ptq`` (learned scales starting at the PTQ scales: GPTQ's on-grid weights
    rescale their fixed codes, ``learn="auto"``; ``--learn lsq`` for plain LSQ) and ``llm_schedule``: stage 0
    trains only the scales of the blocks and the head, then ``--stages`` groups of decoder blocks
@@ -53,6 +55,9 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="w4a16-g128")
     p.add_argument("--ptq", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--mixed-bits", type=float, default=None,
+                   help="QAT the mixed 4/8 model instead: lowbit.mixed_precision over w4a16-g128 / w8a16 at this "
+                        "average of weight bits (on the GPTQ windows), then --ptq on its config")
     p.add_argument("--gptq-windows", type=int, default=64, help="512-token calibration windows for GPTQ")
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--seq", type=int, default=256, help="tokens per training window")
@@ -75,12 +80,17 @@ def _ppl(model, windows) -> float:
 
 def _quantize(model, tok, args) -> tuple[torch.nn.Module, float]:
     start = time.perf_counter()
+    calib = [{"input_ids": w[None]} for w in token_windows(tok, english_text("calib"), 512, count=args.gptq_windows)]
+    config = args.config
+    if args.mixed_bits is not None:
+        choice = lowbit.mixed_precision(model, calib, ("w4a16-g128", "w8a16"), {"avg_weight_bits": args.mixed_bits})
+        config = choice.config
+        log.info("mixed at %.2f bits: %d 8-bit linears", choice.predicted["avg_weight_bits"],
+                 sum(c == "w8a16" for c in choice.assignment.values()))
     if args.ptq == "gptq":
-        calib = token_windows(tok, english_text("calib"), 512, count=args.gptq_windows)
-        ptq = lowbit.quantize(model, [{"input_ids": w[None]} for w in calib], args.config,
-                              algorithms=["gptq"], progress=False)
+        ptq = lowbit.quantize(model, calib, config, algorithms=["gptq"], progress=False)
     else:
-        ptq = lowbit.quantize(model, None, args.config, progress=False)
+        ptq = lowbit.quantize(model, None, config, progress=False)
     return ptq, time.perf_counter() - start
 
 
