@@ -11,7 +11,10 @@ nats of the logits; MiniLM: mean cosine of the sentence embeddings), with the ti
   chain gets from lowbit's file, and their agreement with the simulation;
 * ``AIMET PTQ``: ``QuantizationSimModel`` on the FP32 ONNX file (BatchNorms folded by AIMET), int8
   per-channel weights (AIMET's ``default_config_per_channel.json``), 8-bit asymmetric activations,
-  ``compute_encodings`` with its default scheme (min-max; others with ``--schemes``);
+  ``compute_encodings`` with its default scheme (min-max; others with ``--schemes``).  On MiniLM
+  AIMET's defaults also quantize the additive attention mask and the masked scores (range down to
+  -3.4e38, which rounds every real score to 0), so MiniLM gets a second row per scheme with the
+  quantizers whose range exceeds ``MASK_RANGE`` disabled after calibration, as a user would;
 * MobileNetV2 only: ``AdaRound``, ``aimet_onnx.apply_adaround`` then ``compute_encodings``, and
   lowbit's ``adaround`` step, the same iterations per layer on the same photos; with ``--w4``, W4A8
   (first conv and classifier at 8 bits as in lowbit's ``w4a8`` preset; AIMET set the same).
@@ -42,6 +45,7 @@ log = logging.getLogger("bench_aimet")
 PACKAGES = ("torch", "onnxruntime", "onnx", "transformers")
 AIMET_CONFIG = "default_config_per_channel.json"  # per-channel weights, as lowbit's presets
 ADAROUND_BATCHES = 4  # calibration batches (of 16 photos) AdaRound reads, in both tools
+MASK_RANGE = 1e30  # an activation range beyond this comes from an additive attention mask (finfo.min)
 
 
 # -- the AIMET side (runs in aimet-onnx's interpreter; imports no lowbit) -----------------------------
@@ -81,6 +85,11 @@ def _aimet_sim(job: dict, plan: dict, calib: list[dict]):
     if job["kind"] == "adaround":
         apply_adaround(sim, calib[:ADAROUND_BATCHES], num_iterations=job["iterations"])
     sim.compute_encodings(calib)
+    if job.get("mask_float"):  # the additive attention mask's path: a -3.4e38 range zeroes every score
+        for q in sim.qc_quantize_op_dict.values():
+            enc = q.get_encodings() if q.enabled else None
+            if enc and max(abs(enc[0].min), abs(enc[0].max)) > MASK_RANGE:
+                q.enabled = False
     return sim
 
 
@@ -157,6 +166,9 @@ def aimet_jobs(w, args) -> list[dict]:
     jobs = [{"name": f"AIMET PTQ w8a8 ({scheme})", "kind": "ptq", "scheme": scheme, "weight_bits": 8}
             for scheme in args.schemes]
     jobs += [{**job, "name": job["name"] + ", outputs float", "float_outputs": True} for job in jobs]
+    if w.embedding:  # AIMET's defaults quantize the masked attention scores: also without those quantizers
+        jobs += [{**job, "name": job["name"] + ", attention-mask tensors float", "mask_float": True}
+                 for job in jobs if not job.get("float_outputs")]
     if args.adaround and not w.embedding:
         jobs.append({"name": "AIMET AdaRound w8a8 (min_max)", "kind": "adaround", "scheme": "min_max",
                      "weight_bits": 8, "iterations": args.iterations})
