@@ -148,7 +148,7 @@ def test_ort_hqq_fits_zero_points_and_scores(tiny, tmp_path):
 def test_lowbit_mixed_stage_gives_some_linears_8_bits_and_scores(tiny, tmp_path):
     model, windows, calib, _ = tiny
     ids = [{"input_ids": w[None]} for w in calib]
-    qmodel = bench.mixed_gptq(model, ids, 5.0)
+    qmodel = bench.mixed_quantize(model, ids, 5.0, ["gptq"])
     bits = {n: m.weight_quantizer.spec.bits for n, m in qmodel.named_modules() if hasattr(m, "weight_quantizer")
             and n != "model.embed_tokens"}
     assert set(bits.values()) == {4, 8}
@@ -166,3 +166,18 @@ def test_mixed_verdict_compares_with_nncfs_ratio_08_mix():
     line = bench.verdicts(rows)[-1]
     assert line.startswith("lowbit mixed W4 g128 / W8, 4.5 avg bits, GPTQ: 1.050x FP32 in PyTorch (target <= 1.06x: met)")
     assert "closer to FP32, at equal or smaller size (90.0 vs 180.0 MB)" in line
+
+
+def test_awq_batches_reach_the_step_and_the_label():
+    import argparse
+
+    import lowbit
+
+    args = argparse.Namespace(awq_batches=16, calib=64)
+    awq, gptq = bench.algorithm_steps("AWQ+GPTQ", args)
+    assert isinstance(awq, lowbit.ptq.AWQ) and awq.batches == 16 and gptq == "gptq"
+    assert bench.algorithm_label("AWQ+GPTQ", args) == "AWQ+GPTQ (AWQ search on 16 windows)"
+    assert bench.algorithm_label("GPTQ", args) == "GPTQ"
+    every = argparse.Namespace(awq_batches=None, calib=64)
+    assert bench.algorithm_steps("AWQ+GPTQ", every)[0].batches is None
+    assert bench.algorithm_label("AWQ+GPTQ", every) == "AWQ+GPTQ"
