@@ -107,6 +107,16 @@ def _inside_mask(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.eq(q, t, out=t)
 
 
+def _code_bounds(z, qmin: int, qmax: int, dtype: torch.dtype):
+    """``(qmin - z, qmax - z)``: the clamp bounds of ``round(x / s)`` for an integer zero point ``z``
+    (None: 0), scalars when ``z`` is one (a tensor-bound clamp is several times slower)."""
+    if z is None:
+        return qmin, qmax
+    if z.numel() == 1:
+        return qmin - float(z), qmax - float(z)
+    return (qmin - z).to(dtype), (qmax - z).to(dtype)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Quantize-dequantize; gradient 1 where the code did not saturate, else 0."""
 
@@ -116,12 +126,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         # integer z (every sum is an integer far inside float32's exact range), so the zero-point
         # costs no pass over x.  Only the sign of a zero can differ (-0.0 where the two-pass form
         # gives +0.0), which no comparison, sum or product downstream can tell apart.
-        if z is None:
-            lo, hi = qmin, qmax
-        elif z.numel() == 1:  # scalar bounds: a tensor-bound clamp is several times slower
-            lo, hi = qmin - float(z), qmax - float(z)
-        else:
-            lo, hi = (qmin - z).to(x.dtype), (qmax - z).to(x.dtype)
+        lo, hi = _code_bounds(z, qmin, qmax, x.dtype)
         t = torch.div(x, s).round_()
         if not ctx.needs_input_grad[0]:  # inference / calibration: no mask, no second buffer
             return t.clamp_(lo, hi).mul_(s)
@@ -200,12 +205,7 @@ class _FakeQuantRescaled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, a, z, qmin, qmax, grad_scale):
-        if z is None:
-            lo, hi = qmin, qmax
-        elif z.numel() == 1:
-            lo, hi = qmin - float(z), qmax - float(z)
-        else:
-            lo, hi = (qmin - z).to(x.dtype), (qmax - z).to(x.dtype)
+        lo, hi = _code_bounds(z, qmin, qmax, x.dtype)
         t = torch.div(x, a).round_()
         q = t.clamp(lo, hi)
         ctx.save_for_backward(_inside_mask(q, t), q, s, a)
