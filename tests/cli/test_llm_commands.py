@@ -175,6 +175,22 @@ def test_recipe_replays_to_the_same_bytes_and_perplexity_agrees_with_the_report(
         assert f"perplexity {got['perplexity']:.4f}" in stdout
 
 
+def test_cli_files_fuse_projections_and_an_older_recipe_replays_unfused(work, quantized):
+    """New recipes export q/k/v and gate/up as one MatMulNBits each (``llm.fuse``); a recipe written
+    before the field existed still replays, unfused, as it was exported then."""
+    folder, _ = quantized
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["llm"]["fuse"] is True
+    fused = count_ops(onnx.load(folder / "model.onnx"))["MatMulNBits"]
+    del recipe["llm"]["fuse"]
+    (work / "old_recipe.json").write_text(json.dumps(recipe))
+    replay = run("export", "old_recipe.json", "--out", "unfused.onnx", cwd=work)
+    assert replay.returncode == 0, replay.stderr
+    unfused = count_ops(onnx.load(work / "unfused.onnx"))["MatMulNBits"]
+    blocks = json.loads((work / "lm" / "config.json").read_text())["num_hidden_layers"]
+    assert unfused - fused == 3 * blocks  # per block: q/k/v 3 -> 1 and gate/up 2 -> 1
+
+
 def test_lowbit_report_renders_the_llm_report(quantized, capsys):
     folder, report = quantized
     assert cli.main(["report", str(folder)]) == 0

@@ -29,8 +29,11 @@ from ._common import UserError, check_fields, config_from_dict, load_factory
 
 log = logging.getLogger("lowbit.cli")
 
-# recipe["llm"]: calibration text (None: english_text("calib")), its amount, and export_llm's options
-LLM_FIELDS = ("calib_samples", "seq_len", "calib_text", "accuracy_level", "max_length")
+# recipe["llm"]: calibration text (None: english_text("calib")), its amount, and export_llm's options;
+# "fuse" (q/k/v and gate/up as one MatMulNBits each where their grids allow) is optional: recipes
+# written before it replay unfused, as they were exported
+LLM_REQUIRED = ("calib_samples", "seq_len", "calib_text", "accuracy_level", "max_length")
+LLM_FIELDS = (*LLM_REQUIRED, "fuse")
 GGUF_HINT = ("convert it once into a folder (transformers: AutoModelForCausalLM.from_pretrained(folder, "
              "gguf_file=name, dtype=torch.float32) and AutoTokenizer the same way, then save_pretrained "
              "both; lowbit.zoo.smollm2 shows how) and pass the folder; SmolLM2's, once lowbit.zoo.smollm2() "
@@ -152,11 +155,13 @@ def calibration_data(recipe: dict, tokenizer, steps) -> list | None:
 
 # -- recipes ------------------------------------------------------------------------------------
 def check_llm_section(recipe: dict, where: str) -> dict:
-    """The recipe's ``llm`` section, checked (all of ``LLM_FIELDS``, nothing else)."""
+    """The recipe's ``llm`` section, checked (every field of ``LLM_REQUIRED``, ``fuse`` optional, nothing else)."""
     llm = recipe.get("llm")
     if not isinstance(llm, dict):
-        raise UserError(f"{where}: llm must be an object with {', '.join(LLM_FIELDS)}")
-    check_fields(llm, LLM_FIELDS, f"{where}: llm", LLM_FIELDS)
+        raise UserError(f"{where}: llm must be an object with {', '.join(LLM_REQUIRED)} (and optionally fuse)")
+    check_fields(llm, LLM_FIELDS, f"{where}: llm", LLM_REQUIRED)
+    if not isinstance(llm.get("fuse", False), bool):
+        raise UserError(f"{where}: llm.fuse must be true or false, got {llm['fuse']!r}")
     return llm
 
 
@@ -218,4 +223,5 @@ def export_from_recipe(qmodel, path: Path, recipe: dict) -> None:
     from ..export import export_llm
 
     llm = recipe["llm"]
-    export_llm(qmodel, path, accuracy_level=llm["accuracy_level"], max_length=llm["max_length"])
+    export_llm(qmodel, path, accuracy_level=llm["accuracy_level"], max_length=llm["max_length"],
+               fuse=llm.get("fuse", False))

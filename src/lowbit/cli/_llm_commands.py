@@ -64,7 +64,7 @@ def _recipe(args, config, steps) -> dict:
 
     options = {"progress": not args.quiet, "algorithms": [s.to_dict() for s in steps]}
     llm = {"calib_samples": args.calib_samples, "seq_len": args.seq_len, "calib_text": args.calib_text,
-           "accuracy_level": args.accuracy_level, "max_length": None}
+           "accuracy_level": args.accuracy_level, "max_length": None, "fuse": True}
     return {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "command": "quantize", "model": args.model,
             "data": args.data, "config": config.to_dict(), "options": options,
             "target": resolve_target(args.target).name, "llm": llm}
