@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from bench_aimet import _batches, _default_aimet_python, _onnx_options, _save_batches
 
 _TIE = 1e-3  # |frac(v) - 0.5| below this: the value sits on a rounding tie (float32 of x / scale)
 
@@ -60,11 +60,10 @@ def worker(job_path: str) -> None:
     graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in exposed if t not in have)
     sim._rebuild_session()  # (the documented way to pick up a changed graph: aimet_onnx 2.x)
     names = [o.name for o in sim.session.get_outputs()]
-    data = np.load(job["inputs"])
+    batches = _batches(job["inputs"])
     stats = {"codes": 0, "differ": 0, "at_tie": 0, "worst_tensor": 0.0, "weights": len(params), "weights_exact": 0}
     outputs, tensors = [], {}
-    for b in range(job["batches"]):
-        feeds = {i.name: data[f"{b}/{i.name}"] for i in sim.session.get_inputs()}
+    for b, feeds in enumerate(batches):
         got = dict(zip(names, sim.session.run(None, feeds), strict=True))
         outputs.append(got[names[0]])
         for name, (scale, offset) in acts.items():
@@ -89,20 +88,21 @@ def worker(job_path: str) -> None:
 
 
 # -- the lowbit side ------------------------------------------------------------------------------------
-def _float_kernels(model, threads: int, *, expose_dq: bool = False):
-    """An ORT session that runs ``model`` as written (no fusion into integer kernels); with
-    ``expose_dq`` every DequantizeLinear output is a graph output too."""
-    import onnx
-    import onnxruntime as ort
+def _float_kernels(path: Path, threads: int):
+    """``path`` in ONNX Runtime as written (no fusion into integer kernels)."""
+    from lowbit.runtime import OrtModel
 
-    if expose_dq:
-        quantized = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
-        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                                  for t in quantized)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # float kernels, as written
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return OrtModel(path, threads=threads, optimization="disable")
+
+
+def _exposing_dq(model, path: Path) -> Path:
+    """``model`` with every DequantizeLinear output a graph output too, saved at ``path``."""
+    import onnx
+
+    quantized = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in quantized)
+    onnx.save(model, path)
+    return path
 
 
 def _agreement(w, a, b) -> str:
@@ -113,7 +113,6 @@ def _agreement(w, a, b) -> str:
 
 
 def check_model(name: str, args, folder: Path) -> list[str]:
-    import onnx
     import torch
     from _selection import build_workload
 
@@ -122,27 +121,25 @@ def check_model(name: str, args, folder: Path) -> list[str]:
 
     w = build_workload(name, args)
     qmodel = lowbit.quantize(w.model, [w.args(b) for b in w.calib], args.config, target="qnn", progress=False)
-    path = export_qnn(qmodel, folder / f"{name}.onnx", w.args(w.calib[0]), input_names=w.input_names,
-                      output_names=w.output_names, dynamic_axes={n: {0: "batch"} for n in w.input_names})
+    path = export_qnn(qmodel, folder / f"{name}.onnx", w.args(w.calib[0]), **_onnx_options(w))
     with torch.no_grad():
         sim = torch.cat([w.compared([qmodel(*w.args(b)).numpy()], b) for b in w.evals])
-    lowbit.export_onnx(qmodel, folder / f"{name}.qdq.onnx", w.args(w.calib[0]), input_names=w.input_names,
-                       output_names=w.output_names, dynamic_axes={n: {0: "batch"} for n in w.input_names}, target="qnn")
-    own = _float_kernels(onnx.load(folder / f"{name}.qdq.onnx"), args.threads)
-    own_qdq = torch.cat([w.compared([own.run(None, w.feeds(b))[0]], b) for b in w.evals])
-    session = _float_kernels(encodings_as_qdq(path), args.threads, expose_dq=True)
-    qdq_names = [o.name for o in session.get_outputs()]
+    lowbit.export_onnx(qmodel, folder / f"{name}.qdq.onnx", w.args(w.calib[0]), **_onnx_options(w), target="qnn")
+    own = _float_kernels(folder / f"{name}.qdq.onnx", args.threads)
+    own_qdq = torch.cat([w.compared([own.run(w.feeds(b))[0]], b) for b in w.evals])
+    qdq_model = _float_kernels(_exposing_dq(encodings_as_qdq(path), folder / f"{name}.encodings.qdq.onnx"), args.threads)
+    qdq_names = [o.name for o in qdq_model.session.get_outputs()]
     qdq_out, qdq_tensors = [], {}
     for i, b in enumerate(w.evals):
-        got = dict(zip(qdq_names, session.run(None, w.feeds(b)), strict=True))
+        got = dict(zip(qdq_names, qdq_model.run(w.feeds(b)), strict=True))
         qdq_out.append(w.compared([got[qdq_names[0]]], b))
         if i == 0:
             qdq_tensors = {n[:-len("@dq")]: v for n, v in got.items() if n.endswith("@dq")}
     qdq = torch.cat(qdq_out)
 
-    np.savez(folder / f"{name}.in.npz", **{f"{i}/{k}": v for i, b in enumerate(w.evals) for k, v in w.feeds(b).items()})
+    _save_batches(folder / f"{name}.in.npz", w, w.evals)
     job = {"onnx": str(path), "encodings": str(encodings_path(path)), "inputs": str(folder / f"{name}.in.npz"),
-           "batches": len(w.evals), "threads": args.threads, "outputs": str(folder / f"{name}.out.npz"),
+           "threads": args.threads, "outputs": str(folder / f"{name}.out.npz"),
            "tensors": str(folder / f"{name}.tensors.npz"), "stats": str(folder / f"{name}.stats.json")}
     (folder / f"{name}.job.json").write_text(json.dumps(job))
     subprocess.run([args.aimet_python, __file__, "--worker", str(folder / f"{name}.job.json")], check=True,
@@ -186,8 +183,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-calib", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--aimet-python", default=os.environ.get("LOWBIT_AIMET_PYTHON") or str(
-        Path(__file__).resolve().parents[1] / "runs" / "venvs" / "aimet" / "bin" / "python"))
+    parser.add_argument("--aimet-python", default=_default_aimet_python())
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker)
