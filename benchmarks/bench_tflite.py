@@ -3,16 +3,17 @@
 Per model, in one process, from the same float model and the same calibration inputs:
 
 * FP32 .tflite: the float model converted by litert-torch (``export_tflite`` on a model without quantizers).
-* lowbit: ``lowbit.quantize(model, calib, "w8a8")`` (defaults), then ``export_tflite`` (litert-torch's
-  static-QDQ conversion carrying lowbit's scales; outputs no lowbit quantizer reads get a min / max range
-  over the same calibration inputs).  Its time is quantize + export.
+* lowbit: ``lowbit.quantize(model, calib, "w8a8", target="tflite")`` (the simulation also quantizes the
+  outputs TFLite's int8 kernels write: logits, Linears before float ops), then ``export_tflite``
+  (litert-torch's static-QDQ conversion carrying lowbit's scales).  Its time is quantize + export.
 * ai-edge-quantizer: LiteRT's quantizer on the FP32 .tflite, recipe ``static_wi8_ai8`` (int8 weights and
   activations, min / max calibration on the same calibration inputs, one sample per item).
 
 Fidelity on held-out inputs (``_selection``'s eval split), each run by LiteRT's interpreter at batch 1:
 top-1 agreement / KL / cosine of logits with PyTorch FP32 (MobileNetV2), or cosine / nearest-neighbour
 agreement of the mean-pooled sentence embeddings (MiniLM).  "sim vs file": lowbit's PyTorch simulation
-against its own .tflite.  Latency: median / p90 of one ``invoke`` (XNNPACK delegate, LiteRT's CPU default)
+against its own .tflite; "emulation vs file": ``lowbit.runtime.emulate_tflite`` (the same model computed
+with XNNPACK's integer arithmetic in PyTorch) against it, where the model traces (MobileNetV2).  Latency: median / p90 of one ``invoke`` (XNNPACK delegate, LiteRT's CPU default)
 at 1 and 2 threads, batch 1 (the files have static shapes), the three files' runs interleaved in rotating
 rounds so that load from other processes falls on all alike.
 
@@ -44,6 +45,7 @@ from bench_ptq import score
 
 import lowbit
 from lowbit.export.tflite import export_tflite
+from lowbit.runtime import EmulationError, emulate_tflite
 from lowbit.runtime.tflite import TFLiteModel, inspect_tflite
 
 THREADS = (1, 2)
@@ -125,13 +127,14 @@ def bench(w: Workload, args: argparse.Namespace, folder: Path) -> str:
     rows = [Row("FP32 (litert-torch)", fp32, time.perf_counter() - start)]
     log.info("%s: lowbit w8a8 -> .tflite", w.name)
     start = time.perf_counter()
-    qmodel = lowbit.quantize(w.model, calib, "w8a8", progress=False)
+    qmodel = lowbit.quantize(w.model, calib, "w8a8", target="tflite", progress=False)
     quant_s = time.perf_counter() - start
     export_tflite(qmodel, folder / "lowbit.tflite", example, calibration=calib, observer=args.observer,
                   python=args.python)
+    outputs = len(qmodel.lowbit_summary.options.get("quantized_outputs", ()))
     rows.append(Row("lowbit w8a8", folder / "lowbit.tflite", time.perf_counter() - start,
-                    note=f"quantize {quant_s:.1f} s + export; outputs no lowbit quantizer reads: {args.observer} "
-                         "ranges"))
+                    note=f"quantize {quant_s:.1f} s + export; {outputs} layer outputs quantized in the simulation "
+                         "as TFLite's kernels write them"))
     log.info("%s: ai-edge-quantizer", w.name)
     rows.append(run_litert_quantizer(fp32, folder / "aeq.tflite", one_by_one(w, w.calib)))
 
@@ -146,8 +149,24 @@ def bench(w: Workload, args: argparse.Namespace, folder: Path) -> str:
         row.scores = score(w, ref, outs[row.name])
         row.kernels = kernels(row.path)
     sim_scores, file_vs_sim = score(w, ref, sim), score(w, sim, outs["lowbit w8a8"])
+    emulation = emulation_line(w, qmodel, evals, outs["lowbit w8a8"])
     latency(rows, evals[0], args.runs)
-    return table(w, rows, sim_scores, file_vs_sim, len(evals))
+    return table(w, rows, sim_scores, file_vs_sim, len(evals)) + emulation
+
+
+def emulation_line(w: Workload, qmodel, evals: list[tuple], file_out: torch.Tensor) -> str:
+    """``emulate_tflite`` (XNNPACK's integer arithmetic in PyTorch) against the file: equal outputs, agreement."""
+    try:
+        emulated = emulate_tflite(qmodel)
+    except EmulationError as exc:
+        return f"\nlowbit integer emulation (emulate_tflite): not run ({exc})\n"
+    with torch.no_grad():
+        outs = [emulated(*s) for s in evals]
+    emu = torch.cat([compared(w, o, s) for o, s in zip(outs, evals, strict=True)])
+    equal = sum(bool(torch.equal(a, b)) for a, b in zip(emu, file_out, strict=True))
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in score(w, emu, file_out).items())
+    return (f"\nlowbit integer emulation (emulate_tflite) vs its .tflite: {equal} of {len(evals)} outputs bit-identical; "
+            f"{scores}\n")
 
 
 def table(w: Workload, rows: list[Row], sim: dict, file_vs_sim: dict, n_eval: int) -> str:
@@ -178,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--python", default=os.environ.get("LOWBIT_LITERT_PYTHON"),
                         help="a Python with litert-torch (default: $LOWBIT_LITERT_PYTHON, else this one)")
     parser.add_argument("--observer", default="minmax",
-                        help="export_tflite's range estimator for outputs no lowbit quantizer reads")
+                        help="export_tflite's range estimator for outputs no lowbit quantizer reads (none "
+                             "with target='tflite')")
     parser.add_argument("--out-md", type=Path)
     args, argv = parse(parser, argv)
     args.n_select = 1  # (the workloads build a selection split; this benchmark does not use it)

@@ -76,8 +76,11 @@ def test_for_target_puts_every_activation_on_the_runtime_grid():
     assert {r.layer.input.spec.bits for r in w4a4.rules if r.layer and r.layer.input} == {8}  # @first / @last
     assert w4a4.default.input.spec.bits == 4 and w4a4.default.input.spec.symmetric  # width kept
     # the u8 affine grid already is OpenVINO's / QNN's, and TFLite's (shifted by 128): unchanged
-    for t in (targets.OPENVINO, targets.QNN, targets.TFLITE):
+    for t in (targets.OPENVINO, targets.QNN):
         assert W8A8.for_target(t) is W8A8 and W8.for_target(t) is W8
+    tfl = W8A8.for_target(targets.TFLITE)  # the same grid; TFLite's kernels also write quantized outputs
+    assert tfl.quantized_outputs and not W8A8.quantized_outputs and tfl.default == W8A8.default
+    assert tfl.for_target(targets.TFLITE) is tfl and lowbit.QuantConfig.from_dict(tfl.to_dict()) == tfl
     s8 = W8A8.with_rules(lowbit.Rule(pattern="0", layer=lowbit.LayerQuant(input=lowbit.TensorQuant(
         spec=INT8_ACTIVATION)))).for_target(targets.OPENVINO)
     assert not s8.rules[0].layer.input.spec.signed and not s8.rules[0].layer.input.spec.symmetric
@@ -113,7 +116,13 @@ def test_u8_grid_runtimes_simulate_the_same_numbers_as_ort(name):
     ort = lowbit.quantize(model, [x], "w8a8", target="x86-vnni", progress=False)
     other = lowbit.quantize(model, [x], "w8a8", target=name, progress=False)
     assert other.lowbit_summary.target == name
-    assert torch.equal(ort(x), other(x))
+    if name != "tflite":
+        assert torch.equal(ort(x), other(x))
+        return
+    # TFLite's last kernel writes int8 too: the same numbers, rounded onto the head's own output grid
+    (head,) = other.lowbit_summary.options["quantized_outputs"]
+    with torch.no_grad():
+        assert torch.equal(other.get_submodule(head).output_quantizer(ort(x)), other(x))
 
 
 def test_save_load_replays_a_tensorrt_model(tmp_path):

@@ -104,11 +104,17 @@ class QuantConfig:
     # with float inputs (weight-only) and depthwise convs (ORT's depthwise kernel sums in int32
     # on every x86 CPU) keep their width.
     max_weight_bits: int | None = None
+    # Every quantized layer's output is quantized too, where no quantizer reads it already (a
+    # model output, a float op): the runtime's integer kernels write quantized outputs (TFLite).
+    # Set by ``for_target``; ``lowbit.passes.quantize_activation_inputs`` adds the quantizers.
+    quantized_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_weight_bits is not None and (isinstance(self.max_weight_bits, bool) or self.max_weight_bits
                                                  not in range(2, 9)):
             raise ValueError(f"QuantConfig.max_weight_bits must be None or 2..8, got {self.max_weight_bits!r}")
+        if not isinstance(self.quantized_outputs, bool):
+            raise TypeError(f"QuantConfig.quantized_outputs must be a bool, got {self.quantized_outputs!r}")
         if not isinstance(self.rules, tuple):
             object.__setattr__(self, "rules", tuple(self.rules))
         for rule in self.rules:
@@ -185,7 +191,9 @@ class QuantConfig:
           ``target.max_weight_bits`` bits (``max_weight_bits``, applied by ``resolve``);
         * activations: every input / output quantizer, static or dynamic, of every rule and of
           the default is put on ``target.activation_grid`` (``activations_on_grid``), e.g.
-          signed symmetric for ``"tensorrt"``; its width, granularity and observer are kept.
+          signed symmetric for ``"tensorrt"``; its width, granularity and observer are kept;
+        * outputs: ``quantized_outputs`` when the runtime's integer kernels write quantized
+          outputs (``target.quantized_outputs``: TFLite).
 
         ``self`` itself when nothing changes (8-bit ONNX Runtime targets keep the config's grid).
 
@@ -196,6 +204,8 @@ class QuantConfig:
         config = self
         if target.max_weight_bits < 8 and self.max_weight_bits != target.max_weight_bits:
             config = dataclasses.replace(config, max_weight_bits=target.max_weight_bits)
+        if getattr(target, "quantized_outputs", False) and not config.quantized_outputs:
+            config = dataclasses.replace(config, quantized_outputs=True)
         grid = getattr(target, "activation_grid", None)
         return config if grid is None else config.activations_on_grid(grid)
 

@@ -85,6 +85,12 @@ class Target:
             ``"s8-affine"`` (simulated on uint8 codes: the same numbers, see the module
             docstring) or ``"s8-symmetric"`` (zero point 0).  None (the ONNX Runtime targets):
             the config's own grid, since ORT runs both (uint8 affine fastest on x86).
+        quantized_outputs: every integer kernel of the runtime writes a quantized output (TFLite:
+            an int8 CONV_2D / FULLY_CONNECTED has an int8 output tensor), so the simulation gives
+            each quantized layer whose output no quantizer reads an output quantizer of its own
+            (``QuantConfig.quantized_outputs``) and rounds where the file rounds.  False: the
+            runtime can leave an integer layer's output float (ORT's QGemm, OpenVINO's fused
+            dequantization, TensorRT).
     """
 
     name: str
@@ -94,6 +100,7 @@ class Target:
     description: str = ""
     runtime: Runtime = "onnxruntime"
     activation_grid: ActivationGrid | None = None
+    quantized_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -143,6 +150,7 @@ ARM64 = _target(Target(name="arm64", exact_u8s8=True,
 OPENVINO = _target(Target(name="openvino", exact_u8s8=True, runtime="openvino", activation_grid="u8-affine",
                           description="OpenVINO CPU plugin: uint8 affine activations, int8 per-channel weights"))
 TFLITE = _target(Target(name="tflite", exact_u8s8=True, runtime="tflite", activation_grid="s8-affine",
+                        quantized_outputs=True,
                         description="TFLite / LiteRT: int8 affine activations (uint8 grid shifted by 128), "
                                     "int8 per-channel weights, int32 bias"))
 QNN = _target(Target(name="qnn", exact_u8s8=True, runtime="qnn", activation_grid="u8-affine",

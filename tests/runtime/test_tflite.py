@@ -10,7 +10,8 @@ What is checked against what:
   step of its output grid (the simulation rounds a float result half to even; TFLite requantizes the
   int32 accumulator with a fixed-point multiplier, so a value within float error of a tie may round
   the other way); the whole network's outputs agree within a few output steps (those one-step
-  differences propagate, a little amplified, through later layers).
+  differences propagate, a little amplified, through later layers) on the grid of the simulation's
+  own output quantizer (``target="tflite"`` adds it where the file's kernel writes int8).
 
 litert-torch, the converter, clashes with this environment's packages (its xdsl pin needs
 typing-extensions < 4.13), so it may live in its own venv: ``$LOWBIT_LITERT_PYTHON`` or
@@ -36,6 +37,7 @@ from lowbit.nn.modules import QuantAdd, QuantStub, is_quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 interpreter = pytest.importorskip("ai_edge_litert.interpreter", reason="pip install ai-edge-litert")
+from lowbit.runtime import emulate_tflite
 from lowbit.runtime.tflite import TFLiteModel, inspect_tflite, measure_latency
 
 # A conversion costs a litert-torch start (~10 s of imports) plus the conversion: the CNN (conv, depthwise,
@@ -88,7 +90,7 @@ def _built(model, shape, tmp_path_factory, name):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     calib = [_randn(8, *shape, seed=s) for s in range(4)]
-    qmodel = lowbit.quantize(model, calib, "w8a8", progress=False)
+    qmodel = lowbit.quantize(model, calib, "w8a8", target="tflite", progress=False)
     path = export_tflite(qmodel, tmp_path_factory.mktemp(name) / f"{name}.tflite", calib[0][:1], calibration=calib,
                          python=_litert_python())
     return qmodel, path
@@ -204,11 +206,13 @@ def test_fully_connected_kernels_equal_the_simulation_within_one_step(which, sha
 
 @pytest.mark.parametrize("which, shape", [("cnn", (3, 16, 16)), pytest.param("mlp", (32,), marks=SLOW)])
 def test_outputs_agree_with_the_simulation(which, shape, request):
-    """The file's outputs vs lowbit's simulation rounded onto the file's output grid (the one quantizer the
-    file adds: TFLite's int8 kernels write int8, and it clips at the calibrated range)."""
+    """The file's outputs vs lowbit's simulation: target="tflite" quantizes the head's output as the file's
+    int8 FULLY_CONNECTED writes it, so both are on one grid (the export calibrates no range of its own)."""
     qmodel, path = request.getfixturevalue(which)
     model = TFLiteModel(path)
     scale, zero_point = model.outputs[0]["quantization"]
+    head = [m for m in qmodel.modules() if isinstance(m, nn.Linear)][-1].output_quantizer
+    assert head is not None and (scale, zero_point) == (float(head.scale), int(head.zero_point) - 128)
     steps = []
     for seed in range(32):
         x = _randn(1, *shape, seed=200 + seed) * (1 + seed % 3)  # (some inputs past the calibrated range)
@@ -263,3 +267,66 @@ def test_missing_interpreter_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
     with pytest.raises(ModuleNotFoundError, match="pip install ai-edge-litert"):
         TFLiteModel(tmp_path / "absent.tflite")
+
+
+@pytest.fixture(scope="module")
+def tied_cnn(tmp_path_factory):
+    """The CNN with grids that put the residual ADD and the MEAN on exact rounding ties: the add's operands
+    share a scale s and its output has 2s (so half of its results end in .5), and the MEAN keeps the scale
+    with a zero point one code higher (so every sum that is 32 mod 64 is a tie).  Where ONNX Runtime's
+    float kernels round ties to even, XNNPACK's fixed-point ADD rounds them up and its MEAN folds the
+    zero points into the float sum before rounding: the kernels differ on hundreds of elements."""
+    torch.manual_seed(0)
+    calib = [_randn(8, 3, 16, 16, seed=s) for s in range(4)]
+    qmodel = lowbit.quantize(SmallCNN().eval(), calib, "w8a8", target="tflite", progress=False)
+    add = next(m for m in qmodel.modules() if isinstance(m, QuantAdd))
+    stub = next(m for m in qmodel.modules() if isinstance(m, QuantStub))
+    head = next(m for m in qmodel.modules() if isinstance(m, nn.Linear))
+    dw = next(m for m in qmodel.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+    s = add.a_quantizer.scale.clone()
+    for q, scale, zp in ((add.a_quantizer, s, 0), (dw.input_quantizer, s, 0), (add.b_quantizer, s, 121),
+                         (stub.input_quantizer, 2 * s, 110), (head.input_quantizer, 2 * s, 111)):
+        q.set_qparams(scale.reshape(q.scale.shape), torch.tensor(zp, dtype=q.zero_point.dtype).reshape(q.zero_point.shape))
+    path = export_tflite(qmodel, tmp_path_factory.mktemp("tied") / "tied.tflite", calib[0][:1], calibration=calib,
+                         python=_litert_python())
+    return qmodel, path
+
+
+def test_integer_emulation_equals_litert_bit_for_bit(cnn, tied_cnn):
+    """emulate_tflite (XNNPACK's requantization, fixed-point ADD and MEAN) against the file in LiteRT, on
+    the calibrated CNN and on the one whose ADD and MEAN sit on ties (where ORT's kernels round otherwise)."""
+    for qmodel, path in (cnn, tied_cnn):
+        emulated = emulate_tflite(qmodel)
+        assert emulated.kernel_counts() == {"QUANTIZE": 1, "CONV_2D": 3, "ADD": 1, "MEAN": 1, "FULLY_CONNECTED": 1,
+                                            "DEQUANTIZE": 1}
+        model = TFLiteModel(path)
+        for seed in range(16):
+            x = _randn(1, 3, 16, 16, seed=300 + seed) * (1 + seed % 3)
+            got = model(x)
+            with torch.no_grad():
+                want = emulated(x)
+            assert torch.equal(got, want), (path.name, seed, (got - want).abs().max())
+
+
+def test_xnnpack_add_and_mean_are_not_onnx_runtimes(tied_cnn):
+    """On the tied grids the two runtimes' ADD and MEAN kernels differ (so the test above checks something)."""
+    from lowbit.runtime import _ort_kernels as K
+    from lowbit.runtime import _xnnpack_kernels as X
+
+    qmodel, _ = tied_cnn
+    add = next(m for m in qmodel.modules() if isinstance(m, QuantAdd))
+    stub = next(m for m in qmodel.modules() if isinstance(m, QuantStub))
+    head = next(m for m in qmodel.modules() if isinstance(m, nn.Linear))
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 256, (4, 8, 8, 8), generator=g).float() for _ in range(2))
+    qa, qb, qy, qh = add.a_quantizer, add.b_quantizer, stub.input_quantizer, head.input_quantizer
+    args = (a, qa.scale, int(qa.zero_point), b, qb.scale, int(qb.zero_point), qy.scale, int(qy.zero_point), 0, 255)
+    ours, ort = X.add(*args), K.qlinear_add(*args)
+    exact = ((a - int(qa.zero_point)) + (b - int(qb.zero_point))) / 2 + int(qy.zero_point)
+    ties = exact != exact.floor()
+    assert torch.equal(ours[ties], (exact[ties] + 0.5).clamp(0, 255))  # half up
+    assert torch.equal(ort[ties], torch.round(exact[ties]).clamp(0, 255))  # half to even
+    assert int((ours != ort).sum()) > a.numel() // 8  # (half of the results are ties; half of those differ)
+    pooled = (qy.scale, int(qy.zero_point), qh.scale, int(qh.zero_point), 0, 255)
+    maps = torch.randint(0, 256, (16, 64, 8, 8), generator=g).float()  # 1024 means, 1 in 64 of them a tie
+    assert int((X.mean(maps, *pooled) != K.qlinear_global_average_pool(maps, *pooled)).sum()) > 3

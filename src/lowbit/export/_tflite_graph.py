@@ -175,6 +175,11 @@ def place_output_quantizers(gm: fx.GraphModule, batches, batch_size: int, observ
         _insert_qdq(gm.graph, node, qargs[node.name])
         log.info("%s: no lowbit quantizer reads this output; int8 scale %.4g, zero point %d from calibration "
                  "(%s)", node.name, *qargs[node.name][:2], observer)
+    if observed:
+        log.warning("%d integer op output(s) that the simulation leaves float are rounded to int8 in the file "
+                    "(TFLite's kernels write int8), with ranges from the export's calibration inputs: the file "
+                    "differs from the simulation there. Quantize with target='tflite' so the simulation rounds "
+                    "them too", len(observed))
     gm.graph.lint()
     gm.recompile()
     return Placement(copied=tuple(copied), calibrated=tuple(n.name for n in observed))

@@ -13,12 +13,14 @@ min / max, recomputes every scale from a range and re-rounds the weights; it can
 range search's or AdaRound's integers.)
 
 TFLite's int8 activation grid is lowbit's uint8 affine grid shifted by 128 (``zero_point - 128``,
-the same real numbers).  A TFLite integer kernel must also write an int8 *output*, where lowbit's
-simulation leaves a layer's output float unless another quantizer reads it (a classifier's
-logits, a Linear feeding LayerNorm): such outputs get a range observed on ``calibration`` inputs
-(``example_inputs`` when none are given; ``observer``, min / max by default), logged, and that extra
-rounding is the one place the file differs from the simulation beyond rounding ties (TFLite
-requantizes an exact int32 accumulator; the simulation rounds a float result).  Reshape / Flatten / MaxPool between a
+the same real numbers).  A TFLite integer kernel must also write an int8 *output* (a classifier's
+logits, a Linear feeding LayerNorm).  A model quantized with ``target="tflite"`` has those output
+quantizers already (``lowbit.passes.outputs``), calibrated with its own observers, so the file
+rounds only where the simulation does, and differs from it only on rounding ties (TFLite
+requantizes an exact int32 accumulator; the simulation rounds a float result).  For a model
+quantized for another target, the outputs no lowbit quantizer reads get a range observed on
+``calibration`` inputs (``example_inputs`` when none are given; ``observer``, min / max by
+default), with a warning: that rounding is one the simulation never made.  Reshape / Flatten / MaxPool between a
 layer and the quantizer that reads its output get that quantizer copied in front of them (exact).
 
 litert-torch pins packages (pydantic, typing-extensions) that may clash with an environment's;

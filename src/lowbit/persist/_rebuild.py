@@ -117,6 +117,7 @@ def upgrade_summary(summary: dict, version: int) -> dict:
 def replay(model: nn.Module, summary: dict, *, inplace: bool = False) -> tuple[nn.Module, SwapReport]:
     """The module tree ``quantize`` / ``prepare_qat`` built from ``model``, with fresh
     (empty) quantizers: the structural steps of the recorded options, no data."""
+    from ..passes.outputs import add_output_quantizers
     from ..ptq import insert_graph_quantizers, rebuild, swap_layers
     from ..qat.prepare import fuse_conv_bn
 
@@ -124,14 +125,17 @@ def replay(model: nn.Module, summary: dict, *, inplace: bool = False) -> tuple[n
     options = summary["options"]
     if summary["kind"] == PTQ:
         steps, reports = _steps(summary)
-        return rebuild(model, config, steps, reports, quantize_adds=options["quantize_adds"], inplace=inplace)
+        return rebuild(model, config, steps, reports, quantize_adds=options["quantize_adds"],
+                       quantized_outputs=options.get("quantized_outputs", ()), inplace=inplace)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     if options["quantize_adds"]:
         qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
     if options["fold_bn"]:
         fuse_conv_bn(qmodel)
-    return swap_layers(qmodel, config)
+    qmodel, report = swap_layers(qmodel, config)
+    add_output_quantizers(qmodel, config, options.get("quantized_outputs", ()), report)
+    return qmodel, report
 
 
 # -- what the data decided -----------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import QuantConfig, get_config
 from ..nn.swap import SwapReport
+from ..passes.outputs import add_output_quantizers, quantize_read_outputs
 from ..passes.smooth import SmoothReport
 from ..targets import Target, resolve_target
 from ._calibrate import as_batches, calibrate, check_has_data
@@ -157,20 +158,26 @@ def quantize(
     if quantize_adds:
         qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
     qmodel, report = swap_layers(qmodel, config)
+    options = {"quantize_adds": quantize_adds}
+    if config.quantized_outputs and calib_data:  # the target's kernels write quantized outputs (TFLite)
+        outputs = quantize_read_outputs(qmodel, config, calib_data[0], report)
+        if outputs:
+            options["quantized_outputs"] = outputs  # (lowbit.load adds them again)
     n_batches, uncalibrated = calibrate(qmodel, calib_data, progress=progress)
     qmodel, late = _run_phase(qmodel, steps, CALIBRATED, ctx)
     qmodel.lowbit_summary = QuantSummary(config=config, layers=report, calibration_batches=n_batches,
                                          uncalibrated=uncalibrated, target=target.name,
-                                         options={"quantize_adds": quantize_adds}, algorithms=steps,
-                                         reports=(*reports, *late))
+                                         options=options, algorithms=steps, reports=(*reports, *late))
     return qmodel
 
 
 def rebuild(model: nn.Module, config: QuantConfig, steps: Sequence[Step], reports: Sequence, *,
-            quantize_adds: bool, inplace: bool = False) -> tuple[nn.Module, SwapReport]:
+            quantize_adds: bool, quantized_outputs: Sequence[str] = (),
+            inplace: bool = False) -> tuple[nn.Module, SwapReport]:
     """The module tree ``quantize`` built from ``model``, with fresh (empty) quantizers: each
     step's structural part (``Step.rebuild``, given its report) in the pipeline's order, the
-    graph quantizers and the layer swap; no data.  For ``lowbit.load``."""
+    graph quantizers, the layer swap and the output quantizers the target needed
+    (``quantized_outputs``, as recorded); no data.  For ``lowbit.load``."""
     if len(steps) != len(reports):
         raise ValueError(f"{len(steps)} algorithm(s) but {len(reports)} report(s)")
     qmodel = model if inplace else copy.deepcopy(model)
@@ -181,6 +188,7 @@ def rebuild(model: nn.Module, config: QuantConfig, steps: Sequence[Step], report
     if quantize_adds:
         qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
     qmodel, swap = swap_layers(qmodel, config)
+    add_output_quantizers(qmodel, config, quantized_outputs, swap)
     for step, report in zip(steps, reports, strict=True):
         if step.phase == CALIBRATED:
             qmodel = step.rebuild(qmodel, report)

@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 from torch import fx, nn
@@ -46,6 +49,7 @@ from ..nn.registry import kind_of
 from ..nn.trace import try_trace
 from ..targets import cpu_info
 from . import _ort_kernels as K
+from . import _xnnpack_kernels as X
 from ._ort_graph import (
     ADD,
     CONV,
@@ -178,11 +182,17 @@ class OrtEmulation(nn.Module):
     constants (integer sums run in float64 wherever float32 could round).
     """
 
+    _add = staticmethod(K.qlinear_add)
+    _mean = staticmethod(K.qlinear_global_average_pool)
+    _names: ClassVar[Mapping[str, str]] = MappingProxyType({})  # kernel names of another runtime, keyed by ORT's
+
     def __init__(self, qmodel: nn.Module, *, cpu: str = "auto") -> None:
         super().__init__()
         self.cpu = _arithmetic(cpu)
+        self._build(qmodel, saturating=self.cpu == "x86-avx2" and model_target(qmodel).weight_layout == "s8")
+
+    def _build(self, qmodel: nn.Module, *, saturating: bool) -> None:
         self.target = model_target(qmodel).name
-        saturating = self.cpu == "x86-avx2" and model_target(qmodel).weight_layout == "s8"
         gm, why = (qmodel, "") if isinstance(qmodel, fx.GraphModule) else try_trace(qmodel)
         if gm is None:
             raise EmulationError(f"{type(qmodel).__name__} cannot be traced by torch.fx ({why}); integer "
@@ -208,11 +218,11 @@ class OrtEmulation(nn.Module):
     @property
     def kernels(self) -> list[tuple[str, str]]:
         """(node, ORT kernel) for every kernel the emulation runs in integers, in graph order."""
-        return list(self._plan.kernels)
+        return [(where, self._names.get(kernel, kernel)) for where, kernel in self._plan.kernels]
 
     def kernel_counts(self) -> Counter:
         """How many of each ORT kernel, e.g. ``Counter({"QLinearConv": 52, "QLinearAdd": 10, ...})``."""
-        return Counter(kernel.split(" ")[0] for _, kernel in self._plan.kernels)
+        return Counter(kernel.split(" ")[0] for _, kernel in self.kernels)
 
     @torch.no_grad()
     def forward(self, *args, **kwargs):
@@ -253,13 +263,13 @@ class OrtEmulation(nn.Module):
             if a.codes.shape != b.codes.shape:
                 raise EmulationError(f"{node.target}: operands of shapes {tuple(a.codes.shape)} and "
                                      f"{tuple(b.codes.shape)}; only same-shape QLinearAdd is emulated")
-            codes = K.qlinear_add(a.codes, ga.scale, ga.zero_point, b.codes, gb.scale, gb.zero_point,
-                                  out.scale, out.zero_point, out.qmin, out.qmax)
+            codes = self._add(a.codes, ga.scale, ga.zero_point, b.codes, gb.scale, gb.zero_point,
+                              out.scale, out.zero_point, out.qmin, out.qmax)
             return _Codes(codes, out)
         if kind == GAP:
             x, out = args[0], self._plan.out_grid[node.name]
-            codes = K.qlinear_global_average_pool(x.codes, x.grid.scale, x.grid.zero_point, out.scale,
-                                                  out.zero_point, out.qmin, out.qmax)
+            codes = self._mean(x.codes, x.grid.scale, x.grid.zero_point, out.scale, out.zero_point, out.qmin,
+                               out.qmax)
             return _Codes(codes, out)
         if kind == FREE or node.name in self._plan.skipped:  # a Relu / Clip ORT removes
             return args[0] if args else next(iter(kwargs.values()))
@@ -285,6 +295,36 @@ class OrtEmulation(nn.Module):
     def extra_repr(self) -> str:
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(self.kernel_counts().items()))
         return f"ORT CPU integer kernels: {counts}"
+
+
+class TFLiteEmulation(OrtEmulation):
+    """A quantized model run as LiteRT's XNNPACK delegate runs its fully-integer ``.tflite``.
+
+    Build it with :func:`emulate_tflite`.  Convolutions and fully-connected layers requantize as
+    ONNX Runtime's do (float32 multiplier, round half to even); residual adds use XNNPACK's
+    fixed-point arithmetic and the global average pool its MEAN (``_xnnpack_kernels``).  Every
+    integer kernel writes int8, so the model must hold an output quantizer wherever the file's
+    kernel writes one (``lowbit.quantize(..., target="tflite")`` adds them).
+    """
+
+    _add = staticmethod(X.add)
+    _mean = staticmethod(X.mean)
+    _names = MappingProxyType({"QLinearConv": "CONV_2D", "QGemm": "FULLY_CONNECTED", "QLinearAdd": "ADD",
+                               "QLinearGlobalAveragePool": "MEAN", "QuantizeLinear": "QUANTIZE",
+                               "DequantizeLinear": "DEQUANTIZE"})
+
+    def __init__(self, qmodel: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.cpu = "xnnpack"  # int8 products widened to int16 and summed in int32: exact on every x86 / ARM CPU
+        self._build(qmodel, saturating=False)
+        floating = [where for where, kernel in self._plan.kernels if kernel.endswith("(float output)")]
+        if floating:
+            raise EmulationError(f"{floating[0]}: its output is left float, but a TFLite integer kernel always writes "
+                                 "int8; quantize the model with target='tflite', which quantizes that output")
+
+    def extra_repr(self) -> str:
+        counts = ", ".join(f"{k} x{v}" for k, v in sorted(self.kernel_counts().items()))
+        return f"XNNPACK int8 kernels: {counts}"
 
 
 def _arithmetic(cpu: str) -> str:
@@ -326,4 +366,26 @@ def emulate_ort(qmodel: nn.Module, *, cpu: str = "auto") -> OrtEmulation:
     return OrtEmulation(qmodel, cpu=cpu)
 
 
-__all__ = ["EmulationError", "OrtEmulation", "emulate_ort"]
+def emulate_tflite(qmodel: nn.Module) -> TFLiteEmulation:
+    """A module that computes, bit for bit, what LiteRT (XNNPACK delegate) computes for ``export_tflite(qmodel)``.
+
+    Args:
+        qmodel: a model from ``lowbit.quantize(..., "w8a8", target="tflite")`` that torch.fx traces
+            (lowbit's CNNs), with static per-tensor 8-bit activations.
+
+    Returns:
+        A :class:`TFLiteEmulation`; call it like the model (float inputs, dequantized outputs).
+
+    Raises:
+        EmulationError: naming the first node the file would not run as an exact int8 kernel, or an
+            output the simulation leaves float where the file's kernel writes int8.
+
+    Example:
+        >>> qmodel = lowbit.quantize(model, calib, "w8a8", target="tflite")
+        >>> export_tflite(qmodel, "model.int8.tflite", x[:1])
+        >>> torch.equal(emulate_tflite(qmodel)(x[:1]), TFLiteModel("model.int8.tflite")(x[:1]))   # True
+    """
+    return TFLiteEmulation(qmodel)
+
+
+__all__ = ["EmulationError", "OrtEmulation", "TFLiteEmulation", "emulate_ort", "emulate_tflite"]
