@@ -109,14 +109,17 @@ def stage_fp32(run: Run) -> None:
 
 
 def algorithm_steps(algorithm: str, args: argparse.Namespace) -> list:
-    """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows."""
-    return [lowbit.ptq.AWQ(batches=args.awq_batches) if step == "awq" else step for step in ALGORITHMS[algorithm]]
+    """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows, GPTQ with
+    ``--gptq-clip``'s range search."""
+    made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches), "gptq": lambda: lowbit.ptq.GPTQ(clip=args.gptq_clip)}
+    return [made[step]() for step in ALGORITHMS[algorithm]]
 
 
 def algorithm_label(algorithm: str, args: argparse.Namespace) -> str:
     """``algorithm`` as the table names it: with the windows AWQ's search read when not all."""
     awq = "awq" in ALGORITHMS[algorithm] and args.awq_batches is not None and args.awq_batches < args.calib
-    return f"{algorithm} (AWQ search on {args.awq_batches} windows)" if awq else algorithm
+    label = f"{algorithm} (AWQ search on {args.awq_batches} windows)" if awq else algorithm
+    return label + (" with clip search" if "gptq" in ALGORITHMS[algorithm] and args.gptq_clip else "")
 
 
 def lowbit_row(run: Run, algorithm: str, bits: int, coverage: str) -> Row:
@@ -362,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="lowbit-mixed: the algorithm after the bit-width choice")
     parser.add_argument("--awq-batches", type=int, default=None,
                         help="calibration windows AWQ's search reads (default: all of --calib)")
+    parser.add_argument("--gptq-clip", action="store_true",
+                        help="GPTQ(clip=True): each group's range shrunk where its input-weighted error falls")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of every file")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--w4-algorithms", nargs="+", choices=list(ALGORITHMS),

@@ -343,3 +343,66 @@ def test_refitted_groups_take_new_ranges_from_the_updated_columns():
     assert a["objective_gptq"] < a["objective_rtn"]
     with pytest.raises(ValueError, match="fc: static_groups=False takes each group's range when GPTQ"):
         gptq_layer(quantized_linear(spec), h, name="fc", static_groups=False)
+
+
+# -- clip search ------------------------------------------------------------------------------
+def _clip_reference(w, h, scale, col_group, spec, factors):
+    """The best factor per (row, range) by a plain loop over the candidates (float64 errors)."""
+    energy = h.diagonal().double()
+    best = torch.ones(scale.shape, dtype=torch.float64)
+    for r in range(w.shape[0]):
+        for g in range(scale.shape[1]):
+            cols = (col_group == g).nonzero().flatten()
+            errors = []
+            for factor in factors:
+                s = scale[r, g] * factor
+                q = torch.clamp(torch.round(w[r, cols] / s), spec.qmin, spec.qmax) * s
+                errors.append(float(((w[r, cols].double() - q.double()) ** 2 * energy[cols]).sum()))
+            best[r, g] = factors[min(range(len(factors)), key=errors.__getitem__)]
+    return best
+
+
+@pytest.mark.parametrize("spec", ["int4-g32-sym", "int3-g64-sym", "int4-channel"])
+def test_clip_search_picks_each_ranges_least_weighted_error_and_helps_gptq(spec):
+    from lowbit.ptq.gptq import CLIP_FACTORS, clip_search
+
+    layer = quantized_linear(SPECS[spec], k=128, rows=24, seed=3)
+    with torch.no_grad():  # a few outliers per row, as LLM weights have: clipping them pays
+        layer.weight[:, ::29] *= 4
+    layer = quantized_linear_from(layer, SPECS[spec])
+    q, w = layer.weight_quantizer, layer.weight.detach().clone()
+    h = hessian_of(layer, correlated(1000, 128, 3))
+    grid = grid_of(q, w)
+    per_row = SPECS[spec].granularity == "channel"  # one range per row: a single "group" of all columns
+    scale0 = q.scale.detach().reshape(24, -1).clone()
+    col_group = torch.zeros(128, dtype=torch.int64) if per_row else grid.col_group
+    shrunk = clip_search(q, w, h)
+    after = grid_of(q, w)
+    want = _clip_reference(w, h, scale0, col_group, SPECS[spec], CLIP_FACTORS)
+    torch.testing.assert_close(q.scale.detach().reshape(24, -1), scale0 * want.float(), rtol=0, atol=0)
+    assert 0 < shrunk == pytest.approx(float((want < 1).double().mean()))
+    assert objective(w, after.round_all(w), h) < objective(w, grid.round_all(w), h)
+
+    plain = quantized_linear_from(nn.Sequential(nn.Linear(128, 24)).eval(), SPECS[spec], weight=w)
+    clipped = quantized_linear_from(nn.Sequential(nn.Linear(128, 24)).eval(), SPECS[spec], weight=w)
+    base = gptq_layer(plain, h, name="fc")
+    ours = gptq_layer(clipped, h, name="fc", clip=True)
+    assert ours["clipped"] == pytest.approx(shrunk) and ours["objective_gptq"] < base["objective_gptq"]
+    with torch.no_grad():
+        assert torch.equal(clipped.weight_quantizer(clipped.weight), clipped.weight)  # on its (new) grid
+
+
+def quantized_linear_from(layer: nn.Module, spec: QuantSpec, weight: torch.Tensor | None = None) -> nn.Module:
+    """A weight-only QuantLinear with ``layer``'s weight (or ``weight``), calibrated afresh (min-max ranges)."""
+    float_layer = nn.Linear(layer.in_features if hasattr(layer, "in_features") else layer[0].in_features,
+                            layer.out_features if hasattr(layer, "out_features") else layer[0].out_features)
+    with torch.no_grad():
+        float_layer.weight.copy_(weight if weight is not None else layer.weight)
+    config = QuantConfig(name="w", default=LayerQuant(weight=TensorQuant(spec=spec)))
+    return lowbit.quantize(nn.Sequential(float_layer), torch.randn(2, float_layer.in_features), config,
+                           progress=False)[0]
+
+
+def test_clip_needs_static_ranges():
+    with pytest.raises(ValueError, match="clip searches the static ranges"):
+        lowbit.ptq.GPTQ(clip=True, static_groups=False, act_order=False)

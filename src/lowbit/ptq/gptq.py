@@ -307,6 +307,48 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_si
 
 
 # -- one layer ---------------------------------------------------------------------------------
+CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(26))  # 1.00, 0.99, ..., 0.75
+
+
+def clip_search(q: Quantizer, weight: torch.Tensor, h: torch.Tensor, factors=CLIP_FACTORS) -> float:
+    """Shrink each range of ``q`` (a frozen, symmetric weight quantizer: one range per group of a row,
+    or per row) by the factor in ``factors`` whose round-to-nearest error, each column weighted by its
+    input energy ``H_jj``, is least; the scales are installed in ``q``.  Clipping the few largest weights
+    of a group buys a finer grid for the rest (GPTQ's reference ``mse`` grid, weighted by the inputs as
+    AWQ's clip search and NNCF's scale estimation are).  The factor 1 (the range as it is) wins ties.
+    Returns the fraction of ranges shrunk (0.0, logged, for layouts it does not search)."""
+    scale, zero_point = q.qparams_for(weight)
+    spec, flat = q.spec, weight.detach().reshape(weight.shape[0], -1).float()
+    rows, cols = flat.shape
+    if spec.granularity == "group" and weight.dim() == 2 and spec.resolved_axis(2) == 1:
+        col_group = torch.arange(cols, device=flat.device) // spec.group_size
+        s, z = scale.float(), zero_point.float()
+    elif spec.granularity == "channel" and spec.resolved_axis(weight.dim(), q.name) == 0:
+        col_group = torch.zeros(cols, dtype=torch.int64, device=flat.device)
+        s, z = scale.float().reshape(rows, 1), zero_point.float().reshape(rows, 1)
+    else:
+        log.info("gptq: %s: %s has no per-row ranges to search; kept", q.name, spec.describe())
+        return 0.0
+    if bool(z.any()):
+        log.info("gptq: %s: affine ranges are not searched (the search moves scales only); kept", q.name)
+        return 0.0
+    energy = h.diagonal().float().to(flat.device)
+    best = torch.ones_like(s)
+    for a in range(0, rows, ROWS_CHUNK):
+        b = min(a + ROWS_CHUNK, rows)
+        w, least = flat[a:b], torch.full((b - a, s.shape[1]), float("inf"), device=flat.device)
+        for factor in factors:
+            grid = Grid(scale=s[a:b] * factor, zero_point=z[a:b], col_group=col_group, qmin=spec.qmin,
+                        qmax=spec.qmax)
+            error = (w - grid.round_all(w)).square_().mul_(energy)
+            per_range = torch.zeros_like(least).index_add_(1, col_group, error)
+            better = per_range < least
+            least = torch.where(better, per_range, least)
+            best[a:b] = torch.where(better, torch.full_like(per_range, factor), best[a:b])
+    q.set_qparams(scale * best.reshape(scale.shape).to(scale.dtype), zero_point)
+    return float((best < 1).float().mean())
+
+
 def _refitter(q: Quantizer) -> Refit:
     """A group's range from its current columns, by ``q``'s own range estimator (kind and options),
     one range per row."""
@@ -338,21 +380,24 @@ def _on_grid(q: Quantizer, weight: torch.Tensor) -> bool:
 
 
 def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int = 128, damp: float = 0.01,
-               act_order: bool = True, static_groups: bool = True) -> dict:
+               act_order: bool = True, static_groups: bool = True, clip: bool = False) -> dict:
     """GPTQ of ``layer``'s weight (a quantized gemm / conv with a frozen weight quantizer) on that
     quantizer's grid, with its input Hessian ``h``, written into the weight.  ``static_groups=False``
     refits each group of a group-wise Linear weight to the updated columns (with ``act_order=False``,
-    else ValueError) and installs the new ranges in the quantizer; the rest: ``gptq_quantize``.
+    else ValueError) and installs the new ranges in the quantizer; ``clip`` first shrinks each static
+    range as ``clip_search`` finds best; the rest: ``gptq_quantize``.
 
     Returns:
-        ``{"objective_rtn", "objective_gptq", "kept", "damp", "dead", "seconds"}``: the objective
-        ``tr((W - Q) H (W - Q)^T)`` of round to nearest and of GPTQ, which one the weight holds
-        (``"rtn"`` when GPTQ's was the larger: the weight is left as it was), the damping used, the
-        number of dead inputs, the seconds taken.  RuntimeError if every damping tried failed.
+        ``{"objective_rtn", "objective_gptq", "kept", "damp", "dead", "seconds"}`` (and ``"clipped"``,
+        the fraction of ranges ``clip`` shrank): the objective ``tr((W - Q) H (W - Q)^T)`` of round to
+        nearest and of GPTQ, which one the weight holds (``"rtn"`` when GPTQ's was the larger: the weight
+        is left as it was), the damping used, the number of dead inputs, the seconds taken.
+        RuntimeError if every damping tried failed.
     """
     start = time.perf_counter()
     q = layer.weight_quantizer
     weight = layer.weight.detach()
+    clipped = clip_search(q, weight, h) if clip and static_groups else None
     grid = grid_of(q, weight)
     refit = None
     if not static_groups and grid.groups is not None:
@@ -368,6 +413,8 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
                                     refit=refit, name=name)
     report = {"objective_rtn": rtn, "objective_gptq": objective(flat, quantized, h),
               "kept": "gptq", "damp": used, "dead": int((h.diagonal() == 0).sum())}
+    if clipped is not None:
+        report["clipped"] = clipped
     if report["objective_gptq"] > report["objective_rtn"]:
         report["kept"] = "rtn"
         log.info("gptq: %s: GPTQ's objective %.4g exceeds round to nearest's %.4g; keeping round to nearest",
