@@ -403,6 +403,10 @@ def quantized_linear_from(layer: nn.Module, spec: QuantSpec, weight: torch.Tenso
                            progress=False)[0]
 
 
-def test_clip_needs_static_ranges():
-    with pytest.raises(ValueError, match="clip searches the static ranges"):
-        lowbit.ptq.GPTQ(clip=True, static_groups=False, act_order=False)
+def test_clip_is_the_default_but_old_recipes_replay_without_it():
+    from lowbit.ptq.steps import Step
+
+    assert lowbit.ptq.GPTQ().clip and lowbit.ptq.GPTQ().to_dict()["clip"] is True
+    old = {k: v for k, v in lowbit.ptq.GPTQ().to_dict().items() if k != "clip"}  # a recipe from before it
+    assert Step.from_dict(old).clip is False
+    assert Step.from_dict(lowbit.ptq.GPTQ(clip=False).to_dict()).clip is False

@@ -58,7 +58,7 @@ def parse_step(text: str) -> Step:
         if not eq or not key.strip().isidentifier():
             raise ValueError(f"algorithm {text!r}: {item.strip()!r} is not field=value")
         fields[key.strip()] = _value(value)
-    return Step.from_dict({"name": name.strip(), **fields})
+    return Step.from_dict({"name": name.strip(), **fields}, short=True)
 
 
 def parse_steps(algorithms: str | Step | Mapping | Sequence[str | Step | Mapping]) -> tuple[Step, ...]:

@@ -83,6 +83,10 @@ class Step:
     # True for a step that changes only quantizers' ranges: switched to float, a layer drops its
     # edits with its quantizers, so the sensitivity analyses may keep the step.
     ranges_only: ClassVar[bool] = False
+    # Fields added after recipes were written, and what a recipe (a mapping with every other
+    # field, as ``to_dict`` writes) without one meant, so an old recipe replays as it ran; the
+    # dataclass default is for new steps, short forms and partial mappings.
+    absent: ClassVar[Mapping[str, object]] = MappingProxyType({})
 
     def run(self, model: nn.Module, ctx: StepContext) -> tuple[nn.Module, object]:
         """Apply the step; returns the model (changed in place, or a new one) and a report of
@@ -107,8 +111,10 @@ class Step:
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> Step:
-        """The step ``to_dict`` wrote (any registered step, looked up by ``data["name"]``).
+    def from_dict(cls, data: Mapping, *, short: bool = False) -> Step:
+        """The step ``to_dict`` wrote (any registered step, looked up by ``data["name"]``).  A complete
+        mapping from before a field existed takes the field's ``absent`` value (what it ran with);
+        ``short`` (the ``parse_step`` form, naming only what differs) takes today's defaults.
 
         Raises:
             ValueError: an unknown name, unknown or missing fields, a bad value (named).
@@ -121,6 +127,10 @@ class Step:
         if not issubclass(step_cls, cls):
             raise TypeError(f"algorithm {step_cls.name!r} is a {step_cls.__name__}, not a {cls.__name__}")
         fields = [f for f in dataclasses.fields(step_cls) if f.init]
+        if not short and all(f.name in data or f.name in step_cls.absent for f in fields):
+            # every field ``to_dict`` wrote: a recipe, maybe older than some fields (short forms
+            # and partial mappings name only what they change, and take today's defaults)
+            data = {**{k: v for k, v in step_cls.absent.items() if k not in data}, **data}
         unknown = sorted(set(data) - {f.name for f in fields})
         missing = [f.name for f in fields if f.name not in data
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
