@@ -18,7 +18,7 @@ from ..nn.walk import iter_quantizers, quantizers_by_role, run_model
 from ._calibrate import as_batches, calibrate, calibrate_activations, check_has_data
 from ._layers import insert_graph_quantizers, swap_layers
 from ._parse import parse_step, parse_steps, resolve_algorithms
-from ._quantize import QuantSummary, quantize, rebuild
+from ._quantize import QuantSummary, quantize, read_output_quantizers, rebuild
 from .steps import (
     CLE,
     STEPS,
@@ -37,5 +37,6 @@ __all__ = [
     "AWQ", "CLE", "GPTQ", "RTN", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm", "QuantSummary",
     "RangeSearch", "SmoothQuant", "Step", "StepContext", "as_batches", "calibrate", "calibrate_activations",
     "check_has_data", "insert_graph_quantizers", "iter_quantizers", "parse_step", "parse_steps", "quantize",
-    "quantizers_by_role", "rebuild", "register_step", "resolve_algorithms", "run_model", "swap_layers",
+    "quantizers_by_role", "read_output_quantizers", "rebuild", "register_step", "resolve_algorithms", "run_model",
+    "swap_layers",
 ]

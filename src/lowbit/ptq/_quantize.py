@@ -158,17 +158,28 @@ def quantize(
     if quantize_adds:
         qmodel = insert_graph_quantizers(qmodel, config, inplace=inplace)
     qmodel, report = swap_layers(qmodel, config)
-    options = {"quantize_adds": quantize_adds}
-    if config.quantized_outputs and calib_data:  # the target's kernels write quantized outputs (TFLite)
-        outputs = quantize_read_outputs(qmodel, config, calib_data[0], report)
-        if outputs:
-            options["quantized_outputs"] = outputs  # (lowbit.load adds them again)
+    options = {"quantize_adds": quantize_adds, **read_output_quantizers(qmodel, config, calib_data, report)}
     n_batches, uncalibrated = calibrate(qmodel, calib_data, progress=progress)
     qmodel, late = _run_phase(qmodel, steps, CALIBRATED, ctx)
     qmodel.lowbit_summary = QuantSummary(config=config, layers=report, calibration_batches=n_batches,
                                          uncalibrated=uncalibrated, target=target.name,
                                          options=options, algorithms=steps, reports=(*reports, *late))
     return qmodel
+
+
+def read_output_quantizers(qmodel: nn.Module, config: QuantConfig, calib_data, report: SwapReport) -> dict:
+    """For a target whose kernels write quantized outputs (``config.quantized_outputs``: TFLite), an output
+    quantizer on each layer whose output anything but a quantizer reads, found on the first calibration
+    batch (``lowbit.passes.outputs``); returns the summary options that record them for ``lowbit.load``
+    (``{"quantized_outputs": names}``, or ``{}``)."""
+    if not config.quantized_outputs:
+        return {}
+    if not calib_data:
+        log.warning("target quantizes the layer outputs its kernels write, found on a calibration batch; with no "
+                    "calibration data the export rounds them with ranges the simulation never saw")
+        return {}
+    outputs = quantize_read_outputs(qmodel, config, calib_data[0], report)
+    return {"quantized_outputs": outputs} if outputs else {}
 
 
 def rebuild(model: nn.Module, config: QuantConfig, steps: Sequence[Step], reports: Sequence, *,

@@ -32,12 +32,12 @@ from ..nn.swap import SwapReport
 from ..nn.walk import quantizers_by_role, set_submodule
 from ..observers import make_observer
 from ..passes._graph import find_chains
-from ..passes.outputs import quantize_read_outputs
 from ..ptq import (
     as_batches,
     calibrate_activations,
     check_has_data,
     insert_graph_quantizers,
+    read_output_quantizers,
     swap_layers,
 )
 from ..targets import Target, resolve_target
@@ -242,16 +242,8 @@ def prepare_qat(
                              "lowbit.qat.from_ptq(qmodel), which keeps its ranges and weights")
         raise ValueError("prepare_qat: the model has no layer to quantize (no Linear/Conv/Embedding the "
                          "config matches); nothing would be trained with quantization")
-    options = {"fold_bn": fold_bn, "quantize_adds": quantize_adds}
-    if config.quantized_outputs:  # the target's kernels write quantized outputs (TFLite): find them on data
-        if calib_data:
-            outputs = quantize_read_outputs(qmodel, config, calib_data[0], report)
-            if outputs:
-                options["quantized_outputs"] = outputs
-        else:
-            log.warning("prepare_qat: target %s quantizes layer outputs that no quantizer reads, which are found "
-                        "on a calibration batch; without calib_data the export rounds them with ranges the "
-                        "training never saw", target.name)
+    options = {"fold_bn": fold_bn, "quantize_adds": quantize_adds,
+               **read_output_quantizers(qmodel, config, calib_data, report)}
     _init_weights(qmodel, learn)
     n_batches = _init_activations(qmodel, calib_data, learn, progress)
     tie_learned(shared_input_groups(qmodel))
