@@ -172,11 +172,32 @@ def stage_lowbit_w3(run: Run) -> None:
         run.keep(lowbit_row(run, algorithm, 3, "all"))
 
 
-def mixed_quantize(model: torch.nn.Module, calib: list, bits: float, steps: list) -> torch.nn.Module:
+def gptq_costs(model: torch.nn.Module, calib: list, steps: list) -> dict:
+    """The reconstruction costs of W4 g128 and W8 (round to nearest, Fisher-weighted), the W4 ones scaled
+    per layer by what GPTQ (``steps``' GPTQ, on a W4 copy) left of round to nearest's error: the error
+    GPTQ will leave, not the one rounding would."""
+    from lowbit.analysis._llm_sensitivity import reconstruction_sensitivities
+
+    reports = reconstruction_sensitivities(model, calib, ["w4a16-g128", "w8a16"])
+    gptq = [s for s in steps if isinstance(s, lowbit.ptq.GPTQ)]
+    w4 = lowbit.quantize(model, calib, "w4a16-g128", algorithms=gptq, progress=False)
+    layers = w4.lowbit_summary.reports[-1]["layers"]
+    for row in reports["w4a16-g128"].layers:
+        done = layers.get(row.name)
+        if done:
+            row.cost *= done["objective_gptq"] / done.get("objective_rtn_unclipped", done["objective_rtn"])
+    return reports
+
+
+def mixed_quantize(model: torch.nn.Module, calib: list, bits: float, steps: list,
+                   cost: str = "rtn") -> torch.nn.Module:
     """``lowbit.mixed_precision`` over W4 g128 / W8 per channel for every Linear (lm_head included) at
-    ``bits`` average weight bits, then ``steps`` (GPTQ, or AWQ + GPTQ) on that config: choice and
+    ``bits`` average weight bits (costs: ``cost``, "rtn" the default reconstruction costs, "gptq" those
+    after GPTQ, ``gptq_costs``), then ``steps`` (GPTQ, or AWQ + GPTQ) on that config: choice and
     quantization, one timed call."""
-    result = lowbit.mixed_precision(model, calib, ("w4a16-g128", "w8a16"), {"avg_weight_bits": bits})
+    reports = gptq_costs(model, calib, steps) if cost == "gptq" else None
+    result = lowbit.mixed_precision(model, calib, ("w4a16-g128", "w8a16"), {"avg_weight_bits": bits},
+                                    sensitivities=reports)
     eights = [n for n, c in result.assignment.items() if c == "w8a16"]
     log.info("mixed at %.2f bits: %d 8-bit linears: %s", result.predicted["avg_weight_bits"], len(eights), eights)
     return lowbit.quantize(model, calib, result.config, algorithms=steps, progress=False)
@@ -185,10 +206,11 @@ def mixed_quantize(model: torch.nn.Module, calib: list, bits: float, steps: list
 def stage_lowbit_mixed(run: Run) -> None:
     calib = [{"input_ids": w[None]} for w in run.calib]
     bits, algorithm = run.args.mixed_bits, run.args.mixed_algorithm
-    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm_label(algorithm, run.args)}",
+    costs = ", layer costs after GPTQ" if run.args.mixed_cost == "gptq" else ""
+    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm_label(algorithm, run.args)}{costs}",
                     f"{COVERAGE['all']}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
                     f"{bits:g} bits on average over the Linears", len(calib), mixed_quantize, run.model, calib, bits,
-                    algorithm_steps(algorithm, run.args)))
+                    algorithm_steps(algorithm, run.args), run.args.mixed_cost))
 
 
 def ort_row(run: Run, algorithm: str, label: str, calib: torch.Tensor | None = None) -> Row:
@@ -365,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="lowbit-mixed: the algorithm after the bit-width choice")
     parser.add_argument("--awq-batches", type=int, default=None,
                         help="calibration windows AWQ's search reads (default: all of --calib)")
+    parser.add_argument("--mixed-cost", choices=["rtn", "gptq"], default="rtn",
+                        help="lowbit-mixed: layer costs of round to nearest (lowbit.mixed_precision's own) or of "
+                             "GPTQ (each W4 cost scaled by what GPTQ left of it on a W4 copy)")
     parser.add_argument("--gptq-clip", action="store_true",
                         help="GPTQ(clip=True): each group's range shrunk where its input-weighted error falls")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of every file")

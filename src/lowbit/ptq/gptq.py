@@ -389,7 +389,8 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
 
     Returns:
         ``{"objective_rtn", "objective_gptq", "kept", "damp", "dead", "seconds"}`` (and ``"clipped"``,
-        the fraction of ranges ``clip`` shrank): the objective ``tr((W - Q) H (W - Q)^T)`` of round to
+        the fraction of ranges ``clip`` shrank, and ``"objective_rtn_unclipped"``, round to nearest's
+        objective on the ranges before the search): the objective ``tr((W - Q) H (W - Q)^T)`` of round to
         nearest and of GPTQ, which one the weight holds (``"rtn"`` when GPTQ's was the larger: the weight
         is left as it was), the damping used, the number of dead inputs, the seconds taken.
         RuntimeError if every damping tried failed.
@@ -397,6 +398,11 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
     start = time.perf_counter()
     q = layer.weight_quantizer
     weight = layer.weight.detach()
+    unclipped = None
+    if clip and static_groups:  # (the objective of round to nearest before the search, for the report)
+        flat = weight.reshape(weight.shape[0], -1)
+        before = grid_of(q, weight)
+        unclipped = objective(flat, lambda a, b: before.rows(a, b).round_all(flat[a:b]), h)
     clipped = clip_search(q, weight, h) if clip and static_groups else None
     grid = grid_of(q, weight)
     refit = None
@@ -414,7 +420,7 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
     report = {"objective_rtn": rtn, "objective_gptq": objective(flat, quantized, h),
               "kept": "gptq", "damp": used, "dead": int((h.diagonal() == 0).sum())}
     if clipped is not None:
-        report["clipped"] = clipped
+        report["clipped"], report["objective_rtn_unclipped"] = clipped, unclipped
     if report["objective_gptq"] > report["objective_rtn"]:
         report["kept"] = "rtn"
         log.info("gptq: %s: GPTQ's objective %.4g exceeds round to nearest's %.4g; keeping round to nearest",
