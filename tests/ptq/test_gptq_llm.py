@@ -278,3 +278,13 @@ def test_missing_calibration_data_is_a_clear_error():
         lowbit.quantize(tiny_llama(), None, W4, algorithms=["gptq"], progress=False)
     with pytest.raises(ValueError, match="gptq needs calibration data: got an empty iterable"):
         lowbit.quantize(tiny_llama(), [], W4, algorithms=["gptq"], progress=False)
+
+
+def test_gptq_searches_ranges_unless_awq_clipped_them(pair):
+    _, gptq = pair
+    report = gptq.lowbit_summary.reports[-1]
+    assert report["clip"] is True
+    assert all("clipped" in layer for layer in report["layers"].values())
+    both = lowbit.quantize(tiny_llama(), CALIB, W4, algorithms=["awq", "gptq"], progress=False)
+    after_awq = both.lowbit_summary.reports[-1]
+    assert after_awq["clip"] is False and not any("clipped" in layer for layer in after_awq["layers"].values())

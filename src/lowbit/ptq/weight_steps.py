@@ -37,11 +37,13 @@ class GPTQ(Step):
     compensated on the columns left, from the layer's input Hessian on the first ``batches`` items
     (None: all); causal LMs block by block.  ``damp`` (relative), ``block_size`` (lazy batch),
     ``act_order``, ``static_groups`` (False: refit each group's range, needs ``act_order=False``),
-    ``clip`` (default; shrink each static range where that lowers its input-weighted rounding error
-    (no effect with ``static_groups=False``, whose ranges are refitted as GPTQ goes),
-    ``lowbit.ptq.gptq.clip_search``: SmolLM2 W4 g128 perplexity 18.45 -> 17.10, no slower; recipes
-    written before it read ``clip=False``), ``true_sequential``: see ``lowbit.ptq.gptq`` and
-    ``lowbit.ptq._blocks``.  Report: ``{"mode",
+    ``clip`` (shrink each static range where that lowers its input-weighted rounding error,
+    ``lowbit.ptq.gptq.clip_search``; no effect with ``static_groups=False``, whose ranges are refitted
+    as GPTQ goes): ``"auto"`` (the default) searches unless an AWQ step with ``clip`` runs in the same
+    pipeline (its clipped weights already set the ranges); True / False always / never.  Measured on
+    SmolLM2 W4 g128 (BENCHMARKS.md): GPTQ alone 18.45 -> 17.10, no slower; after AWQ's clip 16.62 ->
+    16.87 (worse, hence "auto").  Recipes written before the field read ``clip=False``.
+    ``true_sequential``: see ``lowbit.ptq.gptq`` and ``lowbit.ptq._blocks``.  Report: ``{"mode", "clip",
     "blocks", "untied": [layers given their own weight], "layers": {name: {"objective_rtn",
     "objective_gptq", "kept", "damp", "dead", "seconds", "rows"}}}``; a warning when a layer saw fewer
     than ``lowbit.ptq._gptq_layers.ROWS_PER_COLUMN`` calibration rows per weight column."""
@@ -53,7 +55,7 @@ class GPTQ(Step):
     damp: float = 0.01
     act_order: bool = True
     static_groups: bool = True
-    clip: bool = True
+    clip: bool | str = "auto"
     true_sequential: bool = False
     absent = MappingProxyType({"clip": False})  # recipes from before the clip search ran without it
     batches: int | None = None
@@ -61,8 +63,10 @@ class GPTQ(Step):
     def __post_init__(self) -> None:
         _check_int(self, "block_size", 1)
         _check_number(self, "damp", 0.0, 1.0, open_low=True)
-        for field in ("act_order", "static_groups", "clip", "true_sequential"):
+        for field in ("act_order", "static_groups", "true_sequential"):
             _check_bool(self, field)
+        if self.clip != "auto" and not isinstance(self.clip, bool):
+            raise TypeError(f"GPTQ.clip must be true, false or 'auto', got {self.clip!r}")
         if self.batches is not None:
             _check_int(self, "batches", 1)
         if self.act_order and not self.static_groups:
@@ -71,7 +75,15 @@ class GPTQ(Step):
 
     def run(self, model, ctx):
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return model, gptq_model(model, ctx.calib_data, progress=ctx.progress, **options)
+        options["clip"] = self.clips(ctx.steps)
+        report = gptq_model(model, ctx.calib_data, progress=ctx.progress, **options)
+        return model, {**report, "clip": options["clip"]} if isinstance(report, dict) else report
+
+    def clips(self, steps=()) -> bool:
+        """Whether the range search runs in a pipeline of ``steps`` (``clip="auto"``: unless AWQ clips)."""
+        if self.clip != "auto":
+            return self.clip
+        return not any(isinstance(s, AWQ) and s.clip for s in steps)
 
     def rebuild(self, model, report):
         untie(model, (report or {}).get("untied", ()))
