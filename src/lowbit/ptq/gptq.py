@@ -19,7 +19,10 @@ to every later column ``k``.  Around that loop:
   the ORIGINAL weight ("static groups"), so the exported layout stays plain in any visiting
   order and the result is on the grid by construction (``gptq_layer`` checks the quantizer maps
   it to itself).  ``static_groups=False`` (natural order only) refits each group's range, by the
-  quantizer's own estimator, when GPTQ reaches it, and installs the new ranges.
+  quantizer's own estimator, when GPTQ reaches it, and installs the new ranges;
+* ``clip`` (``clip_search``): before GPTQ, each static range shrunk by the factor in 1.00 .. 0.75 whose
+  round-to-nearest error, weighted by the inputs' energies ``H_jj``, is least (the GPTQ paper's
+  code has an unweighted ``mse`` grid of this kind; AWQ and NNCF weight it by the inputs as here).
 
 Numbers: ``H`` sums float32 products in float64; the factorisations run in float64, the column
 loop in float32 (as the paper's code), on the transposed weight, ``ROWS_CHUNK`` rows at a time
