@@ -111,7 +111,7 @@ def stage_fp32(run: Run) -> None:
 def algorithm_steps(algorithm: str, args: argparse.Namespace) -> list:
     """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows, GPTQ with
     ``--gptq-clip``'s range search."""
-    clip = {"auto": "auto", "true": True, "false": False}[getattr(args, "gptq_clip", "false")]
+    clip = {"auto": "auto", "true": True, "false": False}[args.gptq_clip]
     made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches), "gptq": lambda: lowbit.ptq.GPTQ(clip=clip)}
     return [made[step]() for step in ALGORITHMS[algorithm]]
 
@@ -120,9 +120,9 @@ def algorithm_label(algorithm: str, args: argparse.Namespace) -> str:
     """``algorithm`` as the table names it: with the windows AWQ's search read when not all."""
     awq = "awq" in ALGORITHMS[algorithm] and args.awq_batches is not None and args.awq_batches < args.calib
     label = f"{algorithm} (AWQ search on {args.awq_batches} windows)" if awq else algorithm
-    clip = {"true": " with clip search", "auto": " with clip search where AWQ did not clip"}.get(
-        getattr(args, "gptq_clip", "false"), "")
-    return label + (clip if "gptq" in ALGORITHMS[algorithm] else "")
+    steps = algorithm_steps(algorithm, args)
+    clips = any(isinstance(s, lowbit.ptq.GPTQ) and s.clips(steps) for s in steps)
+    return label + (" with clip search" if clips else "")
 
 
 def lowbit_row(run: Run, algorithm: str, bits: int, coverage: str) -> Row:
@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "GPTQ (each W4 cost scaled by what GPTQ left of it on a W4 copy)")
     parser.add_argument("--gptq-clip", choices=["auto", "true", "false"], default="false",
                         help="GPTQ(clip=...): each group's range shrunk where its input-weighted error falls "
-                             "(auto: the layers AWQ did not clip; default false, as the rows before the search)")
+                             "(auto: unless AWQ clipped; default false, as the rows before the search)")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of every file")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--w4-algorithms", nargs="+", choices=list(ALGORITHMS),

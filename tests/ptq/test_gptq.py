@@ -403,11 +403,13 @@ def quantized_linear_from(layer: nn.Module, spec: QuantSpec, weight: torch.Tenso
                            progress=False)[0]
 
 
-def test_clip_is_auto_by_default_and_old_recipes_replay_without_it():
-    from lowbit.ptq import GPTQ
+def test_clip_is_auto_by_default_off_after_awqs_clip_and_old_recipes_replay_without_it():
+    from lowbit.ptq import AWQ, GPTQ
     from lowbit.ptq.steps import Step
 
     assert GPTQ().clip == "auto" and GPTQ().to_dict()["clip"] == "auto"
+    assert GPTQ().clips([GPTQ()]) and not GPTQ().clips([AWQ(), GPTQ()]) and GPTQ().clips([AWQ(clip=False), GPTQ()])
+    assert GPTQ(clip=True).clips([AWQ(), GPTQ()]) and not GPTQ(clip=False).clips([GPTQ()])
     old = {k: v for k, v in GPTQ().to_dict().items() if k != "clip"}  # a recipe from before the field
     assert Step.from_dict(old).clip is False
     assert Step.from_dict(GPTQ(clip=True).to_dict()).clip is True

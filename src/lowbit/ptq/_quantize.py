@@ -151,7 +151,7 @@ def quantize(
     calib_data = _check_data(steps, as_batches(calib_data))
     target = resolve_target(target)
     config = get_config(config).for_target(target)
-    ctx = StepContext(calib_data=calib_data, config=config, progress=progress)
+    ctx = StepContext(calib_data=calib_data, config=config, progress=progress, steps=tuple(steps))
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     qmodel, reports = _run_phase(qmodel, steps, FLOAT, ctx)

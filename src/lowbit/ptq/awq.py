@@ -74,7 +74,6 @@ from ._blocks import (
     _probe,
     find_blocks,
 )
-from .gptq import SEARCHED_BY
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +222,6 @@ def _clip_layer(layer: nn.Linear, name: str, x: torch.Tensor, tq: TensorQuant, o
                          symmetric=tq.spec.symmetric, grid=options["clip_grid"], max_shrink=options["max_shrink"])
     with torch.no_grad():
         layer.weight.copy_(clip_weight(layer.weight.detach(), choice.ratios, size, tq.spec.symmetric))
-    setattr(layer, SEARCHED_BY, "awq")  # (GPTQ's clip="auto" leaves this layer's ranges to AWQ)
     return {"ratio_mean": float(choice.ratios.mean()), "ratio_min": float(choice.ratios.min()),
             "clipped": float((choice.ratios < 1).float().mean()),
             "objective_before": choice.objective_before, "objective_after": choice.objective_after}

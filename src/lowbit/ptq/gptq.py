@@ -311,9 +311,6 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_si
 
 # -- one layer ---------------------------------------------------------------------------------
 CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(26))  # 1.00, 0.99, ..., 0.75
-SEARCHED_BY = "lowbit_ranges_searched_by"
-"""Attribute a step that already searched a layer's weight ranges sets on it (AWQ's clip: ``"awq"``);
-``clip="auto"`` leaves such a layer's ranges as they are."""
 
 
 def clip_search(q: Quantizer, weight: torch.Tensor, h: torch.Tensor, factors=CLIP_FACTORS) -> float:
@@ -386,13 +383,12 @@ def _on_grid(q: Quantizer, weight: torch.Tensor) -> bool:
 
 
 def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int = 128, damp: float = 0.01,
-               act_order: bool = True, static_groups: bool = True, clip: bool | str = False) -> dict:
+               act_order: bool = True, static_groups: bool = True, clip: bool = False) -> dict:
     """GPTQ of ``layer``'s weight (a quantized gemm / conv with a frozen weight quantizer) on that
     quantizer's grid, with its input Hessian ``h``, written into the weight.  ``static_groups=False``
     refits each group of a group-wise Linear weight to the updated columns (with ``act_order=False``,
     else ValueError) and installs the new ranges in the quantizer; ``clip`` first shrinks each static
-    range as ``clip_search`` finds best (``"auto"``: unless another step searched this layer's ranges
-    already, ``SEARCHED_BY``); the rest: ``gptq_quantize``.
+    range as ``clip_search`` finds best; the rest: ``gptq_quantize``.
 
     Returns:
         ``{"objective_rtn", "objective_gptq", "kept", "damp", "dead", "seconds"}`` (and ``"clipped"``,
@@ -405,8 +401,6 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
     start = time.perf_counter()
     q = layer.weight_quantizer
     weight = layer.weight.detach()
-    if clip == "auto":
-        clip = getattr(layer, SEARCHED_BY, None) is None
     unclipped = None
     if clip and static_groups:  # (the objective of round to nearest before the search, for the report)
         flat = weight.reshape(weight.shape[0], -1)

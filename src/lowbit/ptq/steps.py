@@ -71,6 +71,7 @@ class StepContext:
     calib_data: Iterable | None  # batches of model inputs; re-iterable when a step needs data
     config: QuantConfig  # the config being applied (already fitted to the target)
     progress: bool = True  # whether a step may show a progress bar
+    steps: tuple = ()  # every step of the pipeline, in order (a step may adapt to what runs with it)
 
 
 @dataclass(frozen=True, kw_only=True)

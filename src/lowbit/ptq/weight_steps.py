@@ -39,12 +39,11 @@ class GPTQ(Step):
     ``act_order``, ``static_groups`` (False: refit each group's range, needs ``act_order=False``),
     ``clip`` (shrink each static range where that lowers its input-weighted rounding error,
     ``lowbit.ptq.gptq.clip_search``; no effect with ``static_groups=False``, whose ranges are refitted
-    as GPTQ goes): ``"auto"`` (the default) searches every layer whose ranges no earlier step searched
-    (AWQ's clip marks the layers it clipped: all Linears of its blocks but q / k; not lm_head); True /
-    False: every layer / none.  Measured on SmolLM2 W4 g128 (BENCHMARKS.md): GPTQ alone 18.45 -> 17.10,
-    no slower; on top of AWQ's clip, searching every layer made it worse (16.62 -> 16.87), hence
-    ``"auto"``.  Recipes written before the field read ``clip=False``.
-    ``true_sequential``: see ``lowbit.ptq.gptq`` and ``lowbit.ptq._blocks``.  Report: ``{"mode",
+    as GPTQ goes): ``"auto"`` (the default) searches unless an AWQ step with ``clip`` runs in the same
+    pipeline (its clipped weights already set the ranges); True / False always / never.  Measured on
+    SmolLM2 W4 g128 (BENCHMARKS.md): GPTQ alone 18.45 -> 17.10, no slower; after AWQ's clip 16.62 ->
+    16.87 (worse, hence "auto").  Recipes written before the field read ``clip=False``.
+    ``true_sequential``: see ``lowbit.ptq.gptq`` and ``lowbit.ptq._blocks``.  Report: ``{"mode", "clip",
     "blocks", "untied": [layers given their own weight], "layers": {name: {"objective_rtn",
     "objective_gptq", "kept", "damp", "dead", "seconds", "rows"}}}``; a warning when a layer saw fewer
     than ``lowbit.ptq._gptq_layers.ROWS_PER_COLUMN`` calibration rows per weight column."""
@@ -76,7 +75,15 @@ class GPTQ(Step):
 
     def run(self, model, ctx):
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return model, gptq_model(model, ctx.calib_data, progress=ctx.progress, **options)
+        options["clip"] = self.clips(ctx.steps)
+        report = gptq_model(model, ctx.calib_data, progress=ctx.progress, **options)
+        return model, {**report, "clip": options["clip"]} if isinstance(report, dict) else report
+
+    def clips(self, steps=()) -> bool:
+        """Whether the range search runs in a pipeline of ``steps`` (``clip="auto"``: unless AWQ clips)."""
+        if self.clip != "auto":
+            return self.clip
+        return not any(isinstance(s, AWQ) and s.clip for s in steps)
 
     def rebuild(self, model, report):
         untie(model, (report or {}).get("untied", ()))
