@@ -111,7 +111,7 @@ def stage_fp32(run: Run) -> None:
 def algorithm_steps(algorithm: str, args: argparse.Namespace) -> list:
     """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows, GPTQ with
     ``--gptq-clip``'s range search."""
-    clip = {"auto": "auto", "true": True, "false": False}[args.gptq_clip]
+    clip = {"auto": "auto", "true": True, "false": False}[getattr(args, "gptq_clip", "false")]
     made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches), "gptq": lambda: lowbit.ptq.GPTQ(clip=clip)}
     return [made[step]() for step in ALGORITHMS[algorithm]]
 

@@ -175,7 +175,11 @@ def test_awq_batches_reach_the_step_and_the_label():
 
     args = argparse.Namespace(awq_batches=16, calib=64)
     awq, gptq = bench.algorithm_steps("AWQ+GPTQ", args)
-    assert isinstance(awq, lowbit.ptq.AWQ) and awq.batches == 16 and gptq == "gptq"
+    assert isinstance(awq, lowbit.ptq.AWQ) and awq.batches == 16 and gptq == lowbit.ptq.GPTQ(clip=False)
+    clip = argparse.Namespace(awq_batches=None, calib=64, gptq_clip="auto")
+    assert bench.algorithm_steps("GPTQ", clip) == [lowbit.ptq.GPTQ(clip="auto")]
+    assert bench.algorithm_label("GPTQ", clip) == "GPTQ with clip search"
+    assert bench.algorithm_label("AWQ+GPTQ", clip) == "AWQ+GPTQ"  # auto: AWQ's clip, none of GPTQ's
     assert bench.algorithm_label("AWQ+GPTQ", args) == "AWQ+GPTQ (AWQ search on 16 windows)"
     assert bench.algorithm_label("GPTQ", args) == "GPTQ"
     every = argparse.Namespace(awq_batches=None, calib=64)
