@@ -42,7 +42,8 @@ class GPTQ(Step):
     as GPTQ goes): ``"auto"`` (the default) searches unless an AWQ step with ``clip`` runs in the same
     pipeline (its clipped weights already set the ranges); True / False always / never.  Measured on
     SmolLM2 W4 g128 (BENCHMARKS.md): GPTQ alone 18.45 -> 17.10, no slower; after AWQ's clip 16.62 ->
-    16.87 (worse, hence "auto"), and 17.01 searching only the layers AWQ leaves unclipped (q, k, lm_head).  Recipes written before the field read ``clip=False``.
+    16.87 (worse, hence "auto"), and 17.01 searching only the layers AWQ leaves unclipped (q, k,
+    lm_head).  Recipes written before the field read ``clip=False``.
     ``true_sequential``: see ``lowbit.ptq.gptq`` and ``lowbit.ptq._blocks``.  Report: ``{"mode", "clip",
     "blocks", "untied": [layers given their own weight], "layers": {name: {"objective_rtn",
     "objective_gptq", "kept", "damp", "dead", "seconds", "rows"}}}``; a warning when a layer saw fewer
