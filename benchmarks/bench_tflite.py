@@ -13,7 +13,8 @@ Fidelity on held-out inputs (``_selection``'s eval split), each run by LiteRT's 
 top-1 agreement / KL / cosine of logits with PyTorch FP32 (MobileNetV2), or cosine / nearest-neighbour
 agreement of the mean-pooled sentence embeddings (MiniLM).  "sim vs file": lowbit's PyTorch simulation
 against its own .tflite; "emulation vs file": ``lowbit.runtime.emulate_tflite`` (the same model computed
-with XNNPACK's integer arithmetic in PyTorch) against it, where the model traces (MobileNetV2).  Latency: median / p90 of one ``invoke`` (XNNPACK delegate, LiteRT's CPU default)
+with XNNPACK's integer arithmetic in PyTorch) against it, where the model traces (MobileNetV2).
+Latency: median / p90 of one ``invoke`` (XNNPACK delegate, LiteRT's CPU default)
 at 1 and 2 threads, batch 1 (the files have static shapes), the three files' runs interleaved in rotating
 rounds so that load from other processes falls on all alike.
 

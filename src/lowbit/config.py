@@ -106,7 +106,7 @@ class QuantConfig:
     max_weight_bits: int | None = None
     # Every quantized layer's output is quantized too, where no quantizer reads it already (a
     # model output, a float op): the runtime's integer kernels write quantized outputs (TFLite).
-    # Set by ``for_target``; ``lowbit.passes.quantize_activation_inputs`` adds the quantizers.
+    # Set by ``for_target``; ``lowbit.ptq.read_output_quantizers`` adds the quantizers.
     quantized_outputs: bool = False
 
     def __post_init__(self) -> None:

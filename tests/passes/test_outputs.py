@@ -12,7 +12,8 @@ import lowbit
 from lowbit import targets
 from lowbit.config import W8A8
 from lowbit.nn.swap import swap_modules
-from lowbit.passes.outputs import find_float_read_outputs, quantize_read_outputs
+from lowbit.passes.outputs import find_float_read_outputs
+from lowbit.ptq import read_output_quantizers
 
 
 class Untraceable(nn.Module):
@@ -64,8 +65,8 @@ def test_no_quantizer_observes_during_the_search():
 
 def test_only_targets_that_quantize_outputs_get_them():
     model = Untraceable().eval()
-    swap_modules(model, W8A8.resolve)
-    assert quantize_read_outputs(model, W8A8, torch.randn(4, 8)) == []  # ONNX Runtime: QGemm writes float
+    report = swap_modules(model, W8A8.resolve)
+    assert read_output_quantizers(model, W8A8, [torch.randn(4, 8)], report) == {}  # ONNX Runtime: QGemm writes float
 
 
 def test_quantize_for_tflite_rounds_where_the_file_rounds_and_load_rebuilds_it(tmp_path):

@@ -369,7 +369,7 @@ def test_clip_search_picks_each_ranges_least_weighted_error_and_helps_gptq(spec)
     layer = quantized_linear(SPECS[spec], k=128, rows=24, seed=3)
     with torch.no_grad():  # a few outliers per row, as LLM weights have: clipping them pays
         layer.weight[:, ::29] *= 4
-    layer = quantized_linear_from(layer, SPECS[spec])
+    layer = quantized_linear_from(layer.weight.detach(), SPECS[spec])
     q, w = layer.weight_quantizer, layer.weight.detach().clone()
     h = hessian_of(layer, correlated(1000, 128, 3))
     grid = grid_of(q, w)
@@ -383,8 +383,7 @@ def test_clip_search_picks_each_ranges_least_weighted_error_and_helps_gptq(spec)
     assert 0 < shrunk == pytest.approx(float((want < 1).double().mean()))
     assert objective(w, after.round_all(w), h) < objective(w, grid.round_all(w), h)
 
-    plain = quantized_linear_from(nn.Sequential(nn.Linear(128, 24)).eval(), SPECS[spec], weight=w)
-    clipped = quantized_linear_from(nn.Sequential(nn.Linear(128, 24)).eval(), SPECS[spec], weight=w)
+    plain, clipped = quantized_linear_from(w, SPECS[spec]), quantized_linear_from(w, SPECS[spec])
     base = gptq_layer(plain, h, name="fc")
     ours = gptq_layer(clipped, h, name="fc", clip=True)
     assert ours["clipped"] == pytest.approx(shrunk) and ours["objective_gptq"] < base["objective_gptq"]
@@ -392,15 +391,13 @@ def test_clip_search_picks_each_ranges_least_weighted_error_and_helps_gptq(spec)
         assert torch.equal(clipped.weight_quantizer(clipped.weight), clipped.weight)  # on its (new) grid
 
 
-def quantized_linear_from(layer: nn.Module, spec: QuantSpec, weight: torch.Tensor | None = None) -> nn.Module:
-    """A weight-only QuantLinear with ``layer``'s weight (or ``weight``), calibrated afresh (min-max ranges)."""
-    float_layer = nn.Linear(layer.in_features if hasattr(layer, "in_features") else layer[0].in_features,
-                            layer.out_features if hasattr(layer, "out_features") else layer[0].out_features)
+def quantized_linear_from(weight: torch.Tensor, spec: QuantSpec) -> nn.Module:
+    """A weight-only QuantLinear holding ``weight`` (out, in), calibrated afresh (min-max ranges)."""
+    float_layer = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
-        float_layer.weight.copy_(weight if weight is not None else layer.weight)
+        float_layer.weight.copy_(weight)
     config = QuantConfig(name="w", default=LayerQuant(weight=TensorQuant(spec=spec)))
-    return lowbit.quantize(nn.Sequential(float_layer), torch.randn(2, float_layer.in_features), config,
-                           progress=False)[0]
+    return lowbit.quantize(nn.Sequential(float_layer), torch.randn(2, weight.shape[1]), config, progress=False)[0]
 
 
 def test_clip_is_auto_by_default_off_after_awqs_clip_and_old_recipes_replay_without_it():

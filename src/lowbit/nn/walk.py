@@ -1,5 +1,6 @@
-"""Walking a model: run it on one input item, find its quantizers, replace a submodule, and
-fake-quantize its frozen weights once for a pass of many batches (``fixed_weights``).
+"""Walking a model: run it on one input item, find its quantizers, replace a submodule, run it in
+float (``quantizers_disabled``), and fake-quantize its frozen weights once for a pass of many
+batches (``fixed_weights``).
 
 The lowest-level helpers every layer above uses (calibration, the passes, QAT, reports), so
 they live here, next to the modules they walk, and nothing above has to import an algorithm
@@ -25,6 +26,20 @@ def run_model(model: nn.Module, batch) -> object:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[None]:
+    """Every Quantizer of ``model`` in mode "disabled" inside the block (the model runs in float and
+    observes nothing), each back in its own mode after."""
+    saved = [(q, q.mode) for q in model.modules() if isinstance(q, Quantizer)]
+    for q, _ in saved:
+        q.mode = "disabled"
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
 
 
 def first_tensor(output) -> torch.Tensor:

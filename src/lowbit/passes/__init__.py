@@ -9,8 +9,9 @@
 * ``correct_bias``: after quantization, the mean output error of each layer removed from its bias.
 * ``quantize_activation_inputs``: after swapping, an output quantizer on each Conv that feeds SiLU,
   GELU, Hardswish ... so ORT runs it as QLinearConv (``lowbit.ptq.swap_layers`` runs it).
-* ``quantize_read_outputs``: for a target whose integer kernels write quantized outputs (TFLite), an
-  output quantizer on each layer whose output anything but a quantizer reads (found on a batch).
+* ``find_float_read_outputs`` / ``add_output_quantizers``: for a target whose integer kernels write
+  quantized outputs (TFLite), an output quantizer on each layer whose output anything but a quantizer
+  reads, found on a batch (``lowbit.ptq.read_output_quantizers`` runs both).
 
 Each returns ``(model, names of what it changed)`` and edits in place (``quantize_residual_adds``
 returns a GraphModule sharing the model's layers).  The graph searches use torch.fx and fall
@@ -32,11 +33,11 @@ from .activations import quantize_activation_inputs
 from .bias_correction import correct_bias
 from .equalize import cross_layer_equalize
 from .fold_bn import fold_batchnorm
-from .outputs import add_output_quantizers, find_float_read_outputs, quantize_read_outputs
+from .outputs import add_output_quantizers, find_float_read_outputs
 from .pool_inputs import quantize_pool_inputs
 from .residual_add import quantize_residual_adds
 from .smooth import SmoothReport, smooth_quant
 
 __all__ = ["SmoothReport", "add_output_quantizers", "correct_bias", "cross_layer_equalize", "find_float_read_outputs",
-           "fold_batchnorm", "quantize_activation_inputs", "quantize_pool_inputs", "quantize_read_outputs",
-           "quantize_residual_adds", "smooth_quant"]
+           "fold_batchnorm", "quantize_activation_inputs", "quantize_pool_inputs", "quantize_residual_adds",
+           "smooth_quant"]

@@ -41,7 +41,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Literal
@@ -50,9 +49,8 @@ import torch
 from torch import nn
 
 from ..nn.modules import is_quantized
-from ..nn.quantizer import Quantizer
 from ..nn.registry import kind_of
-from ..nn.walk import run_model
+from ..nn.walk import quantizers_disabled, run_model
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +197,6 @@ def _check_twin(float_model: nn.Module, name: str, qlayer: nn.Module) -> None:
                          "or use reference='layer', which needs no float model")
 
 
-@contextlib.contextmanager
-def _quantizers_disabled(model: nn.Module):
-    """Every Quantizer of ``model`` in mode "disabled" inside the block, its own mode after."""
-    saved = [(q, q.mode) for q in model.modules() if isinstance(q, Quantizer)]
-    for q, _ in saved:
-        q.mode = "disabled"
-    try:
-        yield
-    finally:
-        for q, mode in saved:
-            q.mode = mode
-
-
 def _correct_sequentially(float_model, qmodel, layers, data) -> dict[str, float]:
     if iter(data) is data:
         raise ValueError("correct_bias(reference='model') makes one pass over the data per layer; pass a "
@@ -220,7 +205,7 @@ def _correct_sequentially(float_model, qmodel, layers, data) -> dict[str, float]
     order = _execution_order(qmodel, layers, data)
     # The reference does not change as biases move: one pass gives it for all layers.
     if float_model is None:
-        with _quantizers_disabled(qmodel):  # the quantized model run in float IS the float model
+        with quantizers_disabled(qmodel):  # the quantized model run in float IS the float model
             reference = _output_means(qmodel, order, data)
     else:
         for name in order:

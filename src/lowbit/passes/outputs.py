@@ -20,12 +20,11 @@ recorded in ``lowbit_summary.options["quantized_outputs"]``, so ``lowbit.load`` 
 quantizers without data (``add_output_quantizers``).
 
     names = find_float_read_outputs(qmodel, batch)      # {"classifier.1": "the model output"}
-    add_output_quantizers(qmodel, config, names)
+    add_output_quantizers(qmodel, config, names)        # (lowbit.ptq.read_output_quantizers does both)
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 
@@ -38,6 +37,7 @@ from ..nn.modules import is_quantized
 from ..nn.quantizer import Quantizer
 from ..nn.registry import CONV, GEMM, kind_of
 from ..nn.swap import SwapReport
+from ..nn.walk import quantizers_disabled, run_model
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +113,6 @@ class _Follow(TorchFunctionMode):
         return result
 
 
-@contextlib.contextmanager
-def _disabled(model: nn.Module) -> Iterator[None]:
-    """Every quantizer passes its input through (and observes nothing) inside the block."""
-    quantizers = [q for q in model.modules() if isinstance(q, Quantizer)]
-    modes = [q._mode for q in quantizers]
-    try:
-        for q in quantizers:
-            q._mode = "disabled"
-        yield
-    finally:
-        for q, mode in zip(quantizers, modes, strict=True):
-            q._mode = mode
-
-
 def find_float_read_outputs(model: nn.Module, batch) -> dict[str, str]:
     """``{layer name: its first reader}`` for each quantized Conv / Linear (static input, no output
     quantizer) whose output something other than a lowbit quantizer reads, on one forward pass of
@@ -158,13 +144,8 @@ def find_float_read_outputs(model: nn.Module, batch) -> dict[str, str]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _disabled(model), follow:
-            if isinstance(batch, Mapping):
-                out = model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                out = model(*batch)
-            else:
-                out = model(batch)
+        with torch.no_grad(), quantizers_disabled(model), follow:
+            out = run_model(model, batch)
         for t in _tensors(out):
             follow.read(follow.origins.get(id(t), ()), "the model output")
     finally:
@@ -199,12 +180,4 @@ def add_output_quantizers(model: nn.Module, config: QuantConfig, names, report: 
     return added
 
 
-def quantize_read_outputs(model: nn.Module, config: QuantConfig, batch, report: SwapReport | None = None) -> list[str]:
-    """``find_float_read_outputs`` then ``add_output_quantizers``, when ``config.quantized_outputs``
-    (run after the layer swap, before calibration); the names that got an output quantizer."""
-    if not config.quantized_outputs:
-        return []
-    return add_output_quantizers(model, config, find_float_read_outputs(model, batch), report)
-
-
-__all__ = ["PASS_THROUGH", "add_output_quantizers", "find_float_read_outputs", "quantize_read_outputs"]
+__all__ = ["PASS_THROUGH", "add_output_quantizers", "find_float_read_outputs"]

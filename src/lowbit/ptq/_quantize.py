@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import QuantConfig, get_config
 from ..nn.swap import SwapReport
-from ..passes.outputs import add_output_quantizers, quantize_read_outputs
+from ..passes.outputs import add_output_quantizers, find_float_read_outputs
 from ..passes.smooth import SmoothReport
 from ..targets import Target, resolve_target
 from ._calibrate import as_batches, calibrate, check_has_data
@@ -178,7 +178,7 @@ def read_output_quantizers(qmodel: nn.Module, config: QuantConfig, calib_data, r
         log.warning("target quantizes the layer outputs its kernels write, found on a calibration batch; with no "
                     "calibration data the export rounds them with ranges the simulation never saw")
         return {}
-    outputs = quantize_read_outputs(qmodel, config, calib_data[0], report)
+    outputs = add_output_quantizers(qmodel, config, find_float_read_outputs(qmodel, calib_data[0]), report)
     return {"quantized_outputs": outputs} if outputs else {}
 
 

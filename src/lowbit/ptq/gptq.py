@@ -382,6 +382,11 @@ def _on_grid(q: Quantizer, weight: torch.Tensor) -> bool:
     return True
 
 
+def _rtn_objective(flat: torch.Tensor, grid: Grid, h: torch.Tensor) -> float:
+    """``objective`` of ``flat`` rounded to nearest on ``grid``, row chunk by row chunk."""
+    return objective(flat, lambda a, b: grid.rows(a, b).round_all(flat[a:b]), h)
+
+
 def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int = 128, damp: float = 0.01,
                act_order: bool = True, static_groups: bool = True, clip: bool = False) -> dict:
     """GPTQ of ``layer``'s weight (a quantized gemm / conv with a frozen weight quantizer) on that
@@ -401,12 +406,11 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
     start = time.perf_counter()
     q = layer.weight_quantizer
     weight = layer.weight.detach()
-    unclipped = None
-    if clip and static_groups:  # (the objective of round to nearest before the search, for the report)
-        flat = weight.reshape(weight.shape[0], -1)
-        before = grid_of(q, weight)
-        unclipped = objective(flat, lambda a, b: before.rows(a, b).round_all(flat[a:b]), h)
-    clipped = clip_search(q, weight, h) if clip and static_groups else None
+    flat = weight.reshape(weight.shape[0], -1)
+    searched = {}
+    if clip and static_groups:  # (round to nearest's objective before the search, for the report)
+        searched["objective_rtn_unclipped"] = _rtn_objective(flat, grid_of(q, weight), h)
+        searched["clipped"] = clip_search(q, weight, h)
     grid = grid_of(q, weight)
     refit = None
     if not static_groups and grid.groups is not None:
@@ -416,14 +420,11 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
                              "static_groups=True (the default) or act_order=False")
         grid.scale, grid.zero_point = grid.scale.clone(), grid.zero_point.clone()
         refit = _refitter(q)
-    flat = weight.reshape(weight.shape[0], -1)
-    rtn = objective(flat, lambda a, b: grid.rows(a, b).round_all(flat[a:b]), h)  # (before a refit moves it)
+    rtn = _rtn_objective(flat, grid, h)  # (before a refit moves it)
     quantized, used = gptq_quantize(weight, h, grid, block_size=block_size, damp=damp, act_order=act_order,
                                     refit=refit, name=name)
     report = {"objective_rtn": rtn, "objective_gptq": objective(flat, quantized, h),
-              "kept": "gptq", "damp": used, "dead": int((h.diagonal() == 0).sum())}
-    if clipped is not None:
-        report["clipped"], report["objective_rtn_unclipped"] = clipped, unclipped
+              "kept": "gptq", "damp": used, "dead": int((h.diagonal() == 0).sum()), **searched}
     if report["objective_gptq"] > report["objective_rtn"]:
         report["kept"] = "rtn"
         log.info("gptq: %s: GPTQ's objective %.4g exceeds round to nearest's %.4g; keeping round to nearest",

@@ -35,9 +35,8 @@ new: a range is a scale and a zero-point, and those are what the quantizer holds
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +47,7 @@ from ..nn.modules import has_quantizers
 from ..nn.quantizer import Quantizer
 from ..nn.replay import Replayer
 from ..nn.trace import try_trace
-from ..nn.walk import first_tensor, fixed_weights, quantizers_by_role, run_model
+from ..nn.walk import first_tensor, fixed_weights, quantizers_disabled, run_model
 from ..numerics import compute_qparams
 
 log = logging.getLogger(__name__)
@@ -236,20 +235,8 @@ def _first_items(calib_data: Iterable, batches: int) -> list:
     return items
 
 
-@contextlib.contextmanager
-def _all_float(qmodel: nn.Module) -> Iterator[None]:
-    modes = {id(q): (q, q.mode) for _, _, q in quantizers_by_role(qmodel)}  # a shared quantizer once
-    for q, _ in modes.values():
-        q.mode = "disabled"
-    try:
-        yield
-    finally:
-        for q, mode in modes.values():
-            q.mode = mode
-
-
 def _float_output(qmodel: nn.Module, item) -> torch.Tensor:
-    with _all_float(qmodel):
+    with quantizers_disabled(qmodel):
         return _model_output(qmodel, item)
 
 

@@ -77,8 +77,7 @@ class GPTQ(Step):
     def run(self, model, ctx):
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         options["clip"] = self.clips(ctx.steps)
-        report = gptq_model(model, ctx.calib_data, progress=ctx.progress, **options)
-        return model, {**report, "clip": options["clip"]} if isinstance(report, dict) else report
+        return model, {**gptq_model(model, ctx.calib_data, progress=ctx.progress, **options), "clip": options["clip"]}
 
     def clips(self, steps=()) -> bool:
         """Whether the range search runs in a pipeline of ``steps`` (``clip="auto"``: unless AWQ clips)."""

@@ -31,11 +31,9 @@ _SHIFT = 128  # TFLite int8 code = lowbit uint8 code - 128
 
 
 def _multiplier(ratio: float, shift: int) -> int:
-    """``lrintf(|ratio| * 2**shift)`` with ``ratio``'s sign (XNNPACK adds ``shift`` to the exponent bits: exact)."""
-    m = abs(ratio) * 2.0**shift  # exact in float64: a float32 times a power of two
-    rounded = math.floor(m + 0.5)
-    if rounded - m == 0.5 and rounded % 2:  # a tie: lrintf rounds half to even
-        rounded -= 1
+    """``lrintf(|ratio| * 2**shift)`` with ``ratio``'s sign (XNNPACK adds ``shift`` to the exponent bits: exact;
+    ``round`` rounds half to even, as ``lrintf``)."""
+    rounded = round(abs(ratio) * 2.0**shift)  # the product is exact in float64: a float32 times a power of two
     return -rounded if math.copysign(1.0, ratio) < 0 else rounded
 
 

@@ -185,6 +185,7 @@ class OrtEmulation(nn.Module):
     _add = staticmethod(K.qlinear_add)
     _mean = staticmethod(K.qlinear_global_average_pool)
     _names: ClassVar[Mapping[str, str]] = MappingProxyType({})  # kernel names of another runtime, keyed by ORT's
+    _label: ClassVar[str] = "ORT CPU integer kernels"
 
     def __init__(self, qmodel: nn.Module, *, cpu: str = "auto") -> None:
         super().__init__()
@@ -294,7 +295,7 @@ class OrtEmulation(nn.Module):
 
     def extra_repr(self) -> str:
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(self.kernel_counts().items()))
-        return f"ORT CPU integer kernels: {counts}"
+        return f"{self._label}: {counts}"
 
 
 class TFLiteEmulation(OrtEmulation):
@@ -312,6 +313,7 @@ class TFLiteEmulation(OrtEmulation):
     _names = MappingProxyType({"QLinearConv": "CONV_2D", "QGemm": "FULLY_CONNECTED", "QLinearAdd": "ADD",
                                "QLinearGlobalAveragePool": "MEAN", "QuantizeLinear": "QUANTIZE",
                                "DequantizeLinear": "DEQUANTIZE"})
+    _label = "XNNPACK int8 kernels"
 
     def __init__(self, qmodel: nn.Module) -> None:
         nn.Module.__init__(self)
@@ -321,10 +323,6 @@ class TFLiteEmulation(OrtEmulation):
         if floating:
             raise EmulationError(f"{floating[0]}: its output is left float, but a TFLite integer kernel always writes "
                                  "int8; quantize the model with target='tflite', which quantizes that output")
-
-    def extra_repr(self) -> str:
-        counts = ", ".join(f"{k} x{v}" for k, v in sorted(self.kernel_counts().items()))
-        return f"XNNPACK int8 kernels: {counts}"
 
 
 def _arithmetic(cpu: str) -> str:
