@@ -108,33 +108,47 @@ def stage_fp32(run: Run) -> None:
                  ppl_ort=run.ort_ppl(run.fp32_path), size_mb=file_mb(run.fp32_path)))
 
 
-def algorithm_steps(algorithm: str, args: argparse.Namespace) -> list:
+def algorithm_steps(algorithm: str, args: argparse.Namespace, coverage: str = "all") -> list:
     """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows, GPTQ with
-    ``--gptq-clip``'s range search."""
+    ``--gptq-clip``'s range search and ``--gptq-rescale``; then, with ``--tie`` and lm_head quantized
+    (coverage "all"), ``TieEmbedding``."""
     clip = {"auto": "auto", "true": True, "false": False}[getattr(args, "gptq_clip", "false")]
-    made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches), "gptq": lambda: lowbit.ptq.GPTQ(clip=clip)}
-    return [made[step]() for step in ALGORITHMS[algorithm]]
+    rescale = getattr(args, "gptq_rescale", False)
+    made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches),
+            "gptq": lambda: lowbit.ptq.GPTQ(clip=clip, rescale=rescale)}
+    steps = [made[step]() for step in ALGORITHMS[algorithm]]
+    return steps + ([lowbit.ptq.TieEmbedding()] if getattr(args, "tie", False) and coverage == "all" else [])
 
 
 def algorithm_label(algorithm: str, args: argparse.Namespace) -> str:
-    """``algorithm`` as the table names it: with the windows AWQ's search read when not all."""
+    """``algorithm`` as the table names it: with the windows AWQ's search read when not all, GPTQ's
+    options when on."""
     awq = "awq" in ALGORITHMS[algorithm] and args.awq_batches is not None and args.awq_batches < args.calib
     label = f"{algorithm} (AWQ search on {args.awq_batches} windows)" if awq else algorithm
     steps = algorithm_steps(algorithm, args)
-    clips = any(isinstance(s, lowbit.ptq.GPTQ) and s.clips(steps) for s in steps)
-    return label + (" with clip search" if clips else "")
+    gptq = [s for s in steps if isinstance(s, lowbit.ptq.GPTQ)]
+    options = [what for what, on in (("clip search", any(s.clips(steps) for s in gptq)),
+                                     ("scale refit", any(s.rescale for s in gptq))) if on]
+    return label + (f" with {' and '.join(options)}" if options else "")
+
+
+def weights_label(coverage: str, args: argparse.Namespace) -> str:
+    """What the ``coverage`` rows quantize (``COVERAGE``), the embedding reading lm_head's table with ``--tie``."""
+    if getattr(args, "tie", False) and coverage == "all":
+        return COVERAGE["all"].replace("embedding int8 per row", "embedding reads lm_head's table (TieEmbedding)")
+    return COVERAGE[coverage]
 
 
 def lowbit_row(run: Run, algorithm: str, bits: int, coverage: str) -> Row:
     """lowbit.quantize with ``algorithm`` (``ALGORITHMS``) on ``lowbit_config(bits, coverage)``,
     scored in PyTorch and, exported by ``export_llm``, in ONNX Runtime."""
     config = lowbit_config(bits, coverage)
-    steps = algorithm_steps(algorithm, run.args)
-    calib = [{"input_ids": w[None]} for w in run.calib] if steps else None
+    steps = algorithm_steps(algorithm, run.args, coverage)
+    calib = [{"input_ids": w[None]} for w in run.calib] if algorithm != "RTN" else None
     label = f"lowbit W{bits} g128 sym, {algorithm_label(algorithm, run.args)}" + (
-        "" if coverage == "all" else ", lm_head float")
-    return scored(run, label, f"{COVERAGE[coverage]}; int{bits} g128 symmetric", len(calib or ()), lowbit.quantize,
-                  run.model, calib, config, algorithms=steps or None, progress=False)
+        "" if coverage == "all" else ", lm_head float") + (", tied table" if "tie_embedding" in [s.name for s in steps] else "")
+    return scored(run, label, f"{weights_label(coverage, run.args)}; int{bits} g128 symmetric", len(calib or ()),
+                  lowbit.quantize, run.model, calib, config, algorithms=steps or None, progress=False)
 
 
 def scored(run: Run, label: str, weights: str, calib: int, build, *args, **kwargs) -> Row:
@@ -210,8 +224,9 @@ def stage_lowbit_mixed(run: Run) -> None:
     calib = [{"input_ids": w[None]} for w in run.calib]
     bits, algorithm = run.args.mixed_bits, run.args.mixed_algorithm
     costs = ", layer costs after GPTQ" if run.args.mixed_cost == "gptq" else ""
-    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm_label(algorithm, run.args)}{costs}",
-                    f"{COVERAGE['all']}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
+    tied = ", tied table" if getattr(run.args, "tie", False) else ""
+    run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm_label(algorithm, run.args)}{costs}"
+                    f"{tied}", f"{weights_label('all', run.args)}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
                     f"{bits:g} bits on average over the Linears", len(calib), mixed_quantize, run.model, calib, bits,
                     algorithm_steps(algorithm, run.args), run.args.mixed_cost))
 
@@ -396,6 +411,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gptq-clip", choices=["auto", "true", "false"], default="false",
                         help="GPTQ(clip=...): each group's range shrunk where its input-weighted error falls "
                              "(auto: unless AWQ clipped; default false, as the rows before the search)")
+    parser.add_argument("--gptq-rescale", action="store_true",
+                        help="GPTQ(rescale=True): each range's scale refitted by least squares to GPTQ's codes")
+    parser.add_argument("--tie", action="store_true",
+                        help="lowbit rows with lm_head quantized: TieEmbedding (the embedding reads lm_head's "
+                             "table; one table in the file)")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of every file")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--w4-algorithms", nargs="+", choices=list(ALGORITHMS),

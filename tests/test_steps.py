@@ -28,6 +28,7 @@ from lowbit.ptq import (
     RangeSearch,
     SmoothQuant,
     Step,
+    TieEmbedding,
     parse_step,
     parse_steps,
     register_step,
@@ -88,8 +89,8 @@ def _onnx_sha(qmodel: nn.Module, x: torch.Tensor, path) -> str:
 def test_registry_holds_lowbits_steps_with_their_phases():
     assert dict(STEPS) == {"fold_bn": FoldBatchNorm, "cle": CLE, "smoothquant": SmoothQuant,
                            "bias_correction": BiasCorrection, "range_search": RangeSearch, "adaround": AdaRound,
-                           "rtn": RTN, "gptq": GPTQ, "awq": AWQ}
-    assert [cls.phase for cls in STEPS.values()] == ["float"] * 3 + ["calibrated"] * 5 + ["float"]
+                           "rtn": RTN, "gptq": GPTQ, "awq": AWQ, "tie_embedding": TieEmbedding}
+    assert [cls.phase for cls in STEPS.values()] == ["float"] * 3 + ["calibrated"] * 5 + ["float", "calibrated"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         SmoothQuant().alpha = 0.5
 

@@ -357,11 +357,11 @@ range before each QuantizeLinear, which keeps the numbers exact but leaves the c
 in float there."""
 
 # -- weight-only presets for LLMs: round-to-nearest (RTN), the baseline GPTQ / AWQ improve on ----
-# Every Linear takes the weight grid (lm_head too); embeddings int8 per row as in every preset, because
-# export cannot write a group-wise table yet (the rows are dequantized after the Gather) and a table is
-# read a row per token, so its bits cost memory, not arithmetic.  lm_head is often tied to the embedding
-# (SmolLM2): tying is safe, since fake-quantization never writes the weight; each layer quantizes the
-# shared float table its own way.
+# Every Linear takes the weight grid (lm_head too); embeddings int8 per row as in every preset: a table
+# is read a row per token, so its bits cost memory, not arithmetic.  lm_head is often tied to the
+# embedding (SmolLM2): tying is safe, since fake-quantization never writes the weight; each layer
+# quantizes the shared float table its own way, and the file holds both.  To store one table (the
+# head's), add the ``tie_embedding`` step (``lowbit.ptq.TieEmbedding``) after GPTQ / AWQ.
 
 
 def _weight_only(name: str, spec: QuantSpec) -> QuantConfig:

@@ -412,3 +412,36 @@ def test_clip_is_auto_by_default_off_after_awqs_clip_and_old_recipes_replay_with
     assert Step.from_dict(GPTQ(clip=True).to_dict()).clip is True
     with pytest.raises(TypeError, match="true, false or 'auto'"):
         GPTQ(clip="yes")
+
+
+@pytest.mark.parametrize("spec", ["int4-g32-sym", "uint4-g32-asym", "int4-channel"])
+def test_fit_scales_solves_each_rows_least_squares_with_gptqs_codes_fixed(spec):
+    from lowbit.ptq.gptq import fit_scales
+
+    layer = quantized_linear(SPECS[spec], k=128, rows=12, seed=5)
+    q, w = layer.weight_quantizer, layer.weight.detach().clone()
+    h = hessian_of(layer, correlated(1000, 128, 5))
+    quantized, _ = gptq_quantize(w, h, grid_of(q, w))
+    scale0, zero_point = (p.detach().reshape(12, -1).double() for p in q.qparams_for(w))
+    scale, fitted = fit_scales(w, quantized, q, h)
+    groups = scale0.shape[1]
+    col_group = torch.arange(128) * groups // 128
+    hd = h.double()
+    for r in range(12):  # the reference: the row's codes laid out as D (columns x groups), normal equations
+        d = torch.zeros(128, groups, dtype=torch.float64)
+        d[torch.arange(128), col_group] = quantized[r].double() / scale0[r, col_group]
+        want = torch.linalg.solve(d.T @ hd @ d, d.T @ hd @ w[r].double())
+        torch.testing.assert_close(scale.reshape(12, -1)[r].double(), want, rtol=1e-5, atol=0)
+    assert objective(w, fitted, h) < objective(w, quantized, h)
+    assert torch.equal(q.qparams_for(w)[1].reshape(12, -1).double(), zero_point)  # untouched: only scales move
+
+    fresh = quantized_linear(SPECS[spec], k=128, rows=12, seed=5)
+    plain = gptq_layer(quantized_linear(SPECS[spec], k=128, rows=12, seed=5), h, name="fc")
+    report = gptq_layer(fresh, h, name="fc", rescale=True)
+    assert report["objective_unscaled"] == pytest.approx(plain["objective_gptq"])
+    assert report["objective_gptq"] < plain["objective_gptq"]
+    with torch.no_grad():
+        assert torch.equal(fresh.weight_quantizer(fresh.weight), fresh.weight)  # on its new grid
+        new = fresh.weight_quantizer.qparams_for(fresh.weight)[0].reshape(12, -1)
+        codes = torch.round(fresh.weight / new.repeat_interleave(128 // groups, 1))
+    torch.testing.assert_close(codes, torch.round(quantized / scale0.float().repeat_interleave(128 // groups, 1)))

@@ -228,6 +228,14 @@ class QuantEmbedding(QuantLayer, nn.Embedding):
         return self._quant_output(out)
 
 
+def tied_table(embedding: nn.Module, head: nn.Module) -> bool:
+    """True when ``embedding`` looks up ``head``'s quantized weight: it holds the head's weight
+    Parameter and weight quantizer (``lowbit.ptq.tie``)."""
+    q = getattr(head, "weight_quantizer", None)
+    return (getattr(embedding, "weight", None) is getattr(head, "weight", False) and q is not None
+            and getattr(embedding, "weight_quantizer", None) is q)
+
+
 QUANTIZED: Mapping[type[nn.Module], type[nn.Module]] = MappingProxyType({
     nn.Linear: QuantLinear,
     nn.Conv1d: QuantConv1d,

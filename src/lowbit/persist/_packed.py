@@ -22,8 +22,9 @@ What stays float, each logged with its reason: weights whose quantizer is not st
 observing; learned LSQ scales, because such a model is still being trained and its float weights
 are its state: ``lowbit.qat.convert`` fixes the ranges, after which its weights pack), weights
 the quantizer sees transformed (QAT conv-BN quantizes the BN-folded weight,
-``quantized_weight_source``), and weights tied to another name (SmolLM2's embedding and lm_head
-share one table that each quantizes on its own grid, so no single set of integers is exact for both).
+``quantized_weight_source``), and weights tied to another name that each layer quantizes on its own
+grid (SmolLM2's embedding and lm_head as the presets quantize them: no single set of integers is
+exact for both).  A table tied with its quantizer too (``lowbit.ptq.tie``) packs once.
 """
 
 from __future__ import annotations
@@ -104,8 +105,14 @@ def restore(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 
 
 # -- save: which weights pack ----------------------------------------------------------------
-def _why_float(layer: QuantLayer, prefix: str, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> str:
-    """Why the weight of ``layer`` (state keys under ``prefix``) stays float; '' when it packs."""
+PACKED_AS_ALIAS = "packed under the name it is tied to"
+
+
+def _why_float(layer: QuantLayer, prefix: str, tensors: dict[str, torch.Tensor], tied: dict[str, str],
+               quantizers: dict[str, nn.Module]) -> str:
+    """Why the weight of ``layer`` (state keys under ``prefix``) stays float; '' when it packs.
+    ``quantizers``: each quantized layer's weight key -> its weight quantizer (a tied pair that
+    shares one packs once)."""
     q, key = layer.weight_quantizer, prefix + "weight"
     if q is None or q.mode == "disabled":
         return "not quantized"
@@ -116,8 +123,10 @@ def _why_float(layer: QuantLayer, prefix: str, tensors: dict[str, torch.Tensor],
         return f"its quantizer is {q.mode!r}, not a frozen static grid"
     if q.spec.bits > 8:
         return f"{q.spec.bits}-bit codes (packing takes 2 to 8 bits)"
-    if key in tied:
+    if key in tied and quantizers.get(tied[key]) is not q:
         return f"tied to {tied[key]}, which shares the float tensor (each layer quantizes it on its own grid)"
+    if key in tied and key not in tensors:
+        return PACKED_AS_ALIAS  # one table and one quantizer (lowbit.ptq.tie): packed under the other name
     if key not in tensors or not tensors[key].is_floating_point() or key + SUFFIX in tensors:
         return "no float weight of its own in the state_dict"
     if any(f"{prefix}weight_quantizer.{leaf}" not in tensors for leaf in ("scale", "zero_point")):
@@ -154,13 +163,15 @@ def pack_state(model: nn.Module, tensors: dict[str, torch.Tensor],
     out: dict[str, torch.Tensor] = dict(tensors)
     entries: dict[str, dict] = {}
     kept: list[str] = []
-    for name, layer in model.named_modules():
-        if isinstance(layer, QuantLayer):
-            prefix = f"{name}." if name else ""
-            reason = _why_float(layer, prefix, tensors, tied) or _pack_one(layer, prefix, out, entries)
-            if reason:
-                kept.append(prefix + "weight")
-                log.info("%sweight stays float in the packed file: %s", prefix, reason)
+    layers = {(f"{name}." if name else ""): m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+    quantizers = {prefix + "weight": m.weight_quantizer for prefix, m in layers.items()}
+    for prefix, layer in layers.items():
+        reason = _why_float(layer, prefix, tensors, tied, quantizers) or _pack_one(layer, prefix, out, entries)
+        if reason == PACKED_AS_ALIAS:
+            log.info("%sweight is %s", prefix, reason)
+        elif reason:
+            kept.append(prefix + "weight")
+            log.info("%sweight stays float in the packed file: %s", prefix, reason)
     before = sum(tensors[k].numel() * tensors[k].element_size() for k in entries)
     after = sum(out[e["tensor"]].numel() for e in entries.values())
     shown = ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else "")

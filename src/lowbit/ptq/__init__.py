@@ -7,7 +7,8 @@
 * ``adaround``: AdaRound, the weights' rounding chosen layer by layer (the ``AdaRound`` step);
 * ``gptq``: GPTQ on one weight; ``_blocks`` / ``_gptq_layers``: its driver, causal LMs block by block;
 * ``awq``: AWQ on the float model, block by block (its searches in ``_awq_search``);
-  ``weight_steps``: the ``GPTQ`` and ``AWQ`` steps, and ``RTN``, which names round to nearest;
+  ``weight_steps``: the ``GPTQ`` and ``AWQ`` steps, ``RTN``, which names round to nearest, and
+  ``TieEmbedding`` (``tie``: the token embedding reads the head's quantized table);
 * ``_parse``: the short forms of steps (``"cle,smoothquant(alpha=0.8)"``) and quantize's flags;
 * ``_quantize``: ``quantize`` (the pipeline) and ``rebuild`` (its replay without data);
 * ``_layers``: residual adds and pool inputs (resolved through the config's rules), layer swap;
@@ -31,12 +32,37 @@ from .steps import (
     StepContext,
     register_step,
 )
-from .weight_steps import AWQ, GPTQ, RTN
+from .weight_steps import AWQ, GPTQ, RTN, TieEmbedding
 
 __all__ = [
-    "AWQ", "CLE", "GPTQ", "RTN", "STEPS", "AdaRound", "BiasCorrection", "FoldBatchNorm", "QuantSummary",
-    "RangeSearch", "SmoothQuant", "Step", "StepContext", "as_batches", "calibrate", "calibrate_activations",
-    "check_has_data", "insert_graph_quantizers", "iter_quantizers", "parse_step", "parse_steps", "quantize",
-    "quantizers_by_role", "read_output_quantizers", "rebuild", "register_step", "resolve_algorithms", "run_model",
+    "AWQ",
+    "CLE",
+    "GPTQ",
+    "RTN",
+    "STEPS",
+    "AdaRound",
+    "BiasCorrection",
+    "FoldBatchNorm",
+    "QuantSummary",
+    "RangeSearch",
+    "SmoothQuant",
+    "Step",
+    "StepContext",
+    "TieEmbedding",
+    "as_batches",
+    "calibrate",
+    "calibrate_activations",
+    "check_has_data",
+    "insert_graph_quantizers",
+    "iter_quantizers",
+    "parse_step",
+    "parse_steps",
+    "quantize",
+    "quantizers_by_role",
+    "read_output_quantizers",
+    "rebuild",
+    "register_step",
+    "resolve_algorithms",
+    "run_model",
     "swap_layers",
 ]

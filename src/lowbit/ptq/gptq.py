@@ -22,7 +22,10 @@ to every later column ``k``.  Around that loop:
   quantizer's own estimator, when GPTQ reaches it, and installs the new ranges;
 * ``clip`` (``clip_search``): before GPTQ, each static range shrunk by the factor in 1.00 .. 0.75 whose
   round-to-nearest error, weighted by the inputs' energies ``H_jj``, is least (the GPTQ paper's
-  code has an unweighted ``mse`` grid of this kind; AWQ and NNCF weight it by the inputs as here).
+  code has an unweighted ``mse`` grid of this kind; AWQ and NNCF weight it by the inputs as here);
+* ``rescale`` (``fit_scales``): after GPTQ, each static range's scale moved to the least-squares
+  optimum of the objective with GPTQ's integer codes fixed (a small ``groups x groups`` system per
+  row), which can only lower the objective; the codes stay, so the layout and the export are unchanged.
 
 Numbers: ``H`` sums float32 products in float64; the factorisations run in float64, the column
 loop in float32 (as the paper's code), on the transposed weight, ``ROWS_CHUNK`` rows at a time
@@ -313,6 +316,21 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_si
 CLIP_FACTORS = tuple(round(1.0 - 0.01 * k, 2) for k in range(26))  # 1.00, 0.99, ..., 0.75
 
 
+def _row_ranges(q: Quantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(col_group, scale, zero_point)`` of ``q`` over ``weight`` as one range per row (per channel
+    along axis 0) or per group of a row (group-wise along axis 1): ``scale[:, col_group[j]]`` is
+    column ``j``'s; None for other layouts."""
+    scale, zero_point = q.qparams_for(weight)
+    spec, rows, cols = q.spec, weight.shape[0], weight[0].numel()
+    if spec.granularity == "group" and weight.dim() == 2 and spec.resolved_axis(2) == 1:
+        col_group = torch.arange(cols, device=weight.device) // spec.group_size
+        return col_group, scale.float(), zero_point.float()
+    if spec.granularity == "channel" and spec.resolved_axis(weight.dim(), q.name) == 0:
+        col_group = torch.zeros(cols, dtype=torch.int64, device=weight.device)
+        return col_group, scale.float().reshape(rows, 1), zero_point.float().reshape(rows, 1)
+    return None
+
+
 def clip_search(q: Quantizer, weight: torch.Tensor, h: torch.Tensor, factors=CLIP_FACTORS) -> float:
     """Shrink each range of ``q`` (a frozen, symmetric weight quantizer: one range per group of a row,
     or per row) by the factor in ``factors`` whose round-to-nearest error, each column weighted by its
@@ -320,21 +338,16 @@ def clip_search(q: Quantizer, weight: torch.Tensor, h: torch.Tensor, factors=CLI
     of a group buys a finer grid for the rest (GPTQ's reference ``mse`` grid, weighted by the inputs as
     AWQ's clip search and NNCF's scale estimation are).  The factor 1 (the range as it is) wins ties.
     Returns the fraction of ranges shrunk (0.0, logged, for layouts it does not search)."""
-    scale, zero_point = q.qparams_for(weight)
-    spec, flat = q.spec, weight.detach().reshape(weight.shape[0], -1).float()
-    rows, cols = flat.shape
-    if spec.granularity == "group" and weight.dim() == 2 and spec.resolved_axis(2) == 1:
-        col_group = torch.arange(cols, device=flat.device) // spec.group_size
-        s, z = scale.float(), zero_point.float()
-    elif spec.granularity == "channel" and spec.resolved_axis(weight.dim(), q.name) == 0:
-        col_group = torch.zeros(cols, dtype=torch.int64, device=flat.device)
-        s, z = scale.float().reshape(rows, 1), zero_point.float().reshape(rows, 1)
-    else:
-        log.info("gptq: %s: %s has no per-row ranges to search; kept", q.name, spec.describe())
+    ranges = _row_ranges(q, weight)
+    if ranges is None:
+        log.info("gptq: %s: %s has no per-row ranges to search; kept", q.name, q.spec.describe())
         return 0.0
+    col_group, s, z = ranges
     if bool(z.any()):
         log.info("gptq: %s: affine ranges are not searched (the search moves scales only); kept", q.name)
         return 0.0
+    spec, flat = q.spec, weight.detach().reshape(weight.shape[0], -1).float()
+    rows = flat.shape[0]
     energy = h.diagonal().float().to(flat.device)
     best = torch.ones_like(s)
     for a in range(0, rows, ROWS_CHUNK):
@@ -348,8 +361,53 @@ def clip_search(q: Quantizer, weight: torch.Tensor, h: torch.Tensor, factors=CLI
             better = per_range < least
             least = torch.where(better, per_range, least)
             best[a:b] = torch.where(better, torch.full_like(per_range, factor), best[a:b])
+    scale, zero_point = q.qparams_for(weight)
     q.set_qparams(scale * best.reshape(scale.shape).to(scale.dtype), zero_point)
     return float((best < 1).float().mean())
+
+
+def fit_scales(weight: torch.Tensor, quantized: torch.Tensor, q: Quantizer, h: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The scales that minimise GPTQ's objective ``tr((W - Q) H (W - Q)^T)`` with ``quantized``'s
+    integer codes fixed: ``Q = s * d`` for each range (row, or group of a row) with ``d = code -
+    zero_point``, so per row the scales ``s`` (one per group) solve the small least-squares system
+    ``(D^T H D) s = D^T H w`` (``D``: the row's codes laid out column by group).  The codes GPTQ chose
+    stay; only their spacing moves (in closed form; NNCF's scale estimation searches for it).  A range
+    whose system is singular (codes all zero), or whose new scale would flip its sign or fall below
+    1e-3 of the old one, keeps its scale.  Float64 throughout.
+
+    Returns:
+        ``(scale, Q)``: the new scales (``q``'s layout) and the weight they give (rows, columns; float32),
+        or None for layouts without per-row ranges.
+    """
+    ranges = _row_ranges(q, weight)
+    if ranges is None:
+        return None
+    col_group, s, _ = ranges
+    rows, groups = s.shape
+    hd = h.double().to(weight.device)
+    old = s.double()
+    codes = (quantized.reshape(rows, -1).double() / old[:, col_group]).round_()  # code - zero_point
+    flat = weight.detach().reshape(rows, -1).double()
+    members = [torch.nonzero(col_group == g).flatten() for g in range(groups)]
+    new = old.clone()
+    for a in range(0, rows, ROWS_CHUNK):
+        b = min(a + ROWS_CHUNK, rows)
+        d, w = codes[a:b], flat[a:b]
+        m = torch.zeros(b - a, groups, groups, dtype=torch.float64, device=d.device)
+        rhs = torch.zeros(b - a, groups, dtype=torch.float64, device=d.device)
+        for g, cols in enumerate(members):
+            hdg = d[:, cols] @ hd[cols]  # (r, columns): row r's H D[:, g]
+            m[:, g] = torch.zeros_like(rhs).index_add_(1, col_group, hdg * d)
+            rhs[:, g] = (hdg * w).sum(1)
+        ok = m.diagonal(dim1=1, dim2=2) > 0  # a range with codes (and inputs) at all
+        m = m + torch.diag_embed((~ok).double())  # (its row / column are zero: solved to 0, then kept)
+        fitted = torch.linalg.solve(m, torch.where(ok, rhs, 0.0))
+        keep = ~ok | ~torch.isfinite(fitted) | (fitted * old[a:b].sign() < 1e-3 * old[a:b].abs())
+        new[a:b] = torch.where(keep, old[a:b], fitted)
+    scale, _ = q.qparams_for(weight)
+    new = new.float()  # (Q from the float32 scales: exactly what fake_quantize gives back)
+    return new.reshape(scale.shape).to(scale.dtype), codes.float() * new[:, col_group]
 
 
 def _refitter(q: Quantizer) -> Refit:
@@ -388,17 +446,20 @@ def _rtn_objective(flat: torch.Tensor, grid: Grid, h: torch.Tensor) -> float:
 
 
 def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int = 128, damp: float = 0.01,
-               act_order: bool = True, static_groups: bool = True, clip: bool = False) -> dict:
+               act_order: bool = True, static_groups: bool = True, clip: bool = False,
+               rescale: bool = False) -> dict:
     """GPTQ of ``layer``'s weight (a quantized gemm / conv with a frozen weight quantizer) on that
     quantizer's grid, with its input Hessian ``h``, written into the weight.  ``static_groups=False``
     refits each group of a group-wise Linear weight to the updated columns (with ``act_order=False``,
     else ValueError) and installs the new ranges in the quantizer; ``clip`` first shrinks each static
-    range as ``clip_search`` finds best; the rest: ``gptq_quantize``.
+    range as ``clip_search`` finds best; ``rescale`` then moves each static range's scale to the
+    least-squares optimum for the codes GPTQ chose (``fit_scales``); the rest: ``gptq_quantize``.
 
     Returns:
         ``{"objective_rtn", "objective_gptq", "kept", "damp", "dead", "seconds"}`` (and ``"clipped"``,
         the fraction of ranges ``clip`` shrank, and ``"objective_rtn_unclipped"``, round to nearest's
-        objective on the ranges before the search): the objective ``tr((W - Q) H (W - Q)^T)`` of round to
+        objective on the ranges before the search; with ``rescale``, ``"objective_unscaled"``, GPTQ's
+        objective before the fit): the objective ``tr((W - Q) H (W - Q)^T)`` of round to
         nearest and of GPTQ, which one the weight holds (``"rtn"`` when GPTQ's was the larger: the weight
         is left as it was), the damping used, the number of dead inputs, the seconds taken.
         RuntimeError if every damping tried failed.
@@ -425,6 +486,14 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
                                     refit=refit, name=name)
     report = {"objective_rtn": rtn, "objective_gptq": objective(flat, quantized, h),
               "kept": "gptq", "damp": used, "dead": int((h.diagonal() == 0).sum()), **searched}
+    fitted = fit_scales(weight, quantized, q, h) if rescale and refit is None else None
+    if fitted is not None:
+        value = objective(flat, fitted[1], h)
+        report["objective_unscaled"] = report["objective_gptq"]
+        if value < report["objective_gptq"]:
+            report["objective_gptq"], quantized = value, fitted[1]
+        else:
+            fitted = None
     if report["objective_gptq"] > report["objective_rtn"]:
         report["kept"] = "rtn"
         log.info("gptq: %s: GPTQ's objective %.4g exceeds round to nearest's %.4g; keeping round to nearest",
@@ -432,6 +501,8 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
     else:
         if refit is not None:
             q.set_qparams(grid.scale.clone(), grid.zero_point.to(torch.int32))
+        if fitted is not None:
+            q.set_qparams(fitted[0], q.qparams_for(weight)[1])
         with torch.no_grad():
             layer.weight.copy_(quantized.reshape(weight.shape))
         del quantized

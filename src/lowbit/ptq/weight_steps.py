@@ -14,6 +14,7 @@ from ._blocks import gptq_model
 from ._gptq_layers import untie
 from .awq import awq_model
 from .steps import CALIBRATED, FLOAT, Step, _check_bool, _check_int, _check_number, register_step
+from .tie import tie_embedding
 
 
 @register_step
@@ -58,13 +59,14 @@ class GPTQ(Step):
     static_groups: bool = True
     clip: bool | str = "auto"
     true_sequential: bool = False
+    rescale: bool = False
     absent = MappingProxyType({"clip": False})  # recipes from before the clip search ran without it
     batches: int | None = None
 
     def __post_init__(self) -> None:
         _check_int(self, "block_size", 1)
         _check_number(self, "damp", 0.0, 1.0, open_low=True)
-        for field in ("act_order", "static_groups", "true_sequential"):
+        for field in ("act_order", "static_groups", "true_sequential", "rescale"):
             _check_bool(self, field)
         if self.clip != "auto" and not isinstance(self.clip, bool):
             raise TypeError(f"GPTQ.clip must be true, false or 'auto', got {self.clip!r}")
@@ -133,4 +135,26 @@ class AWQ(Step):
         return model, awq_model(model, ctx.calib_data, ctx.config, progress=ctx.progress, **options)
 
 
-__all__ = ["AWQ", "GPTQ", "RTN"]
+@register_step
+@dataclass(frozen=True, kw_only=True)
+class TieEmbedding(Step):
+    """The token embedding reads the output head's quantized table (``lowbit.ptq.tie``): one table in
+    the model, the ONNX file (``GatherBlockQuantized`` on the head's ``MatMulNBits`` weight) and the
+    checkpoint, where the presets store an int8 copy beside the head's 4-bit one.  ``embedding`` /
+    ``head``: module names (None: the Hugging Face getters).  Put it after GPTQ / AWQ, which write
+    the head's weight.  Report: ``{"embedding", "head"}``, which ``rebuild`` ties again."""
+
+    name = "tie_embedding"
+    phase = CALIBRATED
+    embedding: str | None = None
+    head: str | None = None
+
+    def run(self, model, ctx):
+        return model, tie_embedding(model, self.embedding, self.head)
+
+    def rebuild(self, model, report):
+        tie_embedding(model, report["embedding"], report["head"])
+        return model
+
+
+__all__ = ["AWQ", "GPTQ", "RTN", "TieEmbedding"]

@@ -1,7 +1,9 @@
 """The parts of a Llama-style decoder graph, in the ops ONNX Runtime runs fastest on CPU.
 
 * embedding: ``Gather`` on the float table, or on the int8 table followed by ``Cast`` and ``Mul``
-  by the gathered rows' scales (only ``batch x tokens`` rows are dequantized, not the table);
+  by the gathered rows' scales (only ``batch x tokens`` rows are dequantized, not the table); a
+  group-wise table, or one tied to the quantized head (``lowbit.ptq.tie``; the head's MatMulNBits
+  initializers, stored once), is ``com.microsoft.GatherBlockQuantized``;
 * norms: the first RMSNorm is ONNX's ``RMSNormalization`` (opset 23); every later one also adds
   the residual: ``com.microsoft.SkipSimplifiedLayerNormalization``, whose 4th output is the sum
   (the next residual);
@@ -30,6 +32,7 @@ from torch import nn
 
 from ...nn.modules import QuantEmbedding
 from ._family import Family, Shape, get
+from ._linear import NBits, nbits_weight, write_nbits
 from ._writer import MS_DOMAIN, GraphWriter
 
 
@@ -61,8 +64,10 @@ def write_mask_lengths(w: GraphWriter, mask: str) -> tuple[str, str]:
     return seqlens_k, total
 
 
-def write_embedding(w: GraphWriter, module: nn.Module, ids: str, name: str) -> tuple[str, str | None]:
-    """``module(ids)``; returns the output and, for a float table, its name (a tied float head reads it)."""
+def write_embedding(w: GraphWriter, module: nn.Module, ids: str, name: str,
+                    tied: tuple[NBits, list[str]] | None = None) -> tuple[str, str | None]:
+    """``module(ids)``; returns the output and, for a float table, its name (a tied float head reads it).
+    ``tied``: the head's MatMulNBits weight and its initializers, which the table is (``tie_embedding``)."""
     if not isinstance(module, nn.Embedding) or module.max_norm is not None:
         raise TypeError(f"{name}: export_llm expects an nn.Embedding without max_norm, got {module!r}")
     q = module.weight_quantizer if isinstance(module, QuantEmbedding) else None
@@ -71,12 +76,16 @@ def write_embedding(w: GraphWriter, module: nn.Module, ids: str, name: str) -> t
         return w.node("Gather", [table, ids], name=f"{name}/Gather", axis=0), table
     if module.output_quantizer is not None and module.output_quantizer.mode != "disabled":
         raise ValueError(f"{name}: its output is quantized; export_llm writes float activations (weight-only)")
+    if tied is not None:
+        return _gather_blocks(w, *tied, ids, name), None
     ip = module.integer_params().weight
     spec = ip.spec
+    if spec.granularity == "group" and spec.resolved_axis(2, name) == 1:
+        nb = nbits_weight(ip, name)
+        return _gather_blocks(w, nb, write_nbits(w, name, nb), ids, name), None
     if spec.granularity == "group" or (spec.granularity == "channel" and spec.resolved_axis(2, name) != 0):
         raise ValueError(f"{name}: the table is quantized {spec.describe()}; export_llm writes a table with one "
-                         "scale per row (or per tensor): quantize it per channel along axis 0 (the presets' "
-                         "type:Embedding rule does)")
+                         "scale per row (or per tensor), or group-wise along the hidden axis (axis 1)")
     values = w.const(f"{name}.weight.quantized", ip.values.numpy())
     rows = w.node("Cast", [w.node("Gather", [values, ids], name=f"{name}/Gather", axis=0)], name=f"{name}/Cast",
                   to=onnx.TensorProto.FLOAT)
@@ -92,6 +101,26 @@ def write_embedding(w: GraphWriter, module: nn.Module, ids: str, name: str) -> t
     if np.any(params["zero_point"]):
         rows = w.node("Sub", [rows, param("zero_point")], name=f"{name}/Sub")
     return w.node("Mul", [rows, param("scale")], name=f"{name}/Mul"), None
+
+
+def _gather_blocks(w: GraphWriter, nb: NBits, consts: list[str], ids: str, name: str) -> str:
+    """Rows ``ids`` of a table in MatMulNBits form (``consts``: its B and scales initializers), as
+    ``com.microsoft.GatherBlockQuantized`` reads B ``(rows, k_blocks, bytes)``: blocks along the last
+    axis, scales ``(rows, k_blocks, 1)`` (a Reshape of MatMulNBits' ``(rows, k_blocks)``), then the
+    gathered ``(batch, seq, k_blocks, block)`` as ``(batch, seq, K)``."""
+    packed, scales, zero_points = consts
+    if zero_points:
+        raise ValueError(f"{name}: a table read by GatherBlockQuantized must be symmetric (no zero points); "
+                         "quantize it with a symmetric spec")
+    blocks = nb.scales.shape[1]
+    scales = w.node("Reshape", [scales, w.scalar([nb.n, blocks, 1], np.int64)], name=f"{name}/Reshape_scales")
+    rows = w.node("GatherBlockQuantized", [packed, ids, scales], name=f"{name}/GatherBlockQuantized",
+                  domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=nb.block_size, bits=nb.bits)
+    flat = w.node("Reshape", [rows, w.scalar([0, 0, blocks * nb.block_size], np.int64)], name=f"{name}/Reshape")
+    if blocks * nb.block_size == nb.k:
+        return flat
+    return w.node("Slice", [flat, w.scalar([0], np.int64), w.scalar([nb.k], np.int64), w.scalar([2], np.int64)],
+                  name=f"{name}/Slice")
 
 
 def write_norm(w: GraphWriter, module: nn.Module, x: str, name: str, eps: float,

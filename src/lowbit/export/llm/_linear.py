@@ -206,8 +206,15 @@ def _bias(modules: list[nn.Module]) -> np.ndarray | None:
                            else m.bias.detach().float().numpy() for m in modules])
 
 
+def write_nbits(w: GraphWriter, name: str, nb: NBits) -> list[str]:
+    """``nb``'s initializers as MatMulNBits takes them: ``[B, scales, zero_points or ""]``."""
+    return [w.const(f"{name}.weight.packed", nb.packed), w.const(f"{name}.weight.scales", nb.scales),
+            "" if nb.zero_points is None else w.const(f"{name}.weight.zero_points", nb.zero_points)]
+
+
 def write_linear(w: GraphWriter, parts: list[tuple[str, nn.Module, NBits | None]], x: str, name: str, *,
-                 accuracy_level: int, float_weight_t: str | None = None, output: str | None = None) -> str:
+                 accuracy_level: int, float_weight_t: str | None = None, nbits_consts: list[str] | None = None,
+                 output: str | None = None) -> str:
     """One MatMulNBits (quantized) or MatMul (float) computing every part's ``module(x)``, their
     outputs concatenated along the last axis in order (``fusable`` must hold for more than one).
 
@@ -216,6 +223,8 @@ def write_linear(w: GraphWriter, parts: list[tuple[str, nn.Module, NBits | None]
         name: the node's name stem (the qualified name of a single part).
         float_weight_t: for a float layer, an already written ``(K, N)`` weight to use (a tied
             head reading the embedding table) instead of writing ``module.weight.T``.
+        nbits_consts: for a quantized layer, its ``write_nbits`` initializers, already written (a
+            head whose table the embedding also reads).
         output: the name of the result (default: derived from ``name``).
     """
     outputs = 1 if output is None else [output]
@@ -223,9 +232,8 @@ def write_linear(w: GraphWriter, parts: list[tuple[str, nn.Module, NBits | None]
     bias = _bias(modules)
     if weights[0] is not None:
         nb = _concat_nbits(weights)
-        inputs = [x, w.const(f"{name}.weight.packed", nb.packed), w.const(f"{name}.weight.scales", nb.scales),
-                  "" if nb.zero_points is None else w.const(f"{name}.weight.zero_points", nb.zero_points),
-                  "", "" if bias is None else w.const(f"{name}.bias", bias)]
+        consts = nbits_consts or write_nbits(w, name, nb)
+        inputs = [x, *consts, "", "" if bias is None else w.const(f"{name}.bias", bias)]
         while inputs[-1] == "":
             inputs.pop()
         return w.node("MatMulNBits", inputs, name=f"{name}/MatMulNBits", domain=MS_DOMAIN, K=nb.k, N=nb.n,

@@ -24,10 +24,11 @@ from collections import Counter
 import onnx
 from torch import nn
 
+from ...nn.modules import tied_table
 from .. import _external
 from . import _family
 from ._layers import Context, write_decoder, write_embedding, write_mask_lengths
-from ._linear import ACCURACY_LEVELS, fusable, prepare, write_linear
+from ._linear import ACCURACY_LEVELS, fusable, prepare, write_linear, write_nbits
 from ._writer import GraphWriter
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,17 @@ def build_llm(model: nn.Module, *, accuracy_level: int = 4, max_length: int | No
     ctx = Context(family=family, shape=shape, project=project, past=past, seqlens_k=seqlens_k, total=total,
                   cos=w.const("cos_cache", cos.numpy()), sin=w.const("sin_cache", sin.numpy()))
     embed, head = _family.get(model, family.embed), _family.get(model, family.lm_head)
-    x, table = write_embedding(w, embed, ids, family.embed)
+    shared = None
+    if tied_table(embed, head):  # one quantized table: the head's MatMulNBits initializers, gathered
+        nb = prepare(head, family.lm_head, block_size)
+        shared = (nb, write_nbits(w, family.lm_head, nb))
+    x, table = write_embedding(w, embed, ids, family.embed, tied=shared)
     hidden = write_decoder(w, model, x, ctx)
     tied_t = None
     if table is not None and getattr(head, "weight", None) is embed.weight:  # a float head tied to the table
         tied_t = w.node("Transpose", [table], name=f"{family.lm_head}/Transpose", perm=[1, 0])
-    project([(family.lm_head, head)], hidden, family.lm_head, float_weight_t=tied_t, output="logits")
+    project([(family.lm_head, head)], hidden, family.lm_head, float_weight_t=tied_t,
+            nbits_consts=None if shared is None else shared[1], output="logits")
     _outputs(w, shape)
     log.info("export_llm: %d Linears in MatMulNBits, %d in float MatMul (accuracy_level %d, fuse %s)",
              linears["quantized"], linears["float"], accuracy_level, fuse)
