@@ -27,6 +27,7 @@ Stages (``--stages``, run in the order given, by default this one; rows are appe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import tempfile
@@ -113,9 +114,8 @@ def algorithm_steps(algorithm: str, args: argparse.Namespace, coverage: str = "a
     ``--gptq-clip``'s range search and ``--gptq-rescale``; then, with ``--tie`` and lm_head quantized
     (coverage "all"), ``TieEmbedding``."""
     clip = {"auto": "auto", "true": True, "false": False}[getattr(args, "gptq_clip", "false")]
-    rescale = getattr(args, "gptq_rescale", False)
-    made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches),
-            "gptq": lambda: lowbit.ptq.GPTQ(clip=clip, rescale=rescale)}
+    gptq = dataclasses.replace(lowbit.ptq.parse_step(getattr(args, "gptq", "gptq")), clip=clip)
+    made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches), "gptq": lambda: gptq}
     steps = [made[step]() for step in ALGORITHMS[algorithm]]
     return steps + ([lowbit.ptq.TieEmbedding()] if getattr(args, "tie", False) and coverage == "all" else [])
 
@@ -128,8 +128,10 @@ def algorithm_label(algorithm: str, args: argparse.Namespace) -> str:
     steps = algorithm_steps(algorithm, args)
     gptq = [s for s in steps if isinstance(s, lowbit.ptq.GPTQ)]
     options = [what for what, on in (("clip search", any(s.clips(steps) for s in gptq)),
+                                     ("true sequential", any(s.true_sequential for s in gptq)),
+                                     ("the float target", any(s.asymmetric for s in gptq)),
                                      ("scale refit", any(s.rescale for s in gptq))) if on]
-    return label + (f" with {' and '.join(options)}" if options else "")
+    return label + (f" with {', '.join(options)}" if options else "")
 
 
 def weights_label(coverage: str, args: argparse.Namespace) -> str:
@@ -411,8 +413,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gptq-clip", choices=["auto", "true", "false"], default="false",
                         help="GPTQ(clip=...): each group's range shrunk where its input-weighted error falls "
                              "(auto: unless AWQ clipped; default false, as the rows before the search)")
-    parser.add_argument("--gptq-rescale", action="store_true",
-                        help="GPTQ(rescale=True): each range's scale refitted by least squares to GPTQ's codes")
+    parser.add_argument("--gptq", default="gptq",
+                        help="the GPTQ step in its short form, e.g. 'gptq(true_sequential=true,asymmetric=true,"
+                             "rescale=true)' (its clip: --gptq-clip)")
     parser.add_argument("--tie", action="store_true",
                         help="lowbit rows with lm_head quantized: TieEmbedding (the embedding reads lm_head's "
                              "table; one table in the file)")

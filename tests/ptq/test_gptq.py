@@ -445,3 +445,51 @@ def test_fit_scales_solves_each_rows_least_squares_with_gptqs_codes_fixed(spec):
         new = fresh.weight_quantizer.qparams_for(fresh.weight)[0].reshape(12, -1)
         codes = torch.round(fresh.weight / new.repeat_interleave(128 // groups, 1))
     torch.testing.assert_close(codes, torch.round(quantized / scale0.float().repeat_interleave(128 // groups, 1)))
+
+
+def test_the_float_target_is_gptqs_objective_on_the_shifted_weight_and_lowers_the_float_models_error():
+    """With the float model's inputs ``Xf`` beside the quantized model's ``X`` (``Hessian.add(x, x_float)``),
+    ``||Xf W^T - X Q^T||^2`` is ``tr((W' - Q) H (W' - Q)^T)`` plus a constant, ``W' = W + W D H^-1``; GPTQ
+    on ``W'`` (``shift=``) leaves a smaller error against the float outputs than GPTQ on ``W``."""
+    from lowbit.ptq.gptq import _shifted
+
+    spec = SPECS["int4-g32-sym"]
+    layer = quantized_linear(spec, k=64, rows=16, seed=7)
+    x = correlated(2000, 64, 7).double()
+    x_float = x + 0.3 * correlated(2000, 64, 8).double() @ torch.randn(64, 64, generator=torch.Generator().manual_seed(9),
+                                                                        dtype=torch.float64) / 8
+    h = Hessian(layer, "fc")
+    for a, b in zip(x.split(500), x_float.split(500), strict=True):
+        h.add(a.float(), b.float())
+    n = x.shape[0]
+    torch.testing.assert_close(h.shift(), 2 / n * (x_float.float() - x.float()).double().T @ x.float().double(),
+                               rtol=1e-6, atol=1e-6)
+    w = layer.weight.detach().double()
+    shifted = _shifted(layer.weight.detach(), h.matrix(), h.shift(), 1e-9, "fc").double()
+
+    def float_error(q):  # 2/n ||Xf W^T - X Q^T||^2
+        return float((x_float @ w.T - x @ q.double().T).square().sum() * 2 / n)
+
+    for q in (torch.zeros_like(w), w, shifted + 0.01):  # the identity holds for any Q
+        assert objective(shifted, q, h.matrix()) == pytest.approx(float_error(q) - float_error(shifted), rel=1e-4)
+
+    plain = quantized_linear(spec, k=64, rows=16, seed=7)
+    gptq_layer(plain, h.matrix(), name="fc")
+    report = gptq_layer(layer, h.matrix(), name="fc", shift=h.shift())
+    assert report["kept"] == "gptq"
+    floor = float_error(shifted)  # what no weight on or off the grid beats
+    assert float_error(layer.weight.detach()) - floor < 0.5 * (float_error(plain.weight.detach()) - floor)
+    with torch.no_grad():
+        assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
+
+
+def test_a_zero_shift_is_plain_gptq():
+    spec = SPECS["int4-g32-sym"]
+    x = correlated(1000, 128, 3)
+    a, b = quantized_linear(spec, seed=3), quantized_linear(spec, seed=3)
+    h = Hessian(a, "fc")
+    h.add(x, x)
+    assert not h.shift().any()
+    gptq_layer(a, h.matrix(), name="fc")
+    gptq_layer(b, h.matrix(), name="fc", shift=h.shift())
+    assert torch.equal(a.weight, b.weight)

@@ -155,6 +155,47 @@ def test_one_pass_per_block_shares_the_hessian_of_layers_fed_one_tensor(monkeypa
         assert torch.equal(seen[f"{block}.mlp.gate_proj"], seen[f"{block}.mlp.up_proj"])
 
 
+def layer_inputs(model, items, names) -> dict[str, list[torch.Tensor]]:
+    """What each layer of ``names`` receives from ``model`` on the items, call by call."""
+    seen = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0]))
+               for n in names]
+    with torch.no_grad():
+        for item in items:
+            run_model(model, item)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_the_float_target_pairs_each_layers_float_model_inputs_with_the_quantized_models(monkeypatch):
+    """``GPTQ(asymmetric=True, true_sequential=True)``: each layer's shift ``2/n sum (x_float - x)^T x``
+    pairs what the float model feeds it with what the finished quantized model feeds it, token by token
+    (block 0's q/k/v: the same tensor, no shift); the model ends closer to the float one than plain GPTQ."""
+    shifts = {}
+    original = _gptq_layers.gptq_layer
+
+    def record(layer, h, *, name, shift=None, **options):
+        shifts[name] = shift.clone()
+        return original(layer, h, name=name, shift=shift, **options)
+
+    monkeypatch.setattr(_gptq_layers, "gptq_layer", record)
+    qmodel = lowbit.quantize(tiny_llama(), CALIB, W4, algorithms=[GPTQ(asymmetric=True, true_sequential=True)],
+                             progress=False)
+    assert len(shifts) == 15
+    floats, quantized = layer_inputs(tiny_llama(), CALIB, shifts), layer_inputs(qmodel, CALIB, shifts)
+    for name, shift in shifts.items():
+        rows = [(f.reshape(-1, f.shape[-1]), q.reshape(-1, q.shape[-1])) for f, q in zip(floats[name], quantized[name],
+                                                                                        strict=True)]
+        n = sum(q.shape[0] for _, q in rows)
+        want = sum((f - q).double().T @ q.double() for f, q in rows) * (2.0 / n)
+        torch.testing.assert_close(shift, want, rtol=1e-4, atol=1e-6, msg=name)
+    assert not shifts["model.layers.0.self_attn.q_proj"].any() and shifts["lm_head"].abs().max() > 0
+    monkeypatch.setattr(_gptq_layers, "gptq_layer", original)
+    plain = lowbit.quantize(tiny_llama(), CALIB, W4, algorithms=[GPTQ(true_sequential=True)], progress=False)
+    assert _kl_to_float(qmodel) < _kl_to_float(plain)
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:Exporting aten")
 @pytest.mark.parametrize("config", [W4, weight_only(INT8_WEIGHT)], ids=["int4-g32", "int8-channel"])

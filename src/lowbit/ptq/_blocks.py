@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -55,9 +55,10 @@ import torch
 from torch import nn
 
 from ..nn.registry import GEMM, kind_of
-from ..nn.walk import fixed_weights, run_model
+from ..nn.walk import fixed_weights, quantizers_disabled, run_model
 from ._gptq_layers import (
     Feed,
+    FloatInputs,
     StopPass,
     candidates,
     gptq_group,
@@ -211,10 +212,11 @@ class _Cache:
     args: list[tuple]
     kwargs: list[list[dict]]
 
-    def run(self, block: nn.Module, k: int, i: int) -> torch.Tensor:
-        """Block ``k`` on item ``i``: its output hidden states."""
+    def run(self, block: nn.Module, k: int, i: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``k`` on item ``i`` (on ``hidden`` instead of the cached hidden states when given):
+        its output hidden states."""
         kwargs = self.kwargs[k if len(self.kwargs) > 1 else 0][i]
-        return _output_hidden(block(self.hidden[i], *self.args[i], **kwargs))
+        return _output_hidden(block(self.hidden[i] if hidden is None else hidden, *self.args[i], **kwargs))
 
 
 def _capture(model: nn.Module, blocks: list[nn.Module], items: list, *, per_block: bool,
@@ -268,12 +270,52 @@ def _feed_items(model: nn.Module, items: list, stop_at: nn.Module | None = None)
     return feed
 
 
-def _feed_block(cache: _Cache, block: nn.Module, k: int) -> Feed:
+def _feed_block(cache: _Cache, block: nn.Module, k: int, paired: _FloatPath | None = None) -> Feed:
+    """Runs block ``k`` on the cached inputs; ``paired``: while its ``FloatInputs`` are hooked, each
+    item first through the float block (its float weights, quantizers off) on the float path's inputs."""
     def feed(limit: int | None) -> None:
         for i in range(len(cache.hidden))[:limit]:
+            if paired is not None and paired.floats.installed:
+                paired.record(lambda i=i: cache.run(block, k, i, paired.hidden[i]))
             with contextlib.suppress(StopPass):
                 cache.run(block, k, i)
     return feed
+
+
+class _FloatPath:
+    """GPTQ's float target (``asymmetric``): the float model's hidden states beside the quantized
+    ones, and one block's float weights, kept while GPTQ writes the block (``true_sequential``
+    quantizes a block's first layers before the later ones' Hessians are taken)."""
+
+    def __init__(self, hidden: list[torch.Tensor]) -> None:
+        self.hidden = list(hidden)
+        self.block: nn.Module | None = None
+        self.floats: FloatInputs | None = None
+        self.weights: dict[str, tuple[nn.Module, nn.Parameter]] = {}
+
+    def enter(self, block: nn.Module, layers: Mapping[str, nn.Module], cache: _Cache, k: int) -> list[torch.Tensor]:
+        """Start block ``k``: keep its layers' float weights; returns the float block's outputs (the
+        next block's float inputs), computed before GPTQ changes the block."""
+        self.block, self.floats = block, FloatInputs(layers)
+        self.weights = {n: (m, nn.Parameter(m.weight.detach().clone(), requires_grad=False)) for n, m in layers.items()}
+        with quantizers_disabled(block):
+            return [cache.run(block, k, i, h) for i, h in enumerate(self.hidden)]
+
+    def record(self, run: Callable[[], object]) -> None:
+        """``run()`` (the block on one item's float inputs) with the float weights and quantizers off,
+        ``FloatInputs`` recording what each layer receives."""
+        self.floats.seen.clear()
+        live = {n: m.weight for n, (m, _) in self.weights.items()}
+        try:
+            for m, kept in self.weights.values():
+                m._parameters["weight"] = kept
+            self.floats.recording = True
+            with quantizers_disabled(self.block):
+                run()
+        finally:
+            self.floats.recording = False
+            for n, (m, _) in self.weights.items():
+                m._parameters["weight"] = live[n]
 
 
 def _pairs(layers: Mapping[str, nn.Module]) -> list:
@@ -282,10 +324,17 @@ def _pairs(layers: Mapping[str, nn.Module]) -> list:
     return [(layer, layer.weight_quantizer) for layer in layers.values()]
 
 
+def _final(stack: _Stack, hidden: torch.Tensor) -> torch.Tensor:
+    for m in stack.final:
+        hidden = _output_hidden(m(hidden))
+    return hidden
+
+
 def _head(model, stack: _Stack, cache: _Cache, tail: dict[str, nn.Module], items: list, options: dict,
-          report: dict, true_sequential: bool) -> None:
+          report: dict, true_sequential: bool, path: _FloatPath | None) -> None:
     """GPTQ of the layers after the last block: on the final norm of the cached hidden states when
-    the family says where it is (no logits computed), else on a pass of the whole model."""
+    the family says where it is (no logits computed), else on a pass of the whole model (no float
+    target there)."""
     width = cache.hidden[0].shape[-1]
     if stack.final is None or any(kind_of(m).kernel != GEMM or m.weight.shape[1] != width
                                   for m in tail.values()):
@@ -294,16 +343,16 @@ def _head(model, stack: _Stack, cache: _Cache, tail: dict[str, nn.Module], items
         log_unreached(tail, reached)
         return
     hessians = {name: Hessian(layer, name) for name, layer in tail.items()}
-    for hidden in cache.hidden:
-        for m in stack.final:
-            hidden = _output_hidden(m(hidden))
+    for i, hidden in enumerate(cache.hidden):
+        hidden = _final(stack, hidden)
+        x_float = None if path is None else _final(stack, path.hidden[i])
         for name, layer in tail.items():
-            hessians[name].add(layer._quant_input(hidden))
+            hessians[name].add(layer._quant_input(hidden), x_float)
     log_unreached(tail, gptq_group(list(tail), tail, hessians, options, report))
 
 
 def _stream(model: nn.Module, stack: _Stack, layers: dict[str, nn.Module], items: list, options: dict,
-            report: dict, *, same_kwargs: bool, true_sequential: bool, progress: bool) -> None:
+            report: dict, *, same_kwargs: bool, true_sequential: bool, asymmetric: bool, progress: bool) -> None:
     """Block by block (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -317,19 +366,25 @@ def _stream(model: nn.Module, stack: _Stack, layers: dict[str, nn.Module], items
     early = quantize_part(outer, _feed_items(model, items, stop_at=stack.blocks[0]), options, report,
                           true_sequential=true_sequential)
     cache = _capture(model, stack.blocks, items, per_block=not same_kwargs)
+    # the float model's block inputs: the same as the quantized model's up to block 0 (no layer before it
+    # in a causal LM; with one, what block 0 receives from it quantized)
+    path = _FloatPath(cache.hidden) if asymmetric else None
     tail = {name: layer for name, layer in outer.items() if name not in early}
     with tqdm(total=len(stack.blocks) + bool(tail), desc="gptq", unit="block", disable=not progress) as bar:
         for k, block in enumerate(stack.blocks):
+            float_next = None if path is None else path.enter(block, inside[k], cache, k)
             with fixed_weights(_pairs(inside[k])):
-                reached = quantize_part(inside[k], _feed_block(cache, block, k), options, report,
-                                        true_sequential=true_sequential)
+                reached = quantize_part(inside[k], _feed_block(cache, block, k, path), options, report,
+                                        true_sequential=true_sequential, floats=None if path is None else path.floats)
             log_unreached(inside[k], reached)
             with fixed_weights(_pairs(inside[k])):  # (the weights GPTQ wrote, fake-quantized once)
                 for i in range(len(cache.hidden)):
                     cache.hidden[i] = cache.run(block, k, i)  # the next block's inputs, in place
+            if path is not None:
+                path.hidden = float_next
             bar.update()
         if tail:
-            _head(model, stack, cache, tail, items, options, report, true_sequential)
+            _head(model, stack, cache, tail, items, options, report, true_sequential, path)
             bar.update()
 
 
@@ -352,7 +407,7 @@ def _calibration_mode(model: nn.Module) -> Iterator[None]:
 
 
 def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | None = None,
-               true_sequential: bool = False, progress: bool = True, **options) -> dict:
+               true_sequential: bool = False, asymmetric: bool = False, progress: bool = True, **options) -> dict:
     """GPTQ of every quantized layer of ``model`` it can take, in place (see the module docstring).
 
     Args:
@@ -360,6 +415,9 @@ def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | 
         calib_data: re-iterable model inputs (tensors, tuples of args, dicts of kwargs).
         batches: read only the first ``batches`` items (None: all).
         true_sequential: Hessians group by group of layers sharing an input, not block by block.
+        asymmetric: the float model's outputs as GPTQ's target (``Hessian.shift``): the float model's
+            hidden states are carried beside the quantized ones (streamed causal LMs only; other
+            models ignore it, logged).
         progress: a progress bar over the blocks.
         **options: ``gptq_layer``'s (block_size, damp, act_order, static_groups).
 
@@ -393,9 +451,13 @@ def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | 
         if chained:
             report.update(mode="blocks", blocks=len(stack.blocks))
             _stream(model, stack, layers, items, options, report["layers"], same_kwargs=same,
-                    true_sequential=true_sequential, progress=progress)
+                    true_sequential=true_sequential, asymmetric=asymmetric, progress=progress)
         else:
             report["mode"] = "whole_model"
+            if asymmetric:
+                log.info("gptq: asymmetric (the float model's outputs as the target) needs decoder blocks "
+                         "streamed one by one; %s takes one pass, with the quantized inputs' target",
+                         type(model).__name__)
             with fixed_weights(_pairs(layers)):
                 reached = quantize_part(layers, _feed_items(model, items), options, report["layers"],
                                         true_sequential=true_sequential)

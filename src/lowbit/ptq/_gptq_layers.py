@@ -5,8 +5,9 @@ forward pre-hooks and passed to ``lowbit.ptq.gptq.gptq_layer``.  The order of th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -118,10 +119,46 @@ def _input_groups(layers: Mapping[str, nn.Module], feed: Feed) -> list[list[str]
     return [names for names, _ in groups] + unseen
 
 
+class FloatInputs:
+    """What the float model feeds each layer of one part on the current calibration item, recorded
+    by a float pass (``recording``) before the quantized pass, whose Hessians take them (GPTQ's
+    float target, ``Hessian.shift``).  ``hooks`` records on every layer of ``layers``."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self.layers, self.recording, self.installed = layers, False, False
+        self.seen: dict[str, list[torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Record inside (the feed runs its float passes only then)."""
+        def record(name):
+            def hook(_m, args, kwargs):
+                if self.recording:
+                    self.seen.setdefault(name, []).append(_first_input(args, kwargs))
+            return hook
+        handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in self.layers.items()]
+        self.installed = True
+        try:
+            yield
+        finally:
+            self.installed = False
+            for h in handles:
+                h.remove()
+
+    def take(self, name: str) -> torch.Tensor:
+        """The float input of ``name``'s next call on this item."""
+        waiting = self.seen.get(name)
+        if not waiting:
+            raise RuntimeError(f"gptq: {name} ran in the quantized pass but not in the float one (a lowbit bug)")
+        return waiting.pop(0)
+
+
 def _accumulate(layers: Mapping[str, nn.Module], groups: list[list[str]], feed: Feed, *,
-                stop: bool = False) -> dict[str, Hessian]:
+                stop: bool = False, floats: FloatInputs | None = None) -> dict[str, Hessian]:
     """The Hessians of the layers of ``groups`` over one pass of every input; the layers of a group
-    share one when their inputs stay float.  ``stop``: end each pass once the last is fed."""
+    share one when their inputs stay float.  ``stop``: end each pass once the last is fed.
+    ``floats``: ``feed`` runs a float pass per item first (ignored here) and each Hessian also takes
+    the float inputs it recorded."""
     hessians: dict[str, Hessian] = {}
     owners: list[tuple[str, Hessian]] = []
     for names in groups:
@@ -134,17 +171,21 @@ def _accumulate(layers: Mapping[str, nn.Module], groups: list[list[str]], feed: 
                 hessians[n] = Hessian(layers[n], n)
                 owners.append((n, hessians[n]))
 
-    def hook(h: Hessian, layer: nn.Module, last: bool):
+    def hook(name: str, h: Hessian, layer: nn.Module, last: bool):
         def add(_m, args, kwargs):
-            h.add(layer._quant_input(_first_input(args, kwargs)))  # as the layer sees it deployed
+            if floats is not None and floats.recording:
+                return
+            x_float = None if floats is None else floats.take(name)
+            h.add(layer._quant_input(_first_input(args, kwargs)), x_float)  # as the layer sees it deployed
             if last:
                 raise StopPass
         return add
 
-    handles = [layers[n].register_forward_pre_hook(hook(h, layers[n], stop and i == len(owners) - 1),
+    handles = [layers[n].register_forward_pre_hook(hook(n, h, layers[n], stop and i == len(owners) - 1),
                                                    with_kwargs=True) for i, (n, h) in enumerate(owners)]
     try:
-        feed(None)
+        with floats.hooked() if floats is not None else contextlib.nullcontext():
+            feed(None)
     finally:
         for handle in handles:
             handle.remove()
@@ -158,7 +199,8 @@ def gptq_group(names: list[str], layers: Mapping[str, nn.Module], hessians: Mapp
     done = []
     for name in names:
         if hessians[name].rows > 0:
-            report[name] = gptq_layer(layers[name], hessians[name].matrix(), name=name, **options)
+            report[name] = gptq_layer(layers[name], hessians[name].matrix(), name=name, shift=hessians[name].shift(),
+                                      **options)
             report[name]["rows"] = hessians[name].rows
             done.append(name)
     return done
@@ -184,16 +226,17 @@ def warn_few_rows(layers: Mapping[str, nn.Module], report: Mapping[str, dict]) -
 
 
 def quantize_part(layers: Mapping[str, nn.Module], feed: Feed, options: dict, report: dict, *,
-                  true_sequential: bool) -> list[str]:
+                  true_sequential: bool, floats: FloatInputs | None = None) -> list[str]:
     """GPTQ of the ``layers`` that ``feed`` reaches, with their Hessians over every input: all in
-    one pass, or (``true_sequential``) group after group.  Returns the names reached."""
+    one pass, or (``true_sequential``) group after group.  ``floats``: the float inputs ``feed``
+    records (``FloatInputs``), GPTQ's target then the float model's outputs.  Returns the names reached."""
     if not layers:
         return []
     groups = _input_groups(layers, feed)
     reached = []
-    hessians = None if true_sequential else _accumulate(layers, groups, feed)
+    hessians = None if true_sequential else _accumulate(layers, groups, feed, floats=floats)
     for group in groups:  # true_sequential: each group's Hessians once the groups before are quantized
-        found = hessians if hessians is not None else _accumulate(layers, [group], feed, stop=True)
+        found = hessians if hessians is not None else _accumulate(layers, [group], feed, stop=True, floats=floats)
         reached += gptq_group(group, layers, found, options, report)
     return reached
 

@@ -87,6 +87,7 @@ class Hessian:
         self.columns = layer.weight[0].numel()
         self.sum = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=layer.weight.device)
         self.rows = 0
+        self.shift_sum: torch.Tensor | None = None  # sum (x_float - x)^T x: see ``add``
 
     def _as_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as (rows, columns): what each output position multiplies with the weight."""
@@ -104,21 +105,36 @@ class Hessian:
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Fold one batch of the layer's inputs (as the layer receives them) into the sum."""
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+        """Fold one batch of the layer's inputs (as the layer receives them) into the sum; with
+        ``x_float``, the same rows as the float model gives them to the layer, also ``(x_float - x)^T x``
+        (``shift``)."""
         rows = self._as_rows(x.detach()).float()
         if rows.shape[1] != self.columns:
             raise ValueError(f"{self.name}: input has {rows.shape[1]} features per row, the weight "
                              f"{self.columns} columns")
         self.sum.add_(rows.T @ rows)  # (float32 products, summed in float64)
         self.rows += rows.shape[0]
+        if x_float is not None:
+            delta = self._as_rows(x_float.detach()).float() - rows
+            if self.shift_sum is None:
+                self.shift_sum = torch.zeros_like(self.sum)
+            self.shift_sum.add_(delta.T @ rows)
 
     def merge(self, others: list[Hessian]) -> Hessian:
         """Add the statistics of ``others`` (the same layer's inputs on other shards) to this one."""
         for other in others:
             self.sum += other.sum.to(self.sum.device)
             self.rows += other.rows
+            if other.shift_sum is not None:
+                self.shift_sum = other.shift_sum.to(self.sum.device) + (0 if self.shift_sum is None else self.shift_sum)
         return self
+
+    def shift(self) -> torch.Tensor | None:
+        """``D = 2/n sum (x_float - x)^T x`` (float64), None when no float inputs were given.  GPTQ's
+        target then becomes the float model's output: ``||X_float W^T - X Q^T||^2`` equals
+        ``tr((W' - Q) H (W' - Q)^T)`` up to a constant, with ``W' = W + W D H^-1``."""
+        return None if self.shift_sum is None else self.shift_sum * (2.0 / self.rows)
 
     def matrix(self) -> torch.Tensor:
         """``H`` (float64).  ValueError when no row was added or an input held NaN / Inf."""
@@ -440,20 +456,40 @@ def _on_grid(q: Quantizer, weight: torch.Tensor) -> bool:
     return True
 
 
-def _rtn_objective(flat: torch.Tensor, grid: Grid, h: torch.Tensor) -> float:
-    """``objective`` of ``flat`` rounded to nearest on ``grid``, row chunk by row chunk."""
-    return objective(flat, lambda a, b: grid.rows(a, b).round_all(flat[a:b]), h)
+def _shifted(weight: torch.Tensor, h: torch.Tensor, shift: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """``W + W D (H + damp * mean(diag H) I)^-1`` (float64 solve; ``W`` 2-D or a conv weight)."""
+    flat = weight.reshape(weight.shape[0], -1).double()
+    damped = h.double().clone()
+    damped.diagonal().add_(damp * float(damped.diagonal().mean()))
+    damped.diagonal()[damped.diagonal() == 0] = 1.0
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        log.warning("gptq: %s: the damped Hessian is not positive definite; the float target is not used", name)
+        return weight
+    moved = torch.cholesky_solve((flat @ shift.double().to(flat.device)).T, lower).T  # (W D) H^-1, H symmetric
+    return (flat + moved).float().reshape(weight.shape)
+
+
+def _rtn_objective(flat: torch.Tensor, grid: Grid, h: torch.Tensor, source: torch.Tensor | None = None) -> float:
+    """``objective`` of ``flat`` against ``source`` (default ``flat``) rounded to nearest on ``grid``,
+    row chunk by row chunk."""
+    source = flat if source is None else source
+    return objective(flat, lambda a, b: grid.rows(a, b).round_all(source[a:b]), h)
 
 
 def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int = 128, damp: float = 0.01,
                act_order: bool = True, static_groups: bool = True, clip: bool = False,
-               rescale: bool = False) -> dict:
+               rescale: bool = False, shift: torch.Tensor | None = None) -> dict:
     """GPTQ of ``layer``'s weight (a quantized gemm / conv with a frozen weight quantizer) on that
     quantizer's grid, with its input Hessian ``h``, written into the weight.  ``static_groups=False``
     refits each group of a group-wise Linear weight to the updated columns (with ``act_order=False``,
     else ValueError) and installs the new ranges in the quantizer; ``clip`` first shrinks each static
     range as ``clip_search`` finds best; ``rescale`` then moves each static range's scale to the
-    least-squares optimum for the codes GPTQ chose (``fit_scales``); the rest: ``gptq_quantize``.
+    least-squares optimum for the codes GPTQ chose (``fit_scales``); ``shift`` (``Hessian.shift``)
+    makes the float model's output the target: GPTQ then rounds ``W' = W + W D H_damped^-1``, the
+    weight that best maps the layer's quantized-model inputs to the float model's outputs (GPTAQ's
+    asymmetric calibration, Li et al. 2025), every objective reported on ``W'``; the rest:
+    ``gptq_quantize``.
 
     Returns:
         ``{"objective_rtn", "objective_gptq", "kept", "damp", "dead", "seconds"}`` (and ``"clipped"``,
@@ -466,11 +502,12 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
     """
     start = time.perf_counter()
     q = layer.weight_quantizer
-    weight = layer.weight.detach()
-    flat = weight.reshape(weight.shape[0], -1)
+    original = layer.weight.detach()
+    weight = original if shift is None else _shifted(original, h, shift, damp, name)
+    flat, own = weight.reshape(weight.shape[0], -1), original.reshape(original.shape[0], -1)
     searched = {}
     if clip and static_groups:  # (round to nearest's objective before the search, for the report)
-        searched["objective_rtn_unclipped"] = _rtn_objective(flat, grid_of(q, weight), h)
+        searched["objective_rtn_unclipped"] = _rtn_objective(flat, grid_of(q, weight), h, own)
         searched["clipped"] = clip_search(q, weight, h)
     grid = grid_of(q, weight)
     refit = None
@@ -481,7 +518,7 @@ def gptq_layer(layer: nn.Module, h: torch.Tensor, *, name: str, block_size: int 
                              "static_groups=True (the default) or act_order=False")
         grid.scale, grid.zero_point = grid.scale.clone(), grid.zero_point.clone()
         refit = _refitter(q)
-    rtn = _rtn_objective(flat, grid, h)  # (before a refit moves it)
+    rtn = _rtn_objective(flat, grid, h, own)  # the layer's own weight rounded (before a refit moves the grid)
     quantized, used = gptq_quantize(weight, h, grid, block_size=block_size, damp=damp, act_order=act_order,
                                     refit=refit, name=name)
     report = {"objective_rtn": rtn, "objective_gptq": objective(flat, quantized, h),

@@ -60,13 +60,14 @@ class GPTQ(Step):
     clip: bool | str = "auto"
     true_sequential: bool = False
     rescale: bool = False
+    asymmetric: bool = False
     absent = MappingProxyType({"clip": False})  # recipes from before the clip search ran without it
     batches: int | None = None
 
     def __post_init__(self) -> None:
         _check_int(self, "block_size", 1)
         _check_number(self, "damp", 0.0, 1.0, open_low=True)
-        for field in ("act_order", "static_groups", "true_sequential", "rescale"):
+        for field in ("act_order", "static_groups", "true_sequential", "rescale", "asymmetric"):
             _check_bool(self, field)
         if self.clip != "auto" and not isinstance(self.clip, bool):
             raise TypeError(f"GPTQ.clip must be true, false or 'auto', got {self.clip!r}")
