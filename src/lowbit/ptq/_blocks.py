@@ -310,7 +310,7 @@ class _FloatPath:
             for m, kept in self.weights.values():
                 m._parameters["weight"] = kept
             self.floats.recording = True
-            with quantizers_disabled(self.block):
+            with quantizers_disabled(self.block), contextlib.suppress(StopPass):
                 run()
         finally:
             self.floats.recording = False

@@ -129,14 +129,19 @@ class FloatInputs:
         self.seen: dict[str, list[torch.Tensor]] = {}
 
     @contextlib.contextmanager
-    def hooked(self) -> Iterator[None]:
-        """Record inside (the feed runs its float passes only then)."""
+    def hooked(self, wanted: Iterable[str]) -> Iterator[None]:
+        """Record the inputs of the layers ``wanted`` inside (the feed runs its float passes only
+        then); a float pass ends (``StopPass``) once each has been fed."""
+        wanted = set(wanted)
+
         def record(name):
             def hook(_m, args, kwargs):
                 if self.recording:
                     self.seen.setdefault(name, []).append(_first_input(args, kwargs))
+                    if wanted <= self.seen.keys():
+                        raise StopPass
             return hook
-        handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in self.layers.items()]
+        handles = [self.layers[n].register_forward_pre_hook(record(n), with_kwargs=True) for n in wanted]
         self.installed = True
         try:
             yield
@@ -184,7 +189,7 @@ def _accumulate(layers: Mapping[str, nn.Module], groups: list[list[str]], feed: 
     handles = [layers[n].register_forward_pre_hook(hook(n, h, layers[n], stop and i == len(owners) - 1),
                                                    with_kwargs=True) for i, (n, h) in enumerate(owners)]
     try:
-        with floats.hooked() if floats is not None else contextlib.nullcontext():
+        with floats.hooked(n for n, _ in owners) if floats is not None else contextlib.nullcontext():
             feed(None)
     finally:
         for handle in handles:

@@ -45,7 +45,13 @@ class GPTQ(Step):
     SmolLM2 W4 g128 (BENCHMARKS.md): GPTQ alone 18.45 -> 17.10, no slower; after AWQ's clip 16.62 ->
     16.87 (worse, hence "auto"), and 17.01 searching only the layers AWQ leaves unclipped (q, k,
     lm_head).  Recipes written before the field read ``clip=False``.
-    ``true_sequential``: see ``lowbit.ptq.gptq`` and ``lowbit.ptq._blocks``.  Report: ``{"mode", "clip",
+    ``true_sequential``: see ``lowbit.ptq.gptq`` and ``lowbit.ptq._blocks``.  ``rescale``: after GPTQ,
+    each range's scale refitted by least squares to the codes GPTQ chose (``lowbit.ptq.gptq.fit_scales``).
+    ``asymmetric``: the float model's outputs as the target (GPTAQ's asymmetric calibration): each
+    layer is fitted to map the inputs the quantized model gives it to the outputs the float model
+    gives, so later layers correct what earlier ones lost (``Hessian.shift``; the float model's hidden
+    states are carried beside the quantized ones, which costs one more block pass per item; best with
+    ``true_sequential``, whose inputs are the finished model's).  Report: ``{"mode", "clip",
     "blocks", "untied": [layers given their own weight], "layers": {name: {"objective_rtn",
     "objective_gptq", "kept", "damp", "dead", "seconds", "rows"}}}``; a warning when a layer saw fewer
     than ``lowbit.ptq._gptq_layers.ROWS_PER_COLUMN`` calibration rows per weight column."""
