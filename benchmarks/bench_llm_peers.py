@@ -337,7 +337,7 @@ def _mixed(rows: Sequence[Row], fp32: Row) -> list[str]:
     out = []
     for mine in (r for r in rows if r.method.startswith("lowbit mixed") and r.ppl_torch):
         ratio = _ratio(mine, fp32, "torch")
-        line = f"{mine.method}: {ratio:.3f}x FP32 in PyTorch (target <= {MIXED_TARGET}x: " \
+        line = f"{mine.method}: {ratio:.4f}x FP32 in PyTorch (target <= {MIXED_TARGET}x: " \
                f"{'met' if ratio <= MIXED_TARGET else 'not met'})"
         for nncf in (r for r in rows if "ratio 0.8" in r.method and r.ppl_torch):
             smaller = mine.size_mb is not None and nncf.size_mb is not None and mine.size_mb <= nncf.size_mb
@@ -358,14 +358,15 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
     out = _w3_gap(by, fp32)
     peers = [r for r in rows if r.method.startswith(("ORT", "NNCF")) and "ratio 0.8" not in r.method
              and (r.ppl_ort or r.ppl_torch)]
-    for suffix in ("", ", lm_head float"):
-        mine = [by[m] for m in (f"lowbit W4 g128 sym, {a}{suffix}" for a in ("GPTQ", "AWQ+GPTQ")) if m in by]
+    for head_float in (False, True):  # the best GPTQ / AWQ+GPTQ row of each coverage, whatever its options
+        mine = [r for r in rows if r.method.startswith(("lowbit W4 g128 sym, GPTQ", "lowbit W4 g128 sym, AWQ+GPTQ"))
+                and ("lm_head float" in r.method) == head_float and r.ppl_torch]
         if not mine:
             continue
         best = min(mine, key=lambda r: r.ppl_torch)
         ratio = _ratio(best, fp32, "torch")
         lost = [p.method for p in peers if not _beats(best, p, fp32)]
-        out.append(f"{best.method}: {ratio:.3f}x FP32 in PyTorch (target <= {TARGET}x: "
+        out.append(f"{best.method}: {ratio:.4f}x FP32 in PyTorch (target <= {TARGET}x: "
                    f"{'met' if ratio <= TARGET else 'not met'}); closer to FP32 than {len(peers) - len(lost)} of "
                    f"{len(peers)} int4 ratio-1.0 peers in the same runtime" + (f" (not: {'; '.join(lost)})" if lost else "")
                    + ".")

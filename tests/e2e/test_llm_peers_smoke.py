@@ -130,7 +130,7 @@ def test_verdicts_compute_gap_and_target():
     lines = bench.verdicts(rows)
     assert lines[0] == "W3 g128, PyTorch: GPTQ closes 60.0% of RTN's gap to FP32 (target >= 60%)."
     assert lines[1] == "W3 g128, ORT: GPTQ closes 50.0% of RTN's gap to FP32 (target >= 60%)."
-    assert "1.100x FP32 in PyTorch (target <= 1.12x: met)" in lines[2]
+    assert "1.1000x FP32 in PyTorch (target <= 1.12x: met)" in lines[2]
     assert "closer to FP32 than 1 of 2" in lines[2] and "(not: ORT matmul_nbits_quantizer, default)" in lines[2]
     assert len(bench.table(rows)) == 2 + len(rows)
 
@@ -164,7 +164,7 @@ def test_mixed_verdict_compares_with_nncfs_ratio_08_mix():
             peers.Row("lowbit mixed W4 g128 / W8, 4.5 avg bits, GPTQ", "", ppl_torch=10.5, ppl_ort=10.6, size_mb=90.0),
             peers.Row("NNCF compress_weights, int4_sym g128, ratio 0.8 (Hessian)", "", ppl_torch=11.0, size_mb=180.0)]
     line = bench.verdicts(rows)[-1]
-    assert line.startswith("lowbit mixed W4 g128 / W8, 4.5 avg bits, GPTQ: 1.050x FP32 in PyTorch (target <= 1.06x: met)")
+    assert line.startswith("lowbit mixed W4 g128 / W8, 4.5 avg bits, GPTQ: 1.0500x FP32 in PyTorch (target <= 1.06x: met)")
     assert "closer to FP32, at equal or smaller size (90.0 vs 180.0 MB)" in line
 
 
@@ -178,10 +178,16 @@ def test_awq_batches_reach_the_step_and_the_label():
     assert isinstance(awq, lowbit.ptq.AWQ) and awq.batches == 16 and gptq == lowbit.ptq.GPTQ(clip=False)
     clip = argparse.Namespace(awq_batches=None, calib=64, gptq_clip="auto")
     assert bench.algorithm_steps("GPTQ", clip) == [lowbit.ptq.GPTQ(clip="auto")]
-    assert bench.algorithm_label("GPTQ", clip) == "GPTQ with clip search"
-    assert bench.algorithm_label("AWQ+GPTQ", clip) == "AWQ+GPTQ"  # auto: AWQ's clip, none of GPTQ's
-    assert bench.algorithm_label("AWQ+GPTQ", args) == "AWQ+GPTQ (AWQ search on 16 windows)"
-    assert bench.algorithm_label("GPTQ", args) == "GPTQ"
+    assert bench.algorithm_label("GPTQ", clip) == "GPTQ with clip search, scale refit"
+    assert bench.algorithm_label("AWQ+GPTQ", clip) == "AWQ+GPTQ with scale refit"  # auto: AWQ's clip, none of GPTQ's
+    assert bench.algorithm_label("AWQ+GPTQ", args) == "AWQ+GPTQ (AWQ search on 16 windows) with scale refit"
+    assert bench.algorithm_label("GPTQ", args) == "GPTQ with scale refit"
+    best = argparse.Namespace(awq_batches=None, calib=64, gptq_clip="auto", tie=True,
+                              gptq="gptq(true_sequential=true,asymmetric=true)")
+    gptq, tie = bench.algorithm_steps("GPTQ", best)
+    assert gptq == lowbit.ptq.GPTQ(clip="auto", true_sequential=True, asymmetric=True) and tie == lowbit.ptq.TieEmbedding()
+    assert bench.algorithm_steps("GPTQ", best, "decoder") == [gptq]  # lm_head float: nothing to tie
+    assert bench.algorithm_label("GPTQ", best) == "GPTQ with clip search, true sequential, the float target, scale refit"
     every = argparse.Namespace(awq_batches=None, calib=64)
     assert bench.algorithm_steps("AWQ+GPTQ", every)[0].batches is None
-    assert bench.algorithm_label("AWQ+GPTQ", every) == "AWQ+GPTQ"
+    assert bench.algorithm_label("AWQ+GPTQ", every) == "AWQ+GPTQ with scale refit"

@@ -13,6 +13,11 @@ Causal language models (a stack of decoder blocks) are streamed block by block::
               outputs as their inputs
 
 so block k's Hessians see the outputs of the blocks before it as already quantized, as deployed.
+``asymmetric`` (GPTQ's float target) also carries the float model's hidden states: at the start of
+block k its float outputs (the next block's float inputs) are computed with the block's float weights,
+and each Hessian pass runs every item first through the float block (weights kept from before GPTQ,
+quantizers off, stopped once the layers being measured are fed), so each layer pairs the float
+model's input with the quantized model's, token by token (``FloatInputs``, ``Hessian.shift``).
 ``true_sequential`` splits a block further, into the groups of layers that share an input
 (q/k/v, then o, then gate/up, then down), each group's Hessians taken after the groups before
 it are quantized: four passes per Llama block (each stopped after its group) instead of one,
