@@ -178,16 +178,17 @@ def test_awq_batches_reach_the_step_and_the_label():
     assert isinstance(awq, lowbit.ptq.AWQ) and awq.batches == 16 and gptq == lowbit.ptq.GPTQ(clip=False)
     clip = argparse.Namespace(awq_batches=None, calib=64, gptq_clip="auto")
     assert bench.algorithm_steps("GPTQ", clip) == [lowbit.ptq.GPTQ(clip="auto")]
-    assert bench.algorithm_label("GPTQ", clip) == "GPTQ with clip search, scale refit"
-    assert bench.algorithm_label("AWQ+GPTQ", clip) == "AWQ+GPTQ with scale refit"  # auto: AWQ's clip, none of GPTQ's
-    assert bench.algorithm_label("AWQ+GPTQ", args) == "AWQ+GPTQ (AWQ search on 16 windows) with scale refit"
-    assert bench.algorithm_label("GPTQ", args) == "GPTQ with scale refit"
+    assert bench.algorithm_label("GPTQ", clip) == "GPTQ with clip search"
+    assert bench.algorithm_label("AWQ+GPTQ", clip) == "AWQ+GPTQ"  # auto: AWQ's clip, none of GPTQ's
+    assert bench.algorithm_label("AWQ+GPTQ", args) == "AWQ+GPTQ (AWQ search on 16 windows)"
+    assert bench.algorithm_label("GPTQ", args) == "GPTQ"
     best = argparse.Namespace(awq_batches=None, calib=64, gptq_clip="auto", tie=True,
-                              gptq="gptq(true_sequential=true,asymmetric=true)")
+                              gptq="gptq(true_sequential=true,asymmetric=true,rescale=true)")
     gptq, tie = bench.algorithm_steps("GPTQ", best)
-    assert gptq == lowbit.ptq.GPTQ(clip="auto", true_sequential=True, asymmetric=True) and tie == lowbit.ptq.TieEmbedding()
+    assert gptq == lowbit.ptq.GPTQ(clip="auto", true_sequential=True, asymmetric=True, rescale=True)
+    assert tie == lowbit.ptq.TieEmbedding()
     assert bench.algorithm_steps("GPTQ", best, "decoder") == [gptq]  # lm_head float: nothing to tie
     assert bench.algorithm_label("GPTQ", best) == "GPTQ with clip search, true sequential, the float target, scale refit"
     every = argparse.Namespace(awq_batches=None, calib=64)
     assert bench.algorithm_steps("AWQ+GPTQ", every)[0].batches is None
-    assert bench.algorithm_label("AWQ+GPTQ", every) == "AWQ+GPTQ with scale refit"
+    assert bench.algorithm_label("AWQ+GPTQ", every) == "AWQ+GPTQ"

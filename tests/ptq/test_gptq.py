@@ -407,9 +407,8 @@ def test_clip_is_auto_by_default_off_after_awqs_clip_and_old_recipes_replay_with
     assert GPTQ().clip == "auto" and GPTQ().to_dict()["clip"] == "auto"
     assert GPTQ().clips([GPTQ()]) and not GPTQ().clips([AWQ(), GPTQ()]) and GPTQ().clips([AWQ(clip=False), GPTQ()])
     assert GPTQ(clip=True).clips([AWQ(), GPTQ()]) and not GPTQ(clip=False).clips([GPTQ()])
-    old = {k: v for k, v in GPTQ().to_dict().items() if k not in ("clip", "rescale")}  # a recipe from before
-    assert Step.from_dict(old).clip is False and Step.from_dict(old).rescale is False
-    assert GPTQ().rescale is True and Step.from_dict(GPTQ().to_dict()).rescale is True
+    old = {k: v for k, v in GPTQ().to_dict().items() if k != "clip"}  # a recipe from before the field
+    assert Step.from_dict(old).clip is False
     assert Step.from_dict(GPTQ(clip=True).to_dict()).clip is True
     with pytest.raises(TypeError, match="true, false or 'auto'"):
         GPTQ(clip="yes")
