@@ -274,3 +274,19 @@ def test_data_factory_calibrates_instead_of_the_text_and_is_recorded(work, tmp_p
     with matmulnbits_inputs(qmodel, 4):
         expected = lowbit.report.perplexity(qmodel, _eval_windows(work, 16, 1)).perplexity
     assert report["perplexity"]["quantized"]["pytorch"]["perplexity"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_float_target_and_a_tied_table_through_the_command_line(work, tmp_path, monkeypatch):
+    """``--algorithms "gptq(true_sequential=true,asymmetric=true),tie_embedding"``: the file holds one table
+    (GatherBlockQuantized on lm_head's MatMulNBits weight), and the recipe replays to the same bytes."""
+    monkeypatch.chdir(work)
+    quantize = ["--algorithms", "gptq(true_sequential=true,asymmetric=true),tie_embedding",
+                *QUANTIZE[2:]]
+    assert cli.main(["quantize", "lm", *quantize, "--out", str(tmp_path / "tied")]) == 0
+    model = onnx.load(str(tmp_path / "tied" / "model.onnx"))
+    assert count_ops(model)["GatherBlockQuantized"] == 1
+    assert not any(t.name.startswith("model.embed_tokens") for t in model.graph.initializer)
+    steps = json.loads((tmp_path / "tied" / "recipe.json").read_text())["options"]["algorithms"]
+    assert [s["name"] for s in steps][-2:] == ["gptq", "tie_embedding"] and steps[-2]["asymmetric"] is True
+    assert cli.main(["export", str(tmp_path / "tied" / "recipe.json"), "--out", str(tmp_path / "again.onnx")]) == 0
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "tied" / "model.onnx").read_bytes()
