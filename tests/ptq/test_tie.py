@@ -102,3 +102,24 @@ def test_a_short_recipe_and_clear_errors():
     with pytest.raises(ValueError, match="has no get_input_embeddings"):
         lowbit.quantize(torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8)), None, config,
                         algorithms=["tie_embedding"], progress=False)
+
+
+def test_with_the_float_target_a_head_that_will_be_tied_keeps_the_plain_target(calib, monkeypatch):
+    """GPTQ(asymmetric=True) fits every layer to the float model's outputs, but a head followed by
+    TieEmbedding keeps its table (the plain target: no shift), the decoder layers still get theirs."""
+    from lowbit.ptq import _gptq_layers
+
+    shifts = {}
+    original = _gptq_layers.gptq_layer
+
+    def record(layer, h, *, name, shift=None, **options):
+        shifts[name] = shift
+        return original(layer, h, name=name, shift=shift, **options)
+
+    monkeypatch.setattr(_gptq_layers, "gptq_layer", record)
+    gptq = GPTQ(asymmetric=True, true_sequential=True)
+    lowbit.quantize(tiny_llama(seed=0), calib, "w4a16-g32", algorithms=[gptq], progress=False)
+    assert shifts["lm_head"] is not None
+    shifts.clear()
+    lowbit.quantize(tiny_llama(seed=0), calib, "w4a16-g32", algorithms=[gptq, TieEmbedding()], progress=False)
+    assert shifts["lm_head"] is None and shifts["model.layers.1.mlp.down_proj"].abs().max() > 0

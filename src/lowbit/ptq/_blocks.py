@@ -357,7 +357,8 @@ def _head(model, stack: _Stack, cache: _Cache, tail: dict[str, nn.Module], items
 
 
 def _stream(model: nn.Module, stack: _Stack, layers: dict[str, nn.Module], items: list, options: dict,
-            report: dict, *, same_kwargs: bool, true_sequential: bool, asymmetric: bool, progress: bool) -> None:
+            report: dict, *, same_kwargs: bool, true_sequential: bool, asymmetric: bool, float_head: bool,
+            progress: bool) -> None:
     """Block by block (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -389,7 +390,7 @@ def _stream(model: nn.Module, stack: _Stack, layers: dict[str, nn.Module], items
                 path.hidden = float_next
             bar.update()
         if tail:
-            _head(model, stack, cache, tail, items, options, report, true_sequential, path)
+            _head(model, stack, cache, tail, items, options, report, true_sequential, path if float_head else None)
             bar.update()
 
 
@@ -412,7 +413,8 @@ def _calibration_mode(model: nn.Module) -> Iterator[None]:
 
 
 def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | None = None,
-               true_sequential: bool = False, asymmetric: bool = False, progress: bool = True, **options) -> dict:
+               true_sequential: bool = False, asymmetric: bool = False, float_head: bool = True,
+               progress: bool = True, **options) -> dict:
     """GPTQ of every quantized layer of ``model`` it can take, in place (see the module docstring).
 
     Args:
@@ -423,6 +425,9 @@ def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | 
         asymmetric: the float model's outputs as GPTQ's target (``Hessian.shift``): the float model's
             hidden states are carried beside the quantized ones (streamed causal LMs only; other
             models ignore it, logged).
+        float_head: with ``asymmetric``, the layers after the last block (lm_head) take the float
+            target too; False gives them the plain one (a head whose table the embedding will read:
+            its weight should stay the table, not absorb the network's error).
         progress: a progress bar over the blocks.
         **options: ``gptq_layer``'s (block_size, damp, act_order, static_groups).
 
@@ -456,7 +461,8 @@ def gptq_model(model: nn.Module, calib_data: Iterable | None, *, batches: int | 
         if chained:
             report.update(mode="blocks", blocks=len(stack.blocks))
             _stream(model, stack, layers, items, options, report["layers"], same_kwargs=same,
-                    true_sequential=true_sequential, asymmetric=asymmetric, progress=progress)
+                    true_sequential=true_sequential, asymmetric=asymmetric, float_head=float_head,
+                    progress=progress)
         else:
             report["mode"] = "whole_model"
             if asymmetric:

@@ -91,7 +91,10 @@ class GPTQ(Step):
     def run(self, model, ctx):
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         options["clip"] = self.clips(ctx.steps)
-        return model, {**gptq_model(model, ctx.calib_data, progress=ctx.progress, **options), "clip": options["clip"]}
+        # a head the embedding will read (TieEmbedding later in the pipeline) keeps the plain target
+        float_head = not any(isinstance(s, TieEmbedding) for s in ctx.steps)
+        report = gptq_model(model, ctx.calib_data, progress=ctx.progress, float_head=float_head, **options)
+        return model, {**report, "clip": options["clip"]}
 
     def clips(self, steps=()) -> bool:
         """Whether the range search runs in a pipeline of ``steps`` (``clip="auto"``: unless AWQ clips)."""
