@@ -372,8 +372,8 @@ def _stream(model: nn.Module, stack: _Stack, layers: dict[str, nn.Module], items
     early = quantize_part(outer, _feed_items(model, items, stop_at=stack.blocks[0]), options, report,
                           true_sequential=true_sequential)
     cache = _capture(model, stack.blocks, items, per_block=not same_kwargs)
-    # the float model's block inputs: the same as the quantized model's up to block 0 (no layer before it
-    # in a causal LM; with one, what block 0 receives from it quantized)
+    # the float path starts from what block 0 receives in the quantized model: a quantized embedding's
+    # rounding is not compensated (nor, with TieEmbedding later, the tied table's, not in place yet)
     path = _FloatPath(cache.hidden) if asymmetric else None
     tail = {name: layer for name, layer in outer.items() if name not in early}
     with tqdm(total=len(stack.blocks) + bool(tail), desc="gptq", unit="block", disable=not progress) as bar:
