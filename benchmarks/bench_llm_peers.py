@@ -109,15 +109,19 @@ def stage_fp32(run: Run) -> None:
                  ppl_ort=run.ort_ppl(run.fp32_path), size_mb=file_mb(run.fp32_path)))
 
 
+def tied(args: argparse.Namespace, coverage: str = "all") -> bool:
+    """Whether a row of ``coverage`` ends with ``TieEmbedding``: ``--tie`` and lm_head quantized ("all")."""
+    return getattr(args, "tie", False) and coverage == "all"
+
+
 def algorithm_steps(algorithm: str, args: argparse.Namespace, coverage: str = "all") -> list:
-    """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows, GPTQ with
-    ``--gptq-clip``'s range search and ``--gptq-rescale``; then, with ``--tie`` and lm_head quantized
-    (coverage "all"), ``TieEmbedding``."""
+    """The recipe steps of ``algorithm`` (``ALGORITHMS``), AWQ reading ``--awq-batches`` windows, GPTQ as
+    ``--gptq`` gives it with ``--gptq-clip``'s range search; then ``TieEmbedding`` where ``tied``."""
     clip = {"auto": "auto", "true": True, "false": False}[getattr(args, "gptq_clip", "false")]
     gptq = dataclasses.replace(lowbit.ptq.parse_step(getattr(args, "gptq", "gptq")), clip=clip)
     made = {"awq": lambda: lowbit.ptq.AWQ(batches=args.awq_batches), "gptq": lambda: gptq}
     steps = [made[step]() for step in ALGORITHMS[algorithm]]
-    return steps + ([lowbit.ptq.TieEmbedding()] if getattr(args, "tie", False) and coverage == "all" else [])
+    return steps + ([lowbit.ptq.TieEmbedding()] if tied(args, coverage) else [])
 
 
 def algorithm_label(algorithm: str, args: argparse.Namespace) -> str:
@@ -135,8 +139,8 @@ def algorithm_label(algorithm: str, args: argparse.Namespace) -> str:
 
 
 def weights_label(coverage: str, args: argparse.Namespace) -> str:
-    """What the ``coverage`` rows quantize (``COVERAGE``), the embedding reading lm_head's table with ``--tie``."""
-    if getattr(args, "tie", False) and coverage == "all":
+    """What the ``coverage`` rows quantize (``COVERAGE``), the embedding reading lm_head's table where ``tied``."""
+    if tied(args, coverage):
         return COVERAGE["all"].replace("embedding int8 per row", "embedding reads lm_head's table (TieEmbedding)")
     return COVERAGE[coverage]
 
@@ -148,7 +152,7 @@ def lowbit_row(run: Run, algorithm: str, bits: int, coverage: str) -> Row:
     steps = algorithm_steps(algorithm, run.args, coverage)
     calib = [{"input_ids": w[None]} for w in run.calib] if algorithm != "RTN" else None
     label = f"lowbit W{bits} g128 sym, {algorithm_label(algorithm, run.args)}" + (
-        "" if coverage == "all" else ", lm_head float") + (", tied table" if "tie_embedding" in [s.name for s in steps] else "")
+        "" if coverage == "all" else ", lm_head float") + (", tied table" if tied(run.args, coverage) else "")
     return scored(run, label, f"{weights_label(coverage, run.args)}; int{bits} g128 symmetric", len(calib or ()),
                   lowbit.quantize, run.model, calib, config, algorithms=steps or None, progress=False)
 
@@ -226,9 +230,9 @@ def stage_lowbit_mixed(run: Run) -> None:
     calib = [{"input_ids": w[None]} for w in run.calib]
     bits, algorithm = run.args.mixed_bits, run.args.mixed_algorithm
     costs = ", layer costs after GPTQ" if run.args.mixed_cost == "gptq" else ""
-    tied = ", tied table" if getattr(run.args, "tie", False) else ""
+    tie = ", tied table" if tied(run.args) else ""
     run.keep(scored(run, f"lowbit mixed W4 g128 / W8, {bits:g} avg bits, {algorithm_label(algorithm, run.args)}{costs}"
-                    f"{tied}", f"{weights_label('all', run.args)}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
+                    f"{tie}", f"{weights_label('all', run.args)}; 8-bit per channel where the sensitivity says, int4 g128 sym elsewhere; "
                     f"{bits:g} bits on average over the Linears", len(calib), mixed_quantize, run.model, calib, bits,
                     algorithm_steps(algorithm, run.args), run.args.mixed_cost))
 

@@ -118,16 +118,23 @@ def recording(monkeypatch) -> dict[str, torch.Tensor]:
 def reference_hessians(model, items, names) -> dict[str, torch.Tensor]:
     """Each layer's Hessian from hooks on the finished model, run whole on the items."""
     hessians = {n: Hessian(model.get_submodule(n), n) for n in names}
-    def add(name):
-        return lambda _m, args: hessians[name].add(args[0])
+    for name, inputs in layer_inputs(model, items, names).items():
+        for x in inputs:
+            hessians[name].add(x)
+    return {n: h.matrix() for n, h in hessians.items()}
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in names]
+
+def layer_inputs(model, items, names) -> dict[str, list[torch.Tensor]]:
+    """What each layer of ``names`` receives from ``model`` on the items, call by call."""
+    seen = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0]))
+               for n in names]
     with torch.no_grad():
         for item in items:
             run_model(model, item)
     for h in handles:
         h.remove()
-    return {n: h.matrix() for n, h in hessians.items()}
+    return seen
 
 
 def test_with_true_sequential_every_hessian_is_the_finished_models_own(monkeypatch):
@@ -153,19 +160,6 @@ def test_one_pass_per_block_shares_the_hessian_of_layers_fed_one_tensor(monkeypa
         block = f"model.layers.{b}"
         assert torch.equal(seen[f"{block}.self_attn.q_proj"], seen[f"{block}.self_attn.v_proj"])
         assert torch.equal(seen[f"{block}.mlp.gate_proj"], seen[f"{block}.mlp.up_proj"])
-
-
-def layer_inputs(model, items, names) -> dict[str, list[torch.Tensor]]:
-    """What each layer of ``names`` receives from ``model`` on the items, call by call."""
-    seen = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0]))
-               for n in names]
-    with torch.no_grad():
-        for item in items:
-            run_model(model, item)
-    for h in handles:
-        h.remove()
-    return seen
 
 
 def test_the_float_target_pairs_each_layers_float_model_inputs_with_the_quantized_models(monkeypatch):

@@ -105,9 +105,6 @@ def restore(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 
 
 # -- save: which weights pack ----------------------------------------------------------------
-PACKED_AS_ALIAS = "packed under the name it is tied to"
-
-
 def _why_float(layer: QuantLayer, prefix: str, tensors: dict[str, torch.Tensor], tied: dict[str, str],
                quantizers: dict[str, nn.Module]) -> str:
     """Why the weight of ``layer`` (state keys under ``prefix``) stays float; '' when it packs.
@@ -125,8 +122,6 @@ def _why_float(layer: QuantLayer, prefix: str, tensors: dict[str, torch.Tensor],
         return f"{q.spec.bits}-bit codes (packing takes 2 to 8 bits)"
     if key in tied and quantizers.get(tied[key]) is not q:
         return f"tied to {tied[key]}, which shares the float tensor (each layer quantizes it on its own grid)"
-    if key in tied and key not in tensors:
-        return PACKED_AS_ALIAS  # one table and one quantizer (lowbit.ptq.tie): packed under the other name
     if key not in tensors or not tensors[key].is_floating_point() or key + SUFFIX in tensors:
         return "no float weight of its own in the state_dict"
     if any(f"{prefix}weight_quantizer.{leaf}" not in tensors for leaf in ("scale", "zero_point")):
@@ -166,10 +161,12 @@ def pack_state(model: nn.Module, tensors: dict[str, torch.Tensor],
     layers = {(f"{name}." if name else ""): m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
     quantizers = {prefix + "weight": m.weight_quantizer for prefix, m in layers.items()}
     for prefix, layer in layers.items():
+        key = prefix + "weight"
+        if key in tied and key not in tensors and quantizers.get(tied[key]) is layer.weight_quantizer:
+            log.info("%s is stored as %s, which it is tied to with its quantizer (lowbit.ptq.tie)", key, tied[key])
+            continue  # (one table, one quantizer: the other name decides packed or float)
         reason = _why_float(layer, prefix, tensors, tied, quantizers) or _pack_one(layer, prefix, out, entries)
-        if reason == PACKED_AS_ALIAS:
-            log.info("%sweight is %s", prefix, reason)
-        elif reason:
+        if reason:
             kept.append(prefix + "weight")
             log.info("%sweight stays float in the packed file: %s", prefix, reason)
     before = sum(tensors[k].numel() * tensors[k].element_size() for k in entries)

@@ -127,7 +127,9 @@ class Hessian:
             self.sum += other.sum.to(self.sum.device)
             self.rows += other.rows
             if other.shift_sum is not None:
-                self.shift_sum = other.shift_sum.to(self.sum.device) + (0 if self.shift_sum is None else self.shift_sum)
+                if self.shift_sum is None:
+                    self.shift_sum = torch.zeros_like(self.sum)
+                self.shift_sum += other.shift_sum.to(self.sum.device)
         return self
 
     def shift(self) -> torch.Tensor | None:
